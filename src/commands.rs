@@ -1,0 +1,300 @@
+//! The CLI's verbs, one function each.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use console::style;
+use serde_json::json;
+
+use crate::config::Pipeline;
+use crate::exec::{self, RunOptions, StageFailed, INTERRUPTED};
+use crate::graph::{Dag, Format};
+use crate::plan::{self, State, Status};
+use crate::store::{self, Integrity, Store};
+use crate::ui::Ui;
+
+fn load(file: &Path) -> Result<(Pipeline, Dag)> {
+    let p = Pipeline::load(file)?;
+    let dag = Dag::new(&p)?;
+    Ok((p, dag))
+}
+
+pub fn run(file: &Path, targets: Vec<String>, dry_run: bool, force: Vec<String>, jobs: Option<usize>, keep_going: bool) -> Result<()> {
+    let (p, dag) = load(file)?;
+    if dry_run {
+        return plan_only(&p, &dag, &targets, &force);
+    }
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))?;
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    exec::run(&p, &dag, &RunOptions { targets, force, jobs, keep_going }, &Ui::new())
+}
+
+/// `run --dry-run`: what would be built, and why.
+fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> Result<()> {
+    let store = Store::new(p.artifacts.clone());
+    let statuses = plan::statuses(p, dag, &store)?;
+    let idx: Vec<usize> = targets.iter().map(|t| p.require(t).map(|s| p.stages.iter().position(|x| x.name == s.name).unwrap())).collect::<Result<_, _>>()?;
+    let mut n = 0;
+    for i in dag.closure(&idx) {
+        let (s, st) = (&p.stages[i], &statuses[i]);
+        if st.state == State::Fresh && !force.contains(&s.name) {
+            println!("{:>12} {}", style("Fresh").green(), s.name);
+        } else {
+            n += 1;
+            let why = if st.state == State::Fresh { "forced".to_string() } else { st.reasons.join("; ") };
+            println!("{:>12} {} ({}): {why}", style("Would build").yellow().bold(), s.name, s.kind.kind());
+        }
+    }
+    println!("{n} stage(s) would be built");
+    Ok(())
+}
+
+pub fn status(file: &Path, json: bool) -> Result<()> {
+    let (p, dag) = load(file)?;
+    let store = Store::new(p.artifacts.clone());
+    let statuses = plan::statuses(&p, &dag, &store)?;
+    if json {
+        let stages: Vec<_> = dag
+            .order
+            .iter()
+            .map(|&i| {
+                let (s, st) = (&p.stages[i], &statuses[i]);
+                json!({
+                    "name": s.name,
+                    "kind": s.kind.kind(),
+                    "state": st.state,
+                    "key": st.key,
+                    "reasons": st.reasons,
+                    "out": st.manifest.as_ref().map(|m| store.out_dir(&m.stage, &m.key)),
+                    "log": st.log,
+                    "inputs": s.inputs,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json!({ "pipeline": p.name, "artifacts": p.artifacts, "stages": stages }))?);
+        return Ok(());
+    }
+    let width = p.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let kwidth = p.stages.iter().map(|s| s.kind.kind().len()).max().unwrap_or(0);
+    for &i in &dag.order {
+        let (s, st) = (&p.stages[i], &statuses[i]);
+        let state = match st.state {
+            State::Fresh => style(st.state.as_str()).green(),
+            State::Stale => style(st.state.as_str()).yellow(),
+            State::Missing => style(st.state.as_str()).dim(),
+            State::Running => style(st.state.as_str()).cyan(),
+            State::Failed => style(st.state.as_str()).red().bold(),
+        };
+        let detail = match (&st.state, &st.key) {
+            (State::Fresh, Some(key)) => key[..12].to_string(),
+            _ => st.reasons.first().cloned().unwrap_or_default(),
+        };
+        println!("{:<7}  {:<width$}  {:<kwidth$}  {detail}", state, s.name, s.kind.kind());
+        for reason in st.reasons.iter().skip(1) {
+            println!("{:<7}  {:<width$}  {:<kwidth$}  {reason}", "", "", "");
+        }
+        if let Some(log) = &st.log {
+            println!("{:<7}  {:<width$}  {:<kwidth$}  log: {}", "", "", "", log.display());
+        }
+    }
+    let count = |s: State| statuses.iter().filter(|x| x.state == s).count();
+    println!(
+        "\n{} stages: {} fresh, {} stale, {} missing, {} running, {} failed",
+        p.stages.len(),
+        count(State::Fresh),
+        count(State::Stale),
+        count(State::Missing),
+        count(State::Running),
+        count(State::Failed)
+    );
+    Ok(())
+}
+
+pub fn dag(file: &Path, format: Format) -> Result<()> {
+    let (p, dag) = load(file)?;
+    print!("{}", dag.render(&p, format));
+    Ok(())
+}
+
+pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
+    let (p, dag) = load(file)?;
+    let s = p.require(name)?;
+    let store = Store::new(p.artifacts.clone());
+    let statuses = plan::statuses(&p, &dag, &store)?;
+    let i = p.stages.iter().position(|x| x.name == s.name).expect("exists");
+    let st: &Status = &statuses[i];
+    // The current artifact if fresh, else the last one built, labelled as such.
+    let manifest = st.manifest.clone().or_else(|| store.state(name).latest.and_then(|k| store.read_manifest(name, &k)));
+    if json {
+        let out = manifest.as_ref().map(|m| store.out_dir(&m.stage, &m.key));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "name": s.name, "kind": s.kind.kind(), "state": st.state, "reasons": st.reasons,
+                "out": out, "manifest": manifest, "log": manifest.as_ref().map(|m| store.log_path(&m.stage, &m.key)),
+            }))?
+        );
+        return Ok(());
+    }
+    println!("{} ({}) — {}", style(&s.name).bold(), s.kind.kind(), st.state.as_str());
+    for r in &st.reasons {
+        println!("  {r}");
+    }
+    let Some(m) = manifest else {
+        println!("no artifact built yet; run `llmflow run {name}`");
+        return Ok(());
+    };
+    if st.state != State::Fresh {
+        println!("showing the last artifact built, which is not current:");
+    }
+    let total: u64 = m.files.iter().map(|f| f.size).sum();
+    println!("key       {}", m.key);
+    println!("out       {}", store.out_dir(&m.stage, &m.key).display());
+    println!("log       {}", store.log_path(&m.stage, &m.key).display());
+    println!("built     {} in {:.1}s on {} (llmflow {})", m.finished, m.duration_s, m.host, m.llmflow_version);
+    println!("digest    {}", m.output_digest);
+    for (slot, input) in &m.inputs {
+        println!("input     {slot} = {} ({})", input.stage, &input.digest[..12]);
+    }
+    for (file, digest) in &m.deps {
+        println!("file      {file} ({})", &digest[..12]);
+    }
+    println!("params    {}", serde_json::to_string(&m.params)?);
+    if !m.metrics.is_empty() {
+        println!("metrics");
+        for (k, v) in &m.metrics {
+            println!("  {k:<24} {v}");
+        }
+    }
+    println!("files     {} ({})", m.files.len(), human_bytes(total));
+    for f in m.files.iter().take(20) {
+        println!("  {:<40} {:>10}", f.path, human_bytes(f.size));
+    }
+    if m.files.len() > 20 {
+        println!("  … and {} more", m.files.len() - 20);
+    }
+    Ok(())
+}
+
+pub fn verify(file: &Path) -> Result<()> {
+    let (p, _) = load(file)?;
+    let store = Store::new(p.artifacts.clone());
+    let started = Instant::now();
+    let (mut ok, mut bad, mut bytes) = (0, 0, 0u64);
+    for stage in store.stages() {
+        for key in store.keys(&stage) {
+            let Some(m) = store.read_manifest(&stage, &key) else {
+                println!("{:>9} {stage}/{key}: no readable manifest.json", style("DAMAGED").red().bold());
+                bad += 1;
+                continue;
+            };
+            bytes += m.files.iter().map(|f| f.size).sum::<u64>();
+            match store.check(&m, true) {
+                Integrity::Intact => ok += 1,
+                Integrity::Damaged(files) => {
+                    bad += 1;
+                    println!("{:>9} {stage}/{}: {}", style("DAMAGED").red().bold(), &key[..12], files.join(", "));
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("verified {} artifact(s), {} in {secs:.2}s: {ok} intact, {bad} damaged", ok + bad, human_bytes(bytes));
+    if bad > 0 {
+        bail!(StageFailed(format!("{bad} damaged artifact(s); `llmflow run` rebuilds them")));
+    }
+    Ok(())
+}
+
+pub fn gc(file: &Path, dry_run: bool) -> Result<()> {
+    let (p, dag) = load(file)?;
+    let store = Store::new(p.artifacts.clone());
+    let statuses = plan::statuses(&p, &dag, &store)?;
+    // Keep each stage's current artifact; where the key is not known yet
+    // (an input must be rebuilt first), keep the last one built.
+    let mut keep: BTreeSet<(String, String)> = BTreeSet::new();
+    for (s, st) in p.stages.iter().zip(&statuses) {
+        if let Some(key) = &st.key {
+            keep.insert((s.name.clone(), key.clone()));
+        } else if let Some(latest) = store.state(&s.name).latest {
+            keep.insert((s.name.clone(), latest));
+        }
+    }
+    let mut doomed: Vec<PathBuf> = Vec::new();
+    for stage in store.stages() {
+        for key in store.keys(&stage) {
+            if !keep.contains(&(stage.clone(), key.clone())) {
+                doomed.push(store.artifact_dir(&stage, &key));
+                doomed.push(store.log_path(&stage, &key));
+            }
+        }
+    }
+    let work = store.root.join(".work");
+    for stage in fs::read_dir(&work).into_iter().flatten().flatten() {
+        let name = stage.file_name().to_string_lossy().into_owned();
+        for key in fs::read_dir(stage.path()).into_iter().flatten().flatten() {
+            if !keep.contains(&(name.clone(), key.file_name().to_string_lossy().into_owned())) {
+                doomed.push(key.path());
+            }
+        }
+    }
+    let mut freed = 0;
+    let mut count = 0;
+    for path in doomed.iter().filter(|p| p.exists()) {
+        let size = store::disk_usage(path);
+        freed += size;
+        let shown = path.strip_prefix(&store.root).unwrap_or(path);
+        if path.is_dir() && path.parent().and_then(|d| d.parent()) == Some(store.root.as_path()) {
+            count += 1;
+        }
+        println!("{} {} ({})", if dry_run { "would remove" } else { "removing" }, shown.display(), human_bytes(size));
+        if !dry_run {
+            if path.is_dir() {
+                fs::remove_dir_all(path)?;
+            } else {
+                fs::remove_file(path)?;
+            }
+        }
+    }
+    if !dry_run {
+        for stage in store.stages() {
+            let _ = fs::remove_dir(store.root.join(stage)); // only if now empty
+        }
+    }
+    let verb = if dry_run { "would free" } else { "freed" };
+    println!("{count} artifact(s) unused by the current pipeline; {verb} {}", human_bytes(freed));
+    Ok(())
+}
+
+pub fn kinds() -> Result<()> {
+    for k in llmflow_stages::registry() {
+        println!("{:<18} v{}  {}", k.kind(), k.version(), k.summary());
+    }
+    Ok(())
+}
+
+pub fn hash(files: &[PathBuf]) -> Result<()> {
+    for f in files {
+        println!("{}  {}", crate::hash::hash_file(f)?, f.display());
+    }
+    Ok(())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,411 @@
+//! Running stages: the scheduler, the stage processes, and what the user sees.
+//!
+//! Every stage runs as a child process of the same binary
+//! (`llmflow exec-stage SPEC`), so a crash in native code cannot take the
+//! scheduler down and accelerator memory is freed when the stage ends. The
+//! child is put in its own process group; on Ctrl-C the scheduler kills the
+//! groups it started and publishes nothing partial.
+//!
+//! Independent stages run in parallel, bounded by `--jobs`, by the CPU threads
+//! each stage declares, and by one accelerator stage per device.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use llmflow_stages::{Resources, StageCtx};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, Pipeline};
+use crate::graph::Dag;
+use crate::hash::{self, StatCache};
+use crate::plan;
+use crate::store::{self, InputRef, Integrity, Manifest, Store};
+use crate::ui::Ui;
+
+/// Set by the Ctrl-C handler; every running build watches it.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A stage failed; exit code 1.
+#[derive(Debug)]
+pub struct StageFailed(pub String);
+
+impl std::fmt::Display for StageFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for StageFailed {}
+
+/// The run was interrupted; exit code 130.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted; nothing partial was published")
+    }
+}
+impl std::error::Error for Interrupted {}
+
+pub struct RunOptions {
+    pub targets: Vec<String>,
+    pub force: Vec<String>,
+    pub jobs: usize,
+    pub keep_going: bool,
+}
+
+/// What the stage process reads: the kind, its params and its context.
+#[derive(Serialize, Deserialize)]
+pub struct Spec {
+    pub kind: String,
+    pub params: serde_json::Value,
+    pub ctx: StageCtx,
+}
+
+/// Runs inside the stage process: `llmflow exec-stage SPEC`.
+pub fn exec_stage(spec_path: &Path) -> Result<()> {
+    let spec: Spec = serde_json::from_slice(&fs::read(spec_path).context("reading the stage spec")?)?;
+    let kind = llmflow_stages::find(&spec.kind).with_context(|| format!("unknown stage kind `{}`", spec.kind))?;
+    let mut ctx = spec.ctx;
+    kind.run(spec.params, &mut ctx)?;
+    let metrics_path = spec_path.with_file_name("metrics.json");
+    fs::write(&metrics_path, serde_json::to_vec_pretty(ctx.metrics())?)?;
+    Ok(())
+}
+
+enum Outcome {
+    Built(Box<Manifest>),
+    Fresh(Box<Manifest>),
+    Failed,
+    /// Not run because an input failed.
+    Skipped,
+}
+
+impl Outcome {
+    fn manifest(&self) -> Option<&Manifest> {
+        match self {
+            Outcome::Built(m) | Outcome::Fresh(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// One stage ready to build, with everything its thread needs.
+struct Job {
+    index: usize,
+    stage: String,
+    kind: String,
+    version: u32,
+    params: serde_json::Value,
+    key_params: serde_json::Value,
+    key: String,
+    inputs: BTreeMap<String, InputRef>,
+    /// Input slot → the upstream artifact's `out/`.
+    input_dirs: BTreeMap<String, PathBuf>,
+    deps: BTreeMap<String, String>,
+    force: bool,
+    threads: usize,
+}
+
+pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
+    let store = Arc::new(Store::new(p.artifacts.clone()));
+    fs::create_dir_all(&store.root).with_context(|| format!("cannot create the artifact store {}", store.root.display()))?;
+    store.clean_stale_tmp();
+    let targets: Vec<usize> = opts.targets.iter().map(|t| index_of(p, t)).collect::<Result<_, _>>()?;
+    for f in &opts.force {
+        index_of(p, f)?;
+    }
+    let wanted = dag.closure(&targets);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cache = StatCache::open(store.stat_cache_path());
+
+    let started = Instant::now();
+    let mut outcomes: HashMap<usize, Outcome> = HashMap::new();
+    let mut running: HashMap<usize, Resources> = HashMap::new();
+    let mut failed_any = false;
+    let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
+
+    loop {
+        let stop_starting = INTERRUPTED.load(Ordering::SeqCst) || (failed_any && !opts.keep_going);
+        if !stop_starting {
+            for &i in &wanted {
+                if outcomes.contains_key(&i) || running.contains_key(&i) {
+                    continue;
+                }
+                let ups = dag.upstream(i);
+                if ups.iter().any(|u| matches!(outcomes.get(u), Some(Outcome::Failed | Outcome::Skipped))) {
+                    ui.status("Skipped", &format!("{} (an input failed)", p.stages[i].name));
+                    outcomes.insert(i, Outcome::Skipped);
+                    continue;
+                }
+                if !ups.iter().all(|u| outcomes.get(u).and_then(Outcome::manifest).is_some()) {
+                    continue;
+                }
+                let s = &p.stages[i];
+                let mut inputs = BTreeMap::new();
+                let mut input_dirs = BTreeMap::new();
+                for (slot, up) in &s.inputs {
+                    let u = p.stages.iter().position(|x| x.name == *up).expect("checked reference");
+                    let m = outcomes[&u].manifest().expect("built");
+                    inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
+                    input_dirs.insert(slot.clone(), store.out_dir(&m.stage, &m.key));
+                }
+                let deps = plan::dep_digests(p, s, &mut cache)?;
+                let key = plan::key_of(s, &inputs, &deps);
+                let force = opts.force.contains(&s.name);
+                if !force {
+                    if let Some(m) = fresh_artifact(&store, &s.name, &key) {
+                        outcomes.insert(i, Outcome::Fresh(Box::new(m)));
+                        continue;
+                    }
+                }
+                let res = s.resolved.resources;
+                let threads = res.threads.unwrap_or(cores).clamp(1, cores);
+                let busy: usize = running.values().map(|r| r.threads.unwrap_or(cores).min(cores)).sum();
+                let gpu_busy = running.values().any(|r| r.accelerator) && res.accelerator && p.device != "cpu";
+                if !running.is_empty() && (running.len() >= opts.jobs || busy + threads > cores || gpu_busy) {
+                    continue;
+                }
+                let job = Job {
+                    index: i,
+                    stage: s.name.clone(),
+                    kind: s.kind.kind().to_string(),
+                    version: s.kind.version(),
+                    params: s.resolved.params.clone(),
+                    key_params: s.resolved.key_params.clone(),
+                    key,
+                    inputs,
+                    input_dirs,
+                    deps,
+                    force,
+                    threads,
+                };
+                running.insert(i, res);
+                let (tx, store, ui, root, device) = (tx.clone(), store.clone(), ui.clone(), p.root.clone(), p.device.clone());
+                std::thread::spawn(move || {
+                    let outcome = build(&job, &store, &ui, &root, &device);
+                    let _ = tx.send((job.index, outcome));
+                });
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        if let Ok((i, outcome)) = rx.recv_timeout(Duration::from_millis(100)) {
+            running.remove(&i);
+            failed_any |= matches!(outcome, Outcome::Failed);
+            outcomes.insert(i, outcome);
+        }
+    }
+    cache.save();
+
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(Interrupted.into());
+    }
+    let count = |f: fn(&Outcome) -> bool| outcomes.values().filter(|o| f(o)).count();
+    let built = count(|o| matches!(o, Outcome::Built(_)));
+    let fresh = count(|o| matches!(o, Outcome::Fresh(_)));
+    let failed = count(|o| matches!(o, Outcome::Failed));
+    let skipped = count(|o| matches!(o, Outcome::Skipped));
+    let secs = started.elapsed().as_secs_f64();
+    if failed > 0 {
+        let not_run = wanted.len() - outcomes.len();
+        return Err(StageFailed(format!(
+            "{failed} stage(s) failed; {built} built, {fresh} fresh, {} not run",
+            skipped + not_run
+        ))
+        .into());
+    }
+    if built == 0 {
+        ui.status("Fresh", &format!("nothing to do: all {fresh} stage(s) are up to date ({secs:.2}s)"));
+    } else {
+        ui.status("Finished", &format!("{built} built, {fresh} fresh in {secs:.1}s"));
+    }
+    for &t in &targets {
+        if let Some(m) = outcomes.get(&t).and_then(Outcome::manifest) {
+            ui.status("Output", &format!("{}: {}", m.stage, store.out_dir(&m.stage, &m.key).display()));
+        }
+    }
+    Ok(())
+}
+
+fn index_of(p: &Pipeline, name: &str) -> Result<usize, ConfigError> {
+    p.require(name)?;
+    Ok(p.stages.iter().position(|s| s.name == name).expect("exists"))
+}
+
+fn fresh_artifact(store: &Store, stage: &str, key: &str) -> Option<Manifest> {
+    let m = store.read_manifest(stage, key)?;
+    (store.check(&m, false) == Integrity::Intact).then_some(m)
+}
+
+/// Builds one stage in a child process and publishes its artifact.
+fn build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Outcome {
+    match try_build(job, store, ui, root, device) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            ui.error(&format!("stage `{}`: {e:#}", job.stage));
+            Outcome::Failed
+        }
+    }
+}
+
+fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Result<Outcome> {
+    let _lock = store.lock(&job.stage, |pid| {
+        let who = pid.map_or("another process".to_string(), |p| format!("process {p}"));
+        ui.status("Waiting", &format!("for {}: {who} is building it", job.stage));
+    })?;
+    // Another run may have built it while we waited.
+    if !job.force {
+        if let Some(m) = fresh_artifact(store, &job.stage, &job.key) {
+            return Ok(Outcome::Fresh(Box::new(m)));
+        }
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Ok(Outcome::Failed);
+    }
+    let tmp = store.make_tmp(&job.stage, &job.key)?;
+    let work = store.work_dir(&job.stage, &job.key);
+    fs::create_dir_all(&work)?;
+    let log_path = store.log_path(&job.stage, &job.key);
+    fs::create_dir_all(log_path.parent().expect("has parent"))?;
+    let log = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+
+    let mut ctx = StageCtx::new(&job.stage, root, &tmp.join("out"), &work);
+    ctx.inputs = job.input_dirs.clone();
+    ctx.device = device.to_string();
+    ctx.threads = job.threads;
+    ctx.progress_file = Some(tmp.join("progress"));
+    let spec_path = tmp.join("spec.json");
+    let spec = Spec { kind: job.kind.clone(), params: job.params.clone(), ctx };
+    fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
+
+    let start_time = store::now_rfc3339();
+    let started = Instant::now();
+    let bar = ui.stage_bar(&job.stage, &job.kind);
+    let threads = job.threads.to_string();
+    let mut child = Command::new(std::env::current_exe()?);
+    child
+        .arg("exec-stage")
+        .arg(&spec_path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RAYON_NUM_THREADS", &threads)
+        .env("OMP_NUM_THREADS", &threads)
+        .env("POLARS_MAX_THREADS", &threads)
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe; it makes the stage die with us.
+    unsafe {
+        child.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = child.spawn().context("cannot start the stage process")?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            // SAFETY: the child leads its own process group; kill all of it.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        if let Ok(text) = fs::read_to_string(tmp.join("progress")) {
+            ui.progress(&bar, &text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+
+    match status {
+        None => {
+            let _ = fs::remove_dir_all(&tmp);
+            Ok(Outcome::Failed)
+        }
+        Some(status) if !status.success() => {
+            let _ = fs::remove_dir_all(&tmp);
+            let why = match status.code() {
+                Some(c) => format!("exit status {c}"),
+                None => "killed by a signal".to_string(),
+            };
+            let message = last_error_line(&log_path).unwrap_or_else(|| why.clone());
+            store.update_state(&job.stage, |s| {
+                s.last_failure = Some(store::Failure {
+                    key: job.key.clone(),
+                    log: log_path.clone(),
+                    at: store::now_rfc3339(),
+                    message: message.clone(),
+                })
+            })?;
+            ui.failure(&job.stage, &why, &log_path);
+            Ok(Outcome::Failed)
+        }
+        Some(_) => {
+            let metrics = fs::read(tmp.join("metrics.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            for extra in ["spec.json", "metrics.json", "progress"] {
+                let _ = fs::remove_file(tmp.join(extra));
+            }
+            let files = hash::manifest_files(&tmp.join("out"))?;
+            let manifest = Manifest {
+                stage: job.stage.clone(),
+                key: job.key.clone(),
+                kind: job.kind.clone(),
+                version: job.version,
+                params: job.params.clone(),
+                key_params: job.key_params.clone(),
+                inputs: job.inputs.clone(),
+                deps: job.deps.clone(),
+                output_digest: hash::output_digest(&files),
+                files,
+                metrics,
+                started: start_time,
+                finished: store::now_rfc3339(),
+                duration_s: secs,
+                host: hostname(),
+                llmflow_version: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            let dest = store.publish(&tmp, &manifest)?;
+            store.update_state(&job.stage, |s| {
+                s.latest = Some(job.key.clone());
+                s.last_failure = None;
+            })?;
+            let _ = fs::remove_dir_all(&work);
+            let shown = dest.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(&dest);
+            ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown.display()));
+            Ok(Outcome::Built(Box::new(manifest)))
+        }
+    }
+}
+
+/// The last line of the log that looks like an error, for `status`.
+fn last_error_line(log: &Path) -> Option<String> {
+    let file = File::open(log).ok()?;
+    let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    lines.iter().rev().find(|l| l.starts_with("error")).or(lines.last()).map(|l| l.trim().to_string())
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// The tail of a log, for failure messages.
+pub fn tail(log: &PathBuf, n: usize) -> Vec<String> {
+    let Ok(file) = File::open(log) else { return Vec::new() };
+    let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}

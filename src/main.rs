@@ -1,0 +1,112 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use llmflow::commands;
+use llmflow::config::ConfigError;
+use llmflow::exec::{Interrupted, StageFailed};
+use llmflow::graph::Format;
+
+/// Train a language model from scratch as a declarative, content-hashed pipeline.
+///
+/// Stages live in pipeline.toml; `llmflow run` builds what is missing or
+/// stale and reuses every artifact whose inputs, params and implementation are
+/// unchanged. Edit the file and run again: only what your change invalidated
+/// is rebuilt.
+#[derive(Parser)]
+#[command(name = "llmflow", version, max_term_width = 100)]
+#[command(after_help = "Exit codes: 0 success, 1 a stage failed (or verify found damage), 2 a mistake in pipeline.toml or the command line, 130 interrupted.")]
+struct Cli {
+    /// The pipeline file.
+    #[arg(short, long, global = true, default_value = "pipeline.toml", value_name = "PATH")]
+    file: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build TARGETs (default: every stage) and whatever they need.
+    Run {
+        /// Stages to build; their inputs are built first.
+        targets: Vec<String>,
+        /// Show what would be built and why, without building.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rebuild STAGE even if it is fresh (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Stages to run at once [default: number of cores].
+        #[arg(short, long, value_name = "N")]
+        jobs: Option<usize>,
+        /// After a failure, keep building stages that do not depend on it.
+        #[arg(short, long)]
+        keep_going: bool,
+    },
+    /// Show every stage: fresh, stale (and why), missing, running or failed.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Show a stage's artifact: manifest, metrics and paths.
+    Show {
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every artifact in the store and report damage.
+    Verify,
+    /// Remove artifacts that no current stage key uses.
+    Gc {
+        /// List what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List the stage kinds llmflow knows.
+    Kinds,
+    /// Print the BLAKE3 digest of files, as `b3sum` does, with llmflow's hasher.
+    #[command(hide = true)]
+    Hash { files: Vec<PathBuf> },
+    /// Run one stage in this process (the scheduler's child command).
+    #[command(hide = true)]
+    ExecStage { spec: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run { targets, dry_run, force, jobs, keep_going } => {
+            commands::run(&cli.file, targets, dry_run, force, jobs, keep_going)
+        }
+        Cmd::Status { json } => commands::status(&cli.file, json),
+        Cmd::Dag { format } => commands::dag(&cli.file, format),
+        Cmd::Show { stage, json } => commands::show(&cli.file, &stage, json),
+        Cmd::Verify => commands::verify(&cli.file),
+        Cmd::Gc { dry_run } => commands::gc(&cli.file, dry_run),
+        Cmd::Kinds => commands::kinds(),
+        Cmd::Hash { files } => commands::hash(&files),
+        Cmd::ExecStage { spec } => llmflow::exec::exec_stage(&spec),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let (code, text) = if e.is::<ConfigError>() {
+                (2, format!("{e}"))
+            } else if e.is::<Interrupted>() {
+                (130, format!("{e}"))
+            } else if e.is::<StageFailed>() {
+                (1, format!("{e}"))
+            } else {
+                (1, format!("{e:#}"))
+            };
+            eprintln!("{} {text}", console::style("error:").red().bold());
+            ExitCode::from(code)
+        }
+    }
+}

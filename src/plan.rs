@@ -1,0 +1,228 @@
+//! Fingerprints and freshness: what each stage's key is now, whether an
+//! artifact with that key exists, and, if not, why not.
+//!
+//! A stage's key hashes its kind, the kind's version, its params after
+//! defaults (volatile ones excluded), the *output digest* of each input and
+//! the contents of the external files it reads. Because inputs enter by
+//! output digest, an upstream stage rebuilt to identical bytes leaves its
+//! dependents fresh (early cutoff). A stage whose upstream must be rebuilt
+//! has no key yet: it is stale until the upstream's output is known.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::config::{ConfigError, Pipeline, StageDef};
+use crate::graph::Dag;
+use crate::hash::StatCache;
+use crate::store::{InputRef, Integrity, Manifest, Store};
+
+/// The fingerprint inputs of one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyParts<'a> {
+    pub kind: &'a str,
+    pub version: u32,
+    pub params: &'a serde_json::Value,
+    pub inputs: &'a BTreeMap<String, InputRef>,
+    pub deps: &'a BTreeMap<String, String>,
+}
+
+impl KeyParts<'_> {
+    /// blake3 over canonical JSON (object keys sorted).
+    pub fn key(&self) -> String {
+        crate::hash::hash_bytes(&serde_json::to_vec(self).expect("serializable"))
+    }
+}
+
+/// External files of a stage and their digests, via the stat cache.
+pub fn dep_digests(p: &Pipeline, s: &StageDef, cache: &mut StatCache) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut deps = BTreeMap::new();
+    for file in &s.resolved.files {
+        let digest = cache.hash(&p.root.join(file)).map_err(|e| {
+            ConfigError(format!("{}: stage `{}` reads `{file}`: {e:#}", s.location, s.name))
+        })?;
+        deps.insert(file.clone(), digest);
+    }
+    Ok(deps)
+}
+
+/// Computes the key from known input digests.
+pub fn key_of(s: &StageDef, inputs: &BTreeMap<String, InputRef>, deps: &BTreeMap<String, String>) -> String {
+    KeyParts { kind: s.kind.kind(), version: s.kind.version(), params: &s.resolved.key_params, inputs, deps }.key()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Fresh,
+    Stale,
+    Missing,
+    Running,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Fresh => "fresh",
+            State::Stale => "stale",
+            State::Missing => "missing",
+            State::Running => "running",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// One stage's standing.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: State,
+    /// Known once every input is fresh.
+    pub key: Option<String>,
+    pub reasons: Vec<String>,
+    /// The artifact for `key`, when fresh.
+    pub manifest: Option<Manifest>,
+    pub log: Option<std::path::PathBuf>,
+}
+
+/// The standing of every stage, in dependency order. Reads manifests and
+/// stats files; re-hashes only files whose stat changed.
+pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, ConfigError> {
+    let mut cache = StatCache::open(store.stat_cache_path());
+    let mut out: Vec<Option<Status>> = vec![None; p.stages.len()];
+    for &i in &dag.order {
+        let s = &p.stages[i];
+        let deps = dep_digests(p, s, &mut cache)?;
+        let mut inputs = BTreeMap::new();
+        let mut waiting = Vec::new();
+        for (slot, up) in &s.inputs {
+            let ui = p.stages.iter().position(|x| x.name == *up).expect("checked reference");
+            match out[ui].as_ref().and_then(|st| st.manifest.as_ref()) {
+                Some(m) if out[ui].as_ref().unwrap().state == State::Fresh => {
+                    inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
+                }
+                _ => waiting.push(format!("input `{slot}` ({up}) must be built first")),
+            }
+        }
+        let state = store.state(&s.name);
+        let latest = state.latest.as_ref().and_then(|k| store.read_manifest(&s.name, k));
+        let mut status = if waiting.is_empty() {
+            let key = key_of(s, &inputs, &deps);
+            match store.read_manifest(&s.name, &key) {
+                Some(m) => match store.check(&m, false) {
+                    Integrity::Intact => Status { state: State::Fresh, key: Some(key), reasons: vec![], manifest: Some(m), log: None },
+                    Integrity::Damaged(files) => Status {
+                        state: State::Stale,
+                        key: Some(key),
+                        reasons: vec![format!("artifact files were modified or removed: {}", files.join(", "))],
+                        manifest: None,
+                        log: None,
+                    },
+                },
+                None => {
+                    let reasons = match &latest {
+                        Some(prev) => explain(s, prev, &inputs, &deps),
+                        None => vec!["never built".to_string()],
+                    };
+                    let st = if latest.is_some() { State::Stale } else { State::Missing };
+                    Status { state: st, key: Some(key), reasons, manifest: None, log: None }
+                }
+            }
+        } else {
+            let mut reasons = waiting;
+            if let Some(prev) = &latest {
+                reasons.extend(explain(s, prev, &prev.inputs, &deps));
+            }
+            let st = if latest.is_some() { State::Stale } else { State::Missing };
+            Status { state: st, key: None, reasons, manifest: None, log: None }
+        };
+        if status.state != State::Fresh {
+            if let Some(pid) = store.holder(&s.name) {
+                status.state = State::Running;
+                status.reasons.insert(0, format!("being built by process {pid}"));
+            } else if let Some(f) = state.last_failure.filter(|f| status.key.as_ref() == Some(&f.key)) {
+                status.state = State::Failed;
+                status.reasons.insert(0, format!("last build failed: {}", f.message));
+                status.log = Some(f.log);
+            }
+        }
+        out[i] = Some(status);
+    }
+    cache.save();
+    Ok(out.into_iter().map(|s| s.expect("every stage visited")).collect())
+}
+
+/// Why the current fingerprint differs from the last artifact built.
+pub fn explain(
+    s: &StageDef,
+    prev: &Manifest,
+    inputs: &BTreeMap<String, InputRef>,
+    deps: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if prev.kind != s.kind.kind() {
+        reasons.push(format!("kind changed: {} → {}", prev.kind, s.kind.kind()));
+    } else if prev.version != s.kind.version() {
+        reasons.push(format!("{} version changed: {} → {}", prev.kind, prev.version, s.kind.version()));
+    }
+    diff_values("", &prev.key_params, &s.resolved.key_params, &mut reasons);
+    for (slot, cur) in inputs {
+        match prev.inputs.get(slot) {
+            None => reasons.push(format!("input `{slot}` added ({})", cur.stage)),
+            Some(old) if old.stage != cur.stage => reasons.push(format!("input `{slot}` now reads {} (was {})", cur.stage, old.stage)),
+            Some(old) if old.digest != cur.digest => reasons.push(format!("input `{slot}` ({}) changed", cur.stage)),
+            _ => {}
+        }
+    }
+    for slot in prev.inputs.keys().filter(|k| !s.inputs.contains_key(*k)) {
+        reasons.push(format!("input `{slot}` removed"));
+    }
+    for (file, digest) in deps {
+        match prev.deps.get(file) {
+            None => reasons.push(format!("file `{file}` added")),
+            Some(old) if old != digest => reasons.push(format!("file `{file}` changed")),
+            _ => {}
+        }
+    }
+    for file in prev.deps.keys().filter(|f| !deps.contains_key(*f)) {
+        reasons.push(format!("file `{file}` removed"));
+    }
+    if reasons.is_empty() {
+        reasons.push("its last artifact was removed from the store".to_string());
+    }
+    reasons
+}
+
+fn diff_values(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value::Object;
+    match (old, new) {
+        (Object(a), Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => diff_values(&sub, x, y, out),
+                    (None, Some(y)) => out.push(format!("param `{sub}` added: {y}")),
+                    (Some(x), None) => out.push(format!("param `{sub}` removed (was {x})")),
+                    (None, None) => {}
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("param `{path}`: {a} → {b}")),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn param_diff_names_nested_fields() {
+        let mut out = Vec::new();
+        diff_values("", &json!({"train": {"lr": 0.001, "steps": 10}, "a": 1}), &json!({"train": {"lr": 0.0003, "steps": 10}, "b": 2}), &mut out);
+        assert_eq!(out, ["param `a` removed (was 1)", "param `b` added: 2", "param `train.lr`: 0.001 → 0.0003"]);
+    }
+}

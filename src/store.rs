@@ -1,0 +1,327 @@
+//! The artifact store on disk.
+//!
+//! ```text
+//! artifacts/<stage>/<key>/out/             the stage's output
+//! artifacts/<stage>/<key>/manifest.json    what built it, and every file's hash
+//! artifacts/.tmp/                          artifacts being built (never counted)
+//! artifacts/.work/<stage>/<key>/           checkpoints of an interrupted build
+//! artifacts/.logs/<stage>/<key>.log        the stage process's output
+//! artifacts/.state/<stage>.json            last good key and last failure
+//! artifacts/.locks/<stage>.lock            held while a stage builds
+//! ```
+//!
+//! An artifact counts as built once `<stage>/<key>/manifest.json` exists. It
+//! is written inside a temporary directory, synced, and the directory is
+//! renamed into place, so a crash at any moment leaves either no artifact or
+//! a whole one.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{self, FileEntry, Stat};
+
+pub struct Store {
+    pub root: PathBuf,
+}
+
+/// Everything known about one built artifact.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub stage: String,
+    pub key: String,
+    pub kind: String,
+    pub version: u32,
+    /// Params with defaults applied, volatile ones included.
+    pub params: serde_json::Value,
+    /// The params the key hashes.
+    pub key_params: serde_json::Value,
+    /// Input slot → the upstream stage and its output digest.
+    pub inputs: BTreeMap<String, InputRef>,
+    /// External file → its content digest.
+    pub deps: BTreeMap<String, String>,
+    pub files: Vec<FileEntry>,
+    pub output_digest: String,
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub started: String,
+    pub finished: String,
+    pub duration_s: f64,
+    pub host: String,
+    pub llmflow_version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRef {
+    pub stage: String,
+    pub digest: String,
+}
+
+/// Per-stage bookkeeping that outlives a single artifact.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StageState {
+    /// Key of the last artifact built successfully; `status` explains what
+    /// changed since.
+    pub latest: Option<String>,
+    pub last_failure: Option<Failure>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    pub key: String,
+    pub log: PathBuf,
+    pub at: String,
+    pub message: String,
+}
+
+/// The result of checking an artifact's files against its manifest.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Integrity {
+    Intact,
+    /// Files missing or whose contents no longer match.
+    Damaged(Vec<String>),
+}
+
+impl Store {
+    pub fn new(root: PathBuf) -> Store {
+        Store { root }
+    }
+
+    pub fn artifact_dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.root.join(stage).join(key)
+    }
+
+    pub fn out_dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.artifact_dir(stage, key).join("out")
+    }
+
+    pub fn work_dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.root.join(".work").join(stage).join(key)
+    }
+
+    pub fn log_path(&self, stage: &str, key: &str) -> PathBuf {
+        self.root.join(".logs").join(stage).join(format!("{key}.log"))
+    }
+
+    pub fn tmp_root(&self) -> PathBuf {
+        self.root.join(".tmp")
+    }
+
+    pub fn stat_cache_path(&self) -> PathBuf {
+        self.root.join(".state").join("file-hashes.json")
+    }
+
+    pub fn read_manifest(&self, stage: &str, key: &str) -> Option<Manifest> {
+        let bytes = fs::read(self.artifact_dir(stage, key).join("manifest.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Keys of every artifact of `stage` on disk.
+    pub fn keys(&self, stage: &str) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.root.join(stage)) else { return Vec::new() };
+        let mut keys: Vec<String> = entries.filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_string())).collect();
+        keys.sort();
+        keys
+    }
+
+    /// Stage directories in the store (excluding the store's own `.dirs`).
+    pub fn stages(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.root) else { return Vec::new() };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().to_str()?.to_string();
+                (e.file_type().ok()?.is_dir() && !name.starts_with('.')).then_some(name)
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn state(&self, stage: &str) -> StageState {
+        fs::read(self.state_path(stage)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    pub fn update_state(&self, stage: &str, f: impl FnOnce(&mut StageState)) -> Result<()> {
+        let mut state = self.state(stage);
+        f(&mut state);
+        write_atomic(&self.state_path(stage), &serde_json::to_vec_pretty(&state)?)
+    }
+
+    fn state_path(&self, stage: &str) -> PathBuf {
+        self.root.join(".state").join(format!("{stage}.json"))
+    }
+
+    /// Checks an artifact's files by size, mtime and inode; only files whose
+    /// stat changed are re-hashed. `deep` re-hashes everything (`verify`).
+    pub fn check(&self, m: &Manifest, deep: bool) -> Integrity {
+        let out = self.out_dir(&m.stage, &m.key);
+        let damaged: Vec<String> = m
+            .files
+            .iter()
+            .filter(|f| {
+                let path = out.join(&f.path);
+                match Stat::of(&path) {
+                    Err(_) => true,
+                    Ok(stat) if stat.size != f.size => true,
+                    Ok(stat) if stat == f.stat && !deep => false,
+                    Ok(_) => hash::hash_file(&path).map_or(true, |h| h != f.blake3),
+                }
+            })
+            .map(|f| f.path.clone())
+            .collect();
+        if damaged.is_empty() {
+            Integrity::Intact
+        } else {
+            Integrity::Damaged(damaged)
+        }
+    }
+
+    /// A fresh temporary directory for building `stage`, named so a later run
+    /// can tell whether its owner is still alive.
+    pub fn make_tmp(&self, stage: &str, key: &str) -> Result<PathBuf> {
+        let dir = self.tmp_root().join(format!("{stage}.{}.{}", &key[..12], std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(dir.join("out")).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Removes temporary directories left by processes that no longer run.
+    pub fn clean_stale_tmp(&self) {
+        let Ok(entries) = fs::read_dir(self.tmp_root()) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit('.').next().and_then(|p| p.parse::<i32>().ok());
+            if pid.is_none_or(|pid| !process_alive(pid)) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// Moves a finished build into place. `tmp` holds `out/`; the manifest is
+    /// written beside it, everything is synced, then the directory is renamed.
+    /// An existing artifact with the same key (a forced rebuild) is replaced.
+    pub fn publish(&self, tmp: &Path, manifest: &Manifest) -> Result<PathBuf> {
+        sync_tree(&tmp.join("out"))?;
+        let mpath = tmp.join("manifest.json");
+        let mut f = File::create(&mpath)?;
+        f.write_all(&serde_json::to_vec_pretty(manifest)?)?;
+        f.sync_all()?;
+        sync_dir(tmp)?;
+
+        let parent = self.root.join(&manifest.stage);
+        fs::create_dir_all(&parent)?;
+        let dest = parent.join(&manifest.key);
+        let trash = if dest.exists() {
+            let trash = self.tmp_root().join(format!("replaced.{}.{}", manifest.key, std::process::id()));
+            fs::rename(&dest, &trash)?;
+            Some(trash)
+        } else {
+            None
+        };
+        fs::rename(tmp, &dest).with_context(|| format!("cannot move the build into {}", dest.display()))?;
+        sync_dir(&parent)?;
+        if let Some(trash) = trash {
+            let _ = fs::remove_dir_all(trash);
+        }
+        Ok(dest)
+    }
+
+    /// Takes the stage's lock, waiting if another process builds it;
+    /// `on_wait` is told the holder's pid once.
+    pub fn lock(&self, stage: &str, on_wait: impl FnOnce(Option<u32>)) -> Result<StageLock> {
+        let path = self.lock_path(stage);
+        fs::create_dir_all(path.parent().expect("has parent"))?;
+        let mut file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                on_wait(read_pid(&mut file));
+                file.lock()?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).context(format!("cannot lock {}", path.display())),
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(StageLock { _file: file })
+    }
+
+    /// The pid building `stage` right now, if any.
+    pub fn holder(&self, stage: &str) -> Option<u32> {
+        let mut file = File::open(self.lock_path(stage)).ok()?;
+        match file.try_lock_shared() {
+            Ok(()) => None,
+            Err(_) => Some(read_pid(&mut file).unwrap_or(0)),
+        }
+    }
+
+    fn lock_path(&self, stage: &str) -> PathBuf {
+        self.root.join(".locks").join(format!("{stage}.lock"))
+    }
+}
+
+/// Released when dropped (or when the process dies).
+pub struct StageLock {
+    _file: File,
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut s = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+}
+
+/// Writes a small file so readers see the old or the new contents, never half.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("has parent");
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)?.sync_all().with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+/// Seconds since the epoch as RFC 3339, UTC.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Total size in bytes of everything under `path`.
+pub fn disk_usage(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path).map(|rd| rd.flatten().map(|e| disk_usage(&e.path())).sum()).unwrap_or(0)
+}
