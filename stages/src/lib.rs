@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod command;
 pub mod device;
+pub mod docs;
 
 /// A stage kind.
 pub trait Stage {
