@@ -46,7 +46,7 @@ fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> R
         } else {
             n += 1;
             let why = if st.state == State::Fresh { "forced".to_string() } else { st.reasons.join("; ") };
-            println!("{:>12} {} ({}): {why}", style("Would build").yellow().bold(), s.name, s.kind.kind());
+            println!("{:>12} {} ({}): {why}", style("Would build").yellow().bold(), s.name, s.kind.kind);
         }
     }
     println!("{n} stage(s) would be built");
@@ -65,7 +65,7 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
                 let (s, st) = (&p.stages[i], &statuses[i]);
                 json!({
                     "name": s.name,
-                    "kind": s.kind.kind(),
+                    "kind": s.kind.kind,
                     "state": st.state,
                     "key": st.key,
                     "reasons": st.reasons,
@@ -79,7 +79,7 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     let width = p.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
-    let kwidth = p.stages.iter().map(|s| s.kind.kind().len()).max().unwrap_or(0);
+    let kwidth = p.stages.iter().map(|s| s.kind.kind.len()).max().unwrap_or(0);
     for &i in &dag.order {
         let (s, st) = (&p.stages[i], &statuses[i]);
         let state = match st.state {
@@ -93,7 +93,7 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
             (State::Fresh, Some(key)) => key[..12].to_string(),
             _ => st.reasons.first().cloned().unwrap_or_default(),
         };
-        println!("{:<7}  {:<width$}  {:<kwidth$}  {detail}", state, s.name, s.kind.kind());
+        println!("{:<7}  {:<width$}  {:<kwidth$}  {detail}", state, s.name, s.kind.kind);
         for reason in st.reasons.iter().skip(1) {
             println!("{:<7}  {:<width$}  {:<kwidth$}  {reason}", "", "", "");
         }
@@ -134,13 +134,13 @@ pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "name": s.name, "kind": s.kind.kind(), "state": st.state, "reasons": st.reasons,
+                "name": s.name, "kind": s.kind.kind, "state": st.state, "reasons": st.reasons,
                 "out": out, "manifest": manifest, "log": manifest.as_ref().map(|m| store.log_path(&m.stage, &m.key)),
             }))?
         );
         return Ok(());
     }
-    println!("{} ({}) — {}", style(&s.name).bold(), s.kind.kind(), st.state.as_str());
+    println!("{} ({}) — {}", style(&s.name).bold(), s.kind.kind, st.state.as_str());
     for r in &st.reasons {
         println!("  {r}");
     }
@@ -271,8 +271,8 @@ pub fn gc(file: &Path, dry_run: bool) -> Result<()> {
 }
 
 pub fn kinds() -> Result<()> {
-    for k in llmflow_stages::registry() {
-        println!("{:<18} v{}  {}", k.kind(), k.version(), k.summary());
+    for k in crate::kinds::list()? {
+        println!("{:<18} v{}  {}", k.kind, k.version, k.summary);
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use llmflow_stages::{Inputs, Kind, Resolved};
+use crate::protocol::{KindInfo, ResolveRequest, Resolved, StageRequest};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
@@ -48,18 +48,12 @@ pub struct Pipeline {
 #[derive(Debug)]
 pub struct StageDef {
     pub name: String,
-    pub kind: &'static dyn Kind,
+    pub kind: KindInfo,
     /// Input slot → upstream stage name.
     pub inputs: BTreeMap<String, String>,
     pub resolved: Resolved,
     /// `file:line` of the stage's table, for messages.
     pub location: String,
-}
-
-impl fmt::Debug for dyn Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.kind())
-    }
 }
 
 impl Pipeline {
@@ -134,9 +128,26 @@ impl Pipeline {
             stage_tables.keys().map(|k| (src.key_span(spans, &["stages", k]).unwrap_or(usize::MAX), k)).collect();
         order.sort();
 
-        let mut stages = Vec::new();
+        let mut raw = Vec::new();
         for (_, name) in order {
-            stages.push(parse_stage(&src, spans, name, &stage_tables[name])?);
+            raw.push(parse_stage(&src, spans, name, &stage_tables[name])?);
+        }
+        let request = ResolveRequest {
+            stages: raw
+                .iter()
+                .map(|r| StageRequest {
+                    name: r.name.clone(),
+                    kind: r.kind.clone().unwrap_or_default(),
+                    params: r.params.clone(),
+                    inputs: r.inputs.keys().cloned().collect(),
+                })
+                .collect(),
+        };
+        let response = crate::kinds::resolve(&request, &artifacts.join(".state").join("resolved.json"))
+            .map_err(|e| ConfigError(format!("cannot resolve the stages of {}: {e:#}", file.display())))?;
+        let mut stages = Vec::new();
+        for (r, result) in raw.into_iter().zip(response.stages) {
+            stages.push(check_stage(&src, spans, &response.kinds, r, result)?);
         }
         let pipeline = Pipeline { file: file.clone(), root, name, artifacts, device, stages };
         check_references(&src, spans, &pipeline)?;
@@ -149,12 +160,23 @@ fn valid_device(d: &str) -> bool {
     matches!(d, "auto" | "cpu" | "cuda") || d.strip_prefix("cuda:").is_some_and(|i| i.parse::<u32>().is_ok())
 }
 
-fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -> Result<StageDef, ConfigError> {
-    let at = |path: &[&str]| {
-        let mut full = vec!["stages", name];
-        full.extend_from_slice(path);
-        src.key_span(spans, &full)
-    };
+/// A stage as written, before its kind has checked its params.
+struct RawStage {
+    name: String,
+    kind: Option<String>,
+    inputs: BTreeMap<String, String>,
+    params: serde_json::Value,
+    location: String,
+}
+
+fn at<'a>(src: &Source, spans: &DeTable, name: &'a str, path: &[&'a str]) -> Option<usize> {
+    let mut full = vec!["stages", name];
+    full.extend_from_slice(path);
+    src.key_span(spans, &full)
+}
+
+fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -> Result<RawStage, ConfigError> {
+    let at = |path: &[&str]| at(src, spans, name, path);
     let location = src.location(at(&[]));
     if !valid_name(name) {
         return Err(src.error(at(&[]), format!("stage name `{name}` may use only letters, digits, `_` and `-`")));
@@ -162,28 +184,11 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
     let toml::Value::Table(table) = value else {
         return Err(src.error(at(&[]), format!("stage `{name}` must be a table: [stages.{name}]")));
     };
-    let kinds: Vec<&str> = llmflow_stages::registry().iter().map(|k| k.kind()).collect();
-    let kind_name = match table.get("kind") {
-        Some(toml::Value::String(s)) => s,
+    let kind = match table.get("kind") {
+        Some(toml::Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(src.error(at(&["kind"]), format!("stage `{name}`: `kind` must be a string"))),
-        None => {
-            return Err(src.error(
-                at(&[]),
-                format!("stage `{name}` has no `kind`; known kinds: {}", kinds.join(", ")),
-            ))
-        }
+        None => None,
     };
-    let Some(kind) = llmflow_stages::find(kind_name) else {
-        return Err(src.error(
-            at(&["kind"]),
-            format!(
-                "stage `{name}`: unknown kind `{kind_name}`{}\n  known kinds: {}",
-                suggest(kind_name, &kinds),
-                kinds.join(", ")
-            ),
-        ));
-    };
-
     let mut inputs = BTreeMap::new();
     if let Some(v) = table.get("input") {
         let toml::Value::String(s) = v else {
@@ -208,15 +213,45 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
             inputs.insert(slot.clone(), up.clone());
         }
     }
-    if let Inputs::Fixed(slots) = kind.inputs() {
-        for slot in inputs.keys() {
+    let mut params = table.clone();
+    for key in ENGINE_KEYS {
+        params.remove(*key);
+    }
+    let params = serde_json::to_value(toml::Value::Table(params)).map_err(|e| src.error(at(&[]), e.to_string()))?;
+    Ok(RawStage { name: name.to_string(), kind, inputs, params, location })
+}
+
+/// Checks a stage against its kind: the kind exists, the input slots fit, the
+/// params resolved.
+fn check_stage(
+    src: &Source,
+    spans: &DeTable,
+    kinds: &[KindInfo],
+    raw: RawStage,
+    result: Option<Result<Resolved, crate::protocol::ParamError>>,
+) -> Result<StageDef, ConfigError> {
+    let name = raw.name.as_str();
+    let at = |path: &[&str]| at(src, spans, name, path);
+    let names: Vec<&str> = kinds.iter().map(|k| k.kind.as_str()).collect();
+    let Some(kind_name) = raw.kind.as_deref() else {
+        return Err(src.error(at(&[]), format!("stage `{name}` has no `kind`; known kinds: {}", names.join(", "))));
+    };
+    let (Some(kind), Some(result)) = (kinds.iter().find(|k| k.kind == kind_name), result) else {
+        return Err(src.error(
+            at(&["kind"]),
+            format!("stage `{name}`: unknown kind `{kind_name}`{}\n  known kinds: {}", suggest(kind_name, &names), names.join(", ")),
+        ));
+    };
+    if let Some(slots) = &kind.inputs {
+        let slots: Vec<&str> = slots.iter().map(String::as_str).collect();
+        for slot in raw.inputs.keys() {
             if !slots.contains(&slot.as_str()) {
                 let msg = if slots.is_empty() {
                     format!("stage `{name}` ({kind_name}) takes no inputs, but names `{slot}`")
                 } else {
                     format!(
                         "stage `{name}` ({kind_name}) has no input slot `{slot}`{}; its slots: {}",
-                        suggest(slot, slots),
+                        suggest(slot, &slots),
                         slots.join(", ")
                     )
                 };
@@ -224,8 +259,8 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
                 return Err(src.error(at(path), msg));
             }
         }
-        for slot in slots.iter() {
-            if !inputs.contains_key(*slot) {
+        for slot in &slots {
+            if !raw.inputs.contains_key(*slot) {
                 let how = if slots.len() == 1 && *slot == "input" {
                     "input = \"STAGE\"".to_string()
                 } else {
@@ -235,14 +270,7 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
             }
         }
     }
-
-    let mut params = table.clone();
-    for key in ENGINE_KEYS {
-        params.remove(*key);
-    }
-    let params = serde_json::to_value(toml::Value::Table(params)).map_err(|e| src.error(at(&[]), e.to_string()))?;
-    let slot_names: Vec<String> = inputs.keys().cloned().collect();
-    let resolved = kind.resolve(params, &slot_names).map_err(|e| {
+    let resolved = result.map_err(|e| {
         let path: Vec<&str> = e.path.iter().map(String::as_str).collect();
         let mut message = format!("stage `{name}` ({kind_name}): {}", e.message);
         if let Some(field) = unknown_field(&e.message) {
@@ -259,7 +287,7 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
         }
         src.error(at(&path), message)
     })?;
-    Ok(StageDef { name: name.to_string(), kind, inputs, resolved, location })
+    Ok(StageDef { name: raw.name.clone(), kind: kind.clone(), inputs: raw.inputs, resolved, location: raw.location })
 }
 
 fn valid_name(name: &str) -> bool {

@@ -1,8 +1,9 @@
 //! Running stages: the scheduler, the stage processes, and what the user sees.
 //!
-//! Every stage runs as a child process of the same binary
-//! (`llmflow exec-stage SPEC`), so a crash in native code cannot take the
-//! scheduler down and accelerator memory is freed when the stage ends. The
+//! Every stage runs as a child process, `llmflow-stage SPEC` (installed beside
+//! `llmflow`), so a crash in native code cannot take the scheduler down and
+//! accelerator memory is freed when the stage ends. Only that binary links
+//! libtorch; the scheduler starts in milliseconds. The
 //! child is put in its own process group; on Ctrl-C the scheduler kills the
 //! groups it started and publishes nothing partial.
 //!
@@ -20,8 +21,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use llmflow_stages::{Resources, StageCtx};
-use serde::{Deserialize, Serialize};
+use crate::protocol::{Resources, Spec, StageCtx};
+
 
 use crate::config::{ConfigError, Pipeline};
 use crate::graph::Dag;
@@ -62,25 +63,6 @@ pub struct RunOptions {
     pub keep_going: bool,
 }
 
-/// What the stage process reads: the kind, its params and its context.
-#[derive(Serialize, Deserialize)]
-pub struct Spec {
-    pub kind: String,
-    pub params: serde_json::Value,
-    pub ctx: StageCtx,
-}
-
-/// Runs inside the stage process: `llmflow exec-stage SPEC`.
-pub fn exec_stage(spec_path: &Path) -> Result<()> {
-    let spec: Spec = serde_json::from_slice(&fs::read(spec_path).context("reading the stage spec")?)?;
-    let kind = llmflow_stages::find(&spec.kind).with_context(|| format!("unknown stage kind `{}`", spec.kind))?;
-    let mut ctx = spec.ctx;
-    kind.run(spec.params, &mut ctx)?;
-    let metrics_path = spec_path.with_file_name("metrics.json");
-    fs::write(&metrics_path, serde_json::to_vec_pretty(ctx.metrics())?)?;
-    Ok(())
-}
-
 enum Outcome {
     Built(Box<Manifest>),
     Fresh(Box<Manifest>),
@@ -116,14 +98,21 @@ struct Job {
 }
 
 pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
-    let store = Arc::new(Store::new(p.artifacts.clone()));
-    fs::create_dir_all(&store.root).with_context(|| format!("cannot create the artifact store {}", store.root.display()))?;
-    store.clean_stale_tmp();
     let targets: Vec<usize> = opts.targets.iter().map(|t| index_of(p, t)).collect::<Result<_, _>>()?;
     for f in &opts.force {
         index_of(p, f)?;
     }
     let wanted = dag.closure(&targets);
+    // Fail on a missing file before touching the store.
+    for &i in &wanted {
+        let s = &p.stages[i];
+        if let Some(f) = s.resolved.files.iter().find(|f| !p.root.join(f).exists()) {
+            return Err(ConfigError(format!("{}: stage `{}` reads `{f}`, which does not exist", s.location, s.name)).into());
+        }
+    }
+    let store = Arc::new(Store::new(p.artifacts.clone()));
+    fs::create_dir_all(&store.root).with_context(|| format!("cannot create the artifact store {}", store.root.display()))?;
+    store.clean_stale_tmp();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut cache = StatCache::open(store.stat_cache_path());
 
@@ -177,8 +166,8 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 let job = Job {
                     index: i,
                     stage: s.name.clone(),
-                    kind: s.kind.kind().to_string(),
-                    version: s.kind.version(),
+                    kind: s.kind.kind.to_string(),
+                    version: s.kind.version,
                     params: s.resolved.params.clone(),
                     key_params: s.resolved.key_params.clone(),
                     key,
@@ -292,9 +281,9 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     let started = Instant::now();
     let bar = ui.stage_bar(&job.stage, &job.kind);
     let threads = job.threads.to_string();
-    let mut child = Command::new(std::env::current_exe()?);
+    let mut child = Command::new(crate::kinds::runner()?);
     child
-        .arg("exec-stage")
+        .arg("run")
         .arg(&spec_path)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -94,9 +94,9 @@ impl Dag {
                     let s = &p.stages[i];
                     let ins: Vec<String> = s.inputs.iter().map(|(slot, up)| format!("{slot}={up}")).collect();
                     if ins.is_empty() {
-                        let _ = writeln!(out, "{} ({})", s.name, s.kind.kind());
+                        let _ = writeln!(out, "{} ({})", s.name, s.kind.kind);
                     } else {
-                        let _ = writeln!(out, "{} ({}) ← {}", s.name, s.kind.kind(), ins.join(", "));
+                        let _ = writeln!(out, "{} ({}) ← {}", s.name, s.kind.kind, ins.join(", "));
                     }
                 }
             }
@@ -104,7 +104,7 @@ impl Dag {
                 let _ = writeln!(out, "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];", p.name);
                 for &i in &self.order {
                     let s = &p.stages[i];
-                    let _ = writeln!(out, "  \"{}\" [label=\"{}\\n({})\"];", s.name, s.name, s.kind.kind());
+                    let _ = writeln!(out, "  \"{}\" [label=\"{}\\n({})\"];", s.name, s.name, s.kind.kind);
                 }
                 for (u, d) in edges() {
                     let _ = writeln!(out, "  \"{}\" -> \"{}\";", p.stages[u].name, p.stages[d].name);
@@ -115,7 +115,7 @@ impl Dag {
                 out.push_str("flowchart LR\n");
                 for &i in &self.order {
                     let s = &p.stages[i];
-                    let _ = writeln!(out, "  {}[\"{}<br/>({})\"]", s.name, s.name, s.kind.kind());
+                    let _ = writeln!(out, "  {}[\"{}<br/>({})\"]", s.name, s.name, s.kind.kind);
                 }
                 for (u, d) in edges() {
                     let _ = writeln!(out, "  {} --> {}", p.stages[u].name, p.stages[d].name);

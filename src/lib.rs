@@ -5,8 +5,9 @@
 //! `pipeline.toml` ([`config`]), builds the stage graph ([`graph`]),
 //! fingerprints every stage ([`plan`]), keeps built outputs in an artifact
 //! store ([`store`]) and runs stages as child processes ([`exec`]). What a
-//! stage *does* lives in the `llmflow-stages` crate, which the engine reaches
-//! only through its `Stage` trait and registry.
+//! stage *does* lives in the `llmflow-stages` crate and its `llmflow-stage`
+//! binary, which the engine reaches only through a process boundary
+//! ([`protocol`], [`kinds`]); the engine binary never loads libtorch.
 //!
 //! The rules that make caching correct:
 //! * A stage's key hashes its kind, the kind's version, its params with
@@ -24,6 +25,8 @@ pub mod config;
 pub mod exec;
 pub mod graph;
 pub mod hash;
+pub mod kinds;
 pub mod plan;
+pub mod protocol;
 pub mod store;
 pub mod ui;

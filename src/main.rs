@@ -73,9 +73,6 @@ enum Cmd {
     /// Print the BLAKE3 digest of files, as `b3sum` does, with llmflow's hasher.
     #[command(hide = true)]
     Hash { files: Vec<PathBuf> },
-    /// Run one stage in this process (the scheduler's child command).
-    #[command(hide = true)]
-    ExecStage { spec: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -91,7 +88,6 @@ fn main() -> ExitCode {
         Cmd::Gc { dry_run } => commands::gc(&cli.file, dry_run),
         Cmd::Kinds => commands::kinds(),
         Cmd::Hash { files } => commands::hash(&files),
-        Cmd::ExecStage { spec } => llmflow::exec::exec_stage(&spec),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -49,7 +49,7 @@ pub fn dep_digests(p: &Pipeline, s: &StageDef, cache: &mut StatCache) -> Result<
 
 /// Computes the key from known input digests.
 pub fn key_of(s: &StageDef, inputs: &BTreeMap<String, InputRef>, deps: &BTreeMap<String, String>) -> String {
-    KeyParts { kind: s.kind.kind(), version: s.kind.version(), params: &s.resolved.key_params, inputs, deps }.key()
+    KeyParts { kind: &s.kind.kind, version: s.kind.version, params: &s.resolved.key_params, inputs, deps }.key()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -161,10 +161,10 @@ pub fn explain(
     deps: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut reasons = Vec::new();
-    if prev.kind != s.kind.kind() {
-        reasons.push(format!("kind changed: {} → {}", prev.kind, s.kind.kind()));
-    } else if prev.version != s.kind.version() {
-        reasons.push(format!("{} version changed: {} → {}", prev.kind, prev.version, s.kind.version()));
+    if prev.kind != s.kind.kind {
+        reasons.push(format!("kind changed: {} → {}", prev.kind, s.kind.kind));
+    } else if prev.version != s.kind.version {
+        reasons.push(format!("{} version changed: {} → {}", prev.kind, prev.version, s.kind.version));
     }
     diff_values("", &prev.key_params, &s.resolved.key_params, &mut reasons);
     for (slot, cur) in inputs {

@@ -3,29 +3,31 @@
 //! A stage is a function from `(params, input directories)` to an output
 //! directory. This crate knows nothing about DAGs, caching or scheduling; the
 //! engine (the `llmflow` binary) knows nothing about language models. The two
-//! meet through the [`Stage`] trait and the [`registry`]:
+//! meet through the [`Stage`] trait, the [`each_kind`] list and a process
+//! boundary (see `llmflow::protocol`):
 //!
 //! * [`Stage`] is what a stage kind implements: its `KIND` name, a `VERSION`
 //!   to bump when the output for the same inputs changes, a `Params` struct
 //!   deserialized from the stage's table in `pipeline.toml` (unknown keys are an
 //!   error, missing keys take their defaults), and `run`.
-//! * [`registry`] lists every kind once. Adding a stage kind is one module here
-//!   and one line in that list; the engine needs no change.
+//! * [`each_kind`] lists every kind once. Adding a stage kind is one module
+//!   here and one line in that list; the engine needs no change.
+//! * The `llmflow-stage` binary (this crate's `src/main.rs`) answers the
+//!   engine: it lists [`kinds`], [`resolve`]s params and [`run`]s a stage.
+//!   Only it links libtorch, so the engine starts in milliseconds.
 //!
 //! The engine hashes the params *after* defaults are applied, so writing a
 //! default value explicitly never invalidates an artifact. Params listed in
 //! [`Stage::VOLATILE`] (log intervals, progress, thread counts) are left out of
 //! the hash because they cannot change the output.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::marker::PhantomData;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use llmflow::protocol::{KindInfo, ParamError, Resolved, Resources, StageCtx};
+use llmflow::protocol::{ResolveRequest, ResolveResponse};
 
 pub mod command;
 pub mod device;
@@ -76,92 +78,58 @@ pub enum Inputs {
     Any,
 }
 
-/// What a running stage holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resources {
-    /// CPU threads it keeps busy; `None` means all the engine allows.
-    pub threads: Option<usize>,
-    /// Whether it runs on the pipeline's accelerator (one such stage per device).
-    pub accelerator: bool,
+/// Something done once per stage kind; see [`each_kind`].
+pub trait KindVisitor {
+    fn visit<S: Stage + 'static>(&mut self);
 }
 
-/// A parameter error: the path of the offending field and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamError {
-    /// Field path inside the stage table, e.g. `["train", "lr"]`; empty for
-    /// the table itself.
-    pub path: Vec<String>,
-    pub message: String,
+/// Every stage kind llmflow knows, in the order `llmflow kinds` lists them.
+/// Adding a kind is one line here.
+pub fn each_kind(v: &mut impl KindVisitor) {
+    v.visit::<command::Command>();
 }
 
-impl ParamError {
-    pub fn new(path: &[&str], message: impl Into<String>) -> Self {
-        ParamError { path: path.iter().map(|s| s.to_string()).collect(), message: message.into() }
+fn info<S: Stage>() -> KindInfo {
+    KindInfo {
+        kind: S::KIND.to_string(),
+        version: S::VERSION,
+        summary: S::SUMMARY.to_string(),
+        inputs: match S::INPUTS {
+            Inputs::Fixed(slots) => Some(slots.iter().map(|s| s.to_string()).collect()),
+            Inputs::Any => None,
+        },
+        volatile: S::VOLATILE.iter().map(|s| s.to_string()).collect(),
     }
 }
 
-/// Params after defaults are applied, as the engine hashes and stores them.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    /// Every param, defaults filled in; what the stage process receives.
-    pub params: serde_json::Value,
-    /// `params` without the volatile ones; what the key hashes.
-    pub key_params: serde_json::Value,
-    pub files: Vec<String>,
-    pub resources: Resources,
-}
-
-/// The object-safe face of a [`Stage`], used by the engine.
-pub trait Kind: Sync {
-    fn kind(&self) -> &'static str;
-    fn version(&self) -> u32;
-    fn summary(&self) -> &'static str;
-    fn inputs(&self) -> Inputs;
-    fn volatile(&self) -> &'static [&'static str];
-    /// Deserializes and checks params, applying defaults.
-    fn resolve(&self, params: serde_json::Value, inputs: &[String]) -> Result<Resolved, ParamError>;
-    fn run(&self, params: serde_json::Value, ctx: &mut StageCtx) -> Result<()>;
-}
-
-struct Registered<S>(PhantomData<fn() -> S>);
-
-impl<S: Stage> Kind for Registered<S> {
-    fn kind(&self) -> &'static str {
-        S::KIND
-    }
-    fn version(&self) -> u32 {
-        S::VERSION
-    }
-    fn summary(&self) -> &'static str {
-        S::SUMMARY
-    }
-    fn inputs(&self) -> Inputs {
-        S::INPUTS
-    }
-    fn volatile(&self) -> &'static [&'static str] {
-        S::VOLATILE
-    }
-
-    fn resolve(&self, params: serde_json::Value, inputs: &[String]) -> Result<Resolved, ParamError> {
-        let typed: S::Params = serde_path_to_error::deserialize(params).map_err(|e| {
-            let path = e.path().iter().filter_map(segment_name).collect();
-            ParamError { path, message: e.into_inner().to_string() }
-        })?;
-        S::check(&typed, inputs)?;
-        let params = serde_json::to_value(&typed).expect("params serialize to JSON");
-        let mut key_params = params.clone();
-        if let serde_json::Value::Object(map) = &mut key_params {
-            for name in S::VOLATILE {
-                map.remove(*name);
-            }
+/// Every kind's declaration, for the engine.
+pub fn kinds() -> Vec<KindInfo> {
+    struct Collect(Vec<KindInfo>);
+    impl KindVisitor for Collect {
+        fn visit<S: Stage + 'static>(&mut self) {
+            self.0.push(info::<S>());
         }
-        Ok(Resolved { files: S::files(&typed), resources: S::resources(&typed), params, key_params })
     }
+    let mut c = Collect(Vec::new());
+    each_kind(&mut c);
+    c.0
+}
 
-    fn run(&self, params: serde_json::Value, ctx: &mut StageCtx) -> Result<()> {
-        let typed: S::Params = serde_json::from_value(params).context("decoding stage params")?;
-        S::run(&typed, ctx)
+/// Deserializes and checks params, applying defaults.
+fn resolve_one<S: Stage>(params: serde_json::Value, inputs: &[String]) -> Result<Resolved, ParamError> {
+    let typed: S::Params = serde_path_to_error::deserialize(params).map_err(|e| {
+        let path = e.path().iter().filter_map(segment_name).collect();
+        ParamError { path, message: e.into_inner().to_string() }
+    })?;
+    S::check(&typed, inputs)?;
+    let params = serde_json::to_value(&typed).expect("params serialize to JSON");
+    let mut key_params = params.clone();
+    if let serde_json::Value::Object(map) = &mut key_params {
+        for name in S::VOLATILE {
+            map.remove(*name);
+        }
     }
+    Ok(Resolved { files: S::files(&typed), resources: S::resources(&typed), params, key_params })
 }
 
 fn segment_name(seg: &serde_path_to_error::Segment) -> Option<String> {
@@ -174,103 +142,53 @@ fn segment_name(seg: &serde_path_to_error::Segment) -> Option<String> {
     }
 }
 
-const fn kind<S: Stage>() -> &'static dyn Kind {
-    &Registered::<S>(PhantomData)
-}
-
-/// Every stage kind llmflow knows, in the order `llmflow kinds` lists them.
-pub fn registry() -> &'static [&'static dyn Kind] {
-    static KINDS: &[&dyn Kind] = &[kind::<command::Command>()];
-    KINDS
-}
-
-/// Looks a kind up by name.
-pub fn find(kind: &str) -> Option<&'static dyn Kind> {
-    registry().iter().copied().find(|k| k.kind() == kind)
-}
-
-/// Everything a running stage sees. The engine writes it as JSON for the stage
-/// process (`llmflow exec-stage`), which reads it back.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StageCtx {
-    /// The stage's name in `pipeline.toml`.
-    pub stage: String,
-    /// The directory of `pipeline.toml`; relative paths in params resolve here.
-    pub project_dir: PathBuf,
-    /// Input slot name → the upstream artifact's `out/` directory (read-only).
-    pub inputs: BTreeMap<String, PathBuf>,
-    /// Where the stage writes its output; a temporary directory until published.
-    pub out: PathBuf,
-    /// A directory that survives an interrupted run of the same key
-    /// (checkpoints); removed once the artifact is published.
-    pub work: PathBuf,
-    /// `auto`, `cpu`, `cuda` or `cuda:N`, from the pipeline.
-    pub device: String,
-    /// Threads the stage may use.
-    pub threads: usize,
-    /// Where progress is reported for the engine's progress bars.
-    pub progress_file: Option<PathBuf>,
-    #[serde(skip)]
-    metrics: serde_json::Map<String, serde_json::Value>,
-    #[serde(skip)]
-    last_progress: Option<Instant>,
-}
-
-impl StageCtx {
-    pub fn new(stage: &str, project_dir: &Path, out: &Path, work: &Path) -> Self {
-        StageCtx {
-            stage: stage.to_string(),
-            project_dir: project_dir.to_path_buf(),
-            inputs: BTreeMap::new(),
-            out: out.to_path_buf(),
-            work: work.to_path_buf(),
-            device: "cpu".to_string(),
-            threads: 1,
-            progress_file: None,
-            metrics: serde_json::Map::new(),
-            last_progress: None,
+/// Resolves every stage of a pipeline (`llmflow-stage resolve`).
+pub fn resolve(request: &ResolveRequest) -> ResolveResponse {
+    struct One<'a> {
+        stage: &'a llmflow::protocol::StageRequest,
+        result: Option<Result<Resolved, ParamError>>,
+    }
+    impl KindVisitor for One<'_> {
+        fn visit<S: Stage + 'static>(&mut self) {
+            if S::KIND == self.stage.kind {
+                self.result = Some(resolve_one::<S>(self.stage.params.clone(), &self.stage.inputs));
+            }
         }
     }
-
-    /// The output directory of the upstream stage wired to slot `name`.
-    pub fn input(&self, name: &str) -> Result<&Path> {
-        self.inputs
-            .get(name)
-            .map(PathBuf::as_path)
-            .with_context(|| format!("stage `{}` has no input named `{name}`", self.stage))
-    }
-
-    /// A path from the params, relative to the pipeline's directory.
-    pub fn project_path(&self, path: &str) -> PathBuf {
-        self.project_dir.join(path)
-    }
-
-    /// Records a metric; the engine stores metrics in the artifact's manifest.
-    pub fn metric(&mut self, name: &str, value: impl Serialize) {
-        let value = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
-        self.metrics.insert(name.to_string(), value);
-    }
-
-    pub fn metrics(&self) -> &serde_json::Map<String, serde_json::Value> {
-        &self.metrics
-    }
-
-    /// Reports progress (`done` of `total` `unit`s) to the engine's progress
-    /// bar; cheap to call often (written at most ten times a second).
-    pub fn progress(&mut self, done: u64, total: u64, unit: &str) {
-        let Some(path) = &self.progress_file else { return };
-        let now = Instant::now();
-        if done < total && self.last_progress.is_some_and(|t| now - t < Duration::from_millis(100)) {
-            return;
-        }
-        self.last_progress = Some(now);
-        // Write then rename so the engine never reads half a line.
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| writeln!(f, "{done} {total} {unit}"))
-            .and_then(|_| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            eprintln!("warning: cannot write progress to {}: {e}", path.display());
-        }
-    }
+    let stages = request
+        .stages
+        .iter()
+        .map(|stage| {
+            let mut one = One { stage, result: None };
+            each_kind(&mut one);
+            one.result
+        })
+        .collect();
+    ResolveResponse { kinds: kinds(), stages }
 }
+
+/// Runs a stage of kind `kind` (in the stage process).
+pub fn run(kind: &str, params: serde_json::Value, ctx: &mut StageCtx) -> Result<()> {
+    struct Run<'a> {
+        kind: &'a str,
+        params: Option<serde_json::Value>,
+        ctx: &'a mut StageCtx,
+        result: Option<Result<()>>,
+    }
+    impl KindVisitor for Run<'_> {
+        fn visit<S: Stage + 'static>(&mut self) {
+            if S::KIND == self.kind {
+                let params = self.params.take().expect("one kind matches");
+                self.result = Some(
+                    serde_json::from_value::<S::Params>(params)
+                        .context("decoding stage params")
+                        .and_then(|p| S::run(&p, self.ctx)),
+                );
+            }
+        }
+    }
+    let mut visitor = Run { kind, params: Some(params), ctx, result: None };
+    each_kind(&mut visitor);
+    visitor.result.unwrap_or_else(|| anyhow::bail!("unknown stage kind `{kind}`"))
+}
+

@@ -1,0 +1,48 @@
+# llmflow — build, test and run the default pipeline.
+#
+#   make run     install libtorch if missing, build (release), run pipeline.toml
+#   make test    the same setup, then the whole test suite
+#   make build   build only
+#
+# libtorch comes from the PyPI wheel torch==$(TORCH_VERSION) (the version tch
+# expects), installed once into $(LIBTORCH_DIR). The wheel is the CUDA build;
+# on a CPU machine it is installed with only the two NVIDIA libraries that
+# libtorch_cpu.so links (the CUDA runtime and CUPTI, 13 MB). `make setup
+# CUDA=1` installs all of them, for a GPU machine.
+#
+# Honoured from the environment: CARGO_TARGET_DIR, LIBTORCH_DIR, PYTHON.
+
+PYTHON        ?= python3
+TORCH_VERSION := 2.13.0
+LIBTORCH_DIR  ?= $(CURDIR)/.libtorch
+CUDA          ?= 0
+TARGET_DIR    := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+BIN           := $(TARGET_DIR)/release/llmflow
+CPU_CUDA_LIBS := nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+STAMP         := $(LIBTORCH_DIR)/.torch-$(TORCH_VERSION)$(if $(filter 1,$(CUDA)),-cuda,)
+
+export LIBTORCH := $(LIBTORCH_DIR)/torch
+
+.PHONY: setup build run test clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	@echo "installing libtorch (torch==$(TORCH_VERSION) wheel) into $(LIBTORCH_DIR)"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile --target $(LIBTORCH_DIR) \
+		--upgrade torch==$(TORCH_VERSION) $(if $(filter 1,$(CUDA)),,--no-deps $(CPU_CUDA_LIBS))
+	@test -f $(LIBTORCH)/lib/libtorch_cpu.so || { echo "libtorch not found under $(LIBTORCH)"; exit 1; }
+	@touch $@
+
+build: setup
+	cargo build --release --locked --workspace
+
+run: build
+	$(BIN) run
+
+# The integration tests drive both binaries, so they are built first.
+test: build
+	cargo test --release --locked --workspace
+
+clean:
+	cargo clean

@@ -1,0 +1,74 @@
+//! Stage kinds as the stage runner declares them, and resolving params.
+//!
+//! The engine does not link the stage library (see [`crate::protocol`]); it
+//! asks the `llmflow-stage` binary beside it. A resolve answer is cached by
+//! the request's hash and the runner's size, mtime and inode, so a pipeline
+//! that has not changed is resolved without starting the runner.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{hash_bytes, Stat};
+use crate::protocol::{KindInfo, ResolveRequest, ResolveResponse};
+
+/// `llmflow-stage`, which sits beside this binary.
+pub fn runner() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let runner = exe.with_file_name("llmflow-stage");
+    if !runner.is_file() {
+        bail!("{} not found: the stage runner is built with llmflow (`make build`) and must sit beside it", runner.display());
+    }
+    Ok(runner)
+}
+
+/// Every stage kind (`llmflow-stage kinds`).
+pub fn list() -> Result<Vec<KindInfo>> {
+    let out = Command::new(runner()?).arg("kinds").stderr(Stdio::inherit()).output()?;
+    if !out.status.success() {
+        bail!("`llmflow-stage kinds` failed");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[derive(Serialize, Deserialize)]
+struct Cached {
+    runner: Stat,
+    request: String,
+    response: ResolveResponse,
+}
+
+/// Resolves every stage's params; `cache` is where a good answer is kept.
+pub fn resolve(request: &ResolveRequest, cache: &Path) -> Result<ResolveResponse> {
+    let runner = runner()?;
+    let runner_stat = Stat::of(&runner)?;
+    let body = serde_json::to_vec(request)?;
+    let request_hash = hash_bytes(&body);
+    if let Some(hit) = std::fs::read(cache).ok().and_then(|b| serde_json::from_slice::<Cached>(&b).ok()) {
+        if hit.runner == runner_stat && hit.request == request_hash {
+            return Ok(hit.response);
+        }
+    }
+    let mut child = Command::new(&runner)
+        .arg("resolve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", runner.display()))?;
+    child.stdin.take().expect("piped").write_all(&body)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("`llmflow-stage resolve` failed");
+    }
+    let response: ResolveResponse = serde_json::from_slice(&out.stdout).context("reading the stage runner's answer")?;
+    // Only a pipeline without mistakes is cached; errors are cheap to redo.
+    if response.stages.iter().all(|s| matches!(s, Some(Ok(_)))) {
+        let cached = Cached { runner: runner_stat, request: request_hash, response: response.clone() };
+        let _ = crate::store::write_atomic(cache, &serde_json::to_vec(&cached)?);
+    }
+    Ok(response)
+}

@@ -1,0 +1,132 @@
+//! Helpers for driving the real `llmflow` binary on tiny pipelines.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Stage names in `Built NAME in ...` lines, in order.
+    pub fn built(&self) -> Vec<String> {
+        self.stderr
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("Built "))
+            .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Project {
+    pub fn new(pipeline: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("pipeline.toml"), pipeline).unwrap();
+        Project { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.path().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path().join(rel)).unwrap_or_default()
+    }
+
+    pub fn set_pipeline(&self, text: &str) {
+        self.write("pipeline.toml", text);
+    }
+
+    /// Replaces `from` with `to` in pipeline.toml (which must contain it).
+    pub fn edit(&self, from: &str, to: &str) {
+        let text = self.read("pipeline.toml");
+        assert!(text.contains(from), "pipeline.toml lacks {from:?}");
+        self.set_pipeline(&text.replacen(from, to, 1));
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_llmflow"));
+        c.args(args).current_dir(self.path()).env("NO_COLOR", "1");
+        c
+    }
+
+    pub fn llmflow(&self, args: &[&str]) -> Run {
+        self.cmd(args).output().unwrap().into()
+    }
+
+    /// How many times a stage's command ran (each appends a line to runs/NAME).
+    pub fn runs(&self, stage: &str) -> usize {
+        self.read(&format!("runs/{stage}")).lines().count()
+    }
+
+    pub fn artifacts(&self) -> PathBuf {
+        self.path().join("artifacts")
+    }
+
+    /// The `out/` of a stage's current artifact, from `status --json`.
+    pub fn out_dir(&self, stage: &str) -> PathBuf {
+        let s = self.status_json();
+        let st = s["stages"].as_array().unwrap().iter().find(|x| x["name"] == stage).unwrap().clone();
+        PathBuf::from(st["out"].as_str().unwrap_or_else(|| panic!("{stage} has no artifact: {st}")))
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let r = self.llmflow(&["status", "--json"]);
+        assert_eq!(r.code, 0, "{}", r.all());
+        serde_json::from_str(&r.stdout).unwrap()
+    }
+
+    /// stage name → state, from `status --json`.
+    pub fn states(&self) -> Vec<(String, String)> {
+        self.status_json()["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["name"].as_str().unwrap().to_string(), s["state"].as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    pub fn state(&self, stage: &str) -> String {
+        self.states().into_iter().find(|(n, _)| n == stage).unwrap().1
+    }
+}
+
+/// A command stage that counts its runs and writes `text` to out/data.txt.
+pub fn counting_stage(name: &str, inputs: &str, text: &str) -> String {
+    let read_inputs = if inputs.is_empty() {
+        String::new()
+    } else {
+        format!("inputs = {{ {inputs} }}\n")
+    };
+    format!(
+        "[stages.{name}]\nkind = \"command\"\n{read_inputs}cmd = \"mkdir -p runs && echo run >> runs/{name} && echo '{text}' > {{out}}/data.txt\"\n\n"
+    )
+}

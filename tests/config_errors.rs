@@ -1,0 +1,95 @@
+//! Mistakes in pipeline.toml: exit code 2, `file:line:column`, the stage and
+//! field, and a suggestion where one fits. Nothing runs.
+
+mod common;
+
+use common::Project;
+
+fn error_of(pipeline: &str) -> String {
+    let p = Project::new(pipeline);
+    let r = p.llmflow(&["run"]);
+    assert_eq!(r.code, 2, "expected a config error, got:\n{}", r.all());
+    let built: Vec<_> = std::fs::read_dir(p.artifacts())
+        .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().starts_with('.')).collect())
+        .unwrap_or_default();
+    assert!(built.is_empty(), "nothing may run on a config error: {built:?}");
+    let status = p.llmflow(&["status"]);
+    assert_eq!(status.code, 2, "status must reject the same file");
+    r.stderr
+}
+
+#[test]
+fn unknown_param_names_line_column_stage_and_suggests() {
+    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = \"true\"\ndpes = [\"x\"]\n");
+    assert!(e.contains("pipeline.toml:4:1: stage `s` (command): unknown field `dpes`"), "{e}");
+    assert!(e.contains("did you mean `deps`?"), "{e}");
+}
+
+#[test]
+fn unknown_kind_lists_known_kinds() {
+    let e = error_of("[stages.s]\nkind = \"comand\"\n");
+    assert!(e.contains("pipeline.toml:2:1: stage `s`: unknown kind `comand`, did you mean `command`?"), "{e}");
+    assert!(e.contains("known kinds: command"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_the_field() {
+    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = 42\n");
+    assert!(e.contains("pipeline.toml:3:1: stage `s` (command): invalid type: integer `42`, expected a string"), "{e}");
+}
+
+#[test]
+fn cycle_is_printed() {
+    let e = error_of(
+        "[stages.a]\nkind = \"command\"\ninput = \"c\"\ncmd = \"true\"\n\
+         [stages.b]\nkind = \"command\"\ninput = \"a\"\ncmd = \"true\"\n\
+         [stages.c]\nkind = \"command\"\ninput = \"b\"\ncmd = \"true\"\n",
+    );
+    assert!(e.contains("stages form a cycle: a → b → c → a"), "{e}");
+}
+
+#[test]
+fn missing_reference_is_named() {
+    let e = error_of("[stages.b]\nkind = \"command\"\ninputs = { docs = \"clen\" }\ncmd = \"true\"\n[stages.clean]\nkind = \"command\"\ncmd = \"true\"\n");
+    assert!(e.contains("pipeline.toml:3:12: stage `b`: input `docs` names stage `clen`, which does not exist, did you mean `clean`?"), "{e}");
+}
+
+#[test]
+fn placeholder_for_unwired_input_is_rejected() {
+    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = \"cat {inputs.docs}\"\n");
+    assert!(e.contains("`{inputs.docs}` names no input of this stage (inputs: none)"), "{e}");
+}
+
+#[test]
+fn toml_syntax_error_has_a_location() {
+    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = \"true\n");
+    assert!(e.contains("pipeline.toml:3:"), "{e}");
+}
+
+#[test]
+fn missing_kind_and_bad_device() {
+    let e = error_of("[stages.s]\ncmd = \"true\"\n");
+    assert!(e.contains("stage `s` has no `kind`; known kinds:"), "{e}");
+    let e = error_of("[pipeline]\ndevice = \"gpu\"\n");
+    assert!(e.contains("pipeline.toml:2:1: unknown device `gpu`"), "{e}");
+}
+
+#[test]
+fn missing_file_and_unknown_target() {
+    let p = Project::new("");
+    let r = p.llmflow(&["--file", "nope.toml", "status"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("cannot read nope.toml"), "{}", r.stderr);
+    let p = Project::new("[stages.build]\nkind = \"command\"\ncmd = \"true\"\n");
+    let r = p.llmflow(&["run", "biuld"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no stage named `biuld`"), "{}", r.stderr);
+    let r = p.llmflow(&["frobnicate"]);
+    assert_eq!(r.code, 2, "usage errors exit 2");
+}
+
+#[test]
+fn dependency_file_missing_is_a_config_error() {
+    let e = error_of("[stages.s]\nkind = \"command\"\ndeps = [\"gone.py\"]\ncmd = \"true\"\n");
+    assert!(e.contains("stage `s` reads `gone.py`"), "{e}");
+}
