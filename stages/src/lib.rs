@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 pub mod command;
 pub mod device;
 pub mod docs;
+pub mod generate;
+pub mod model;
 
 /// A stage kind.
 pub trait Stage {
