@@ -498,10 +498,11 @@ impl SelfAttention {
             None => (q, k),
         };
         // With a cache: [B, n_kv_head, T, head_dim] → [B, n_kv_head, T_past + T, head_dim].
+        // The cache takes the keys' dtype, which autocast may have lowered.
         let (k, v) = match cache {
             Some(cache) => {
-                cache.k = Tensor::cat(&[&cache.k, &k], 2);
-                cache.v = Tensor::cat(&[&cache.v, &v], 2);
+                cache.k = Tensor::cat(&[&cache.k.to_kind(k.kind()), &k], 2);
+                cache.v = Tensor::cat(&[&cache.v.to_kind(v.kind()), &v], 2);
                 (cache.k.shallow_clone(), cache.v.shallow_clone())
             }
             None => (k, v),
