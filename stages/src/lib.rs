@@ -32,6 +32,8 @@ use llmflow::protocol::{ResolveRequest, ResolveResponse};
 pub mod command;
 pub mod device;
 pub mod docs;
+pub mod generate;
+pub mod model;
 
 /// A stage kind.
 pub trait Stage {

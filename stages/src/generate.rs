@@ -1,0 +1,196 @@
+//! Sampling text from a [`Gpt`] with a KV cache.
+//!
+//! Each step feeds only the new token and attends to the cached keys and
+//! values of the earlier ones. Once the sequence outgrows the context, the
+//! model sees the last `context` tokens, as nanoGPT's sampler does; positions
+//! then shift by one every step, so every earlier key changes and each step
+//! recomputes the window from scratch (exact, but without the cache's saving).
+//!
+//! The random draws come from a seeded SplitMix64 on the host, not from
+//! libtorch's global generator, so sampling neither disturbs nor depends on
+//! it and picks the same tokens on every device.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::model::Gpt;
+
+/// Continues `prompt` (token ids, at least one) by `max_new_tokens` tokens
+/// and returns the new ones. `temperature` 0 is greedy decoding; otherwise
+/// the logits are divided by it, cut to the `top_k` most likely tokens, then
+/// to the smallest set whose probability reaches `top_p` (HF's order), and
+/// one token is drawn.
+pub fn generate(
+    model: &Gpt,
+    prompt: &[i64],
+    max_new_tokens: usize,
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    seed: u64,
+) -> Vec<i64> {
+    assert!(!prompt.is_empty(), "generation needs a prompt of at least one token");
+    let context = model.config().context as usize;
+    let mut rng = SplitMix64(seed);
+    let mut tokens = prompt.to_vec();
+    let mut cache = model.kv_cache(1);
+    // tokens[start..] is what the model sees; the cache holds a prefix of it.
+    let mut start = 0;
+    for _ in 0..max_new_tokens {
+        if tokens.len() - start > context {
+            start = tokens.len() - context;
+            cache = model.kv_cache(1);
+        }
+        let unseen = &tokens[start + cache.len() as usize..];
+        let idx = Tensor::from_slice(unseen).view([1, -1]).to_device(model.device());
+        let logits = model.forward_cached(&idx, &mut cache).get(0).get(-1); // [V]
+        tokens.push(sample(&logits, temperature, top_k, top_p, &mut rng));
+    }
+    tokens.split_off(prompt.len())
+}
+
+/// Picks a token from logits [V]; see [`generate`].
+pub(crate) fn sample(
+    logits: &Tensor,
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    rng: &mut SplitMix64,
+) -> i64 {
+    if temperature <= 0.0 {
+        return logits.argmax(-1, false).int64_value(&[]);
+    }
+    let vocab = logits.size()[0] as usize;
+    let k = top_k.map_or(vocab, |k| k.clamp(1, vocab)) as i64;
+    // Candidates, most likely first.
+    let (sorted, order) = logits.to_kind(Kind::Float).sort(-1, true);
+    let scaled = Vec::<f32>::try_from(&(sorted.narrow(0, 0, k) / temperature).to_device(Device::Cpu)).unwrap();
+    let order = Vec::<i64>::try_from(&order.narrow(0, 0, k).to_device(Device::Cpu)).unwrap();
+    // Softmax over the top k.
+    let mut probs: Vec<f64> = scaled.iter().map(|&l| f64::from(l - scaled[0]).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = top_p {
+        let mut mass = 0.0;
+        let keep = probs.iter().position(|&p| {
+            mass += p;
+            mass >= top_p
+        });
+        probs.truncate(keep.map_or(probs.len(), |i| i + 1));
+    }
+    // Inverse-CDF draw over what is left (its mass, not 1, after top-p).
+    let mut u = rng.next_f64() * probs.iter().sum::<f64>();
+    for (p, token) in probs.iter().zip(&order) {
+        if u < *p {
+            return *token;
+        }
+        u -= p;
+    }
+    order[probs.len() - 1]
+}
+
+/// SplitMix64 (Steele et al. 2014): tiny, seedable, statistically sound.
+pub(crate) struct SplitMix64(pub(crate) u64);
+
+impl SplitMix64 {
+    /// Uniform in [0, 1), 53 bits.
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::tests::{build, max_diff, tiny, torch_rng};
+
+    /// nanoGPT's sampler: the whole window through `forward` at every step.
+    fn generate_without_cache(
+        model: &Gpt,
+        prompt: &[i64],
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: u64,
+    ) -> Vec<i64> {
+        let context = model.config().context as usize;
+        let mut rng = SplitMix64(seed);
+        let mut tokens = prompt.to_vec();
+        for _ in 0..max_new_tokens {
+            let window = &tokens[tokens.len().saturating_sub(context)..];
+            let logits = model.forward(&Tensor::from_slice(window).view([1, -1]), false).get(0).get(-1);
+            tokens.push(sample(&logits, temperature, top_k, top_p, &mut rng));
+        }
+        tokens.split_off(prompt.len())
+    }
+
+    const CONFIGS: [(&str, &str); 4] =
+        [("gpt2", "sdpa"), ("gpt2", "explicit"), ("llama", "sdpa"), ("llama", "explicit")];
+
+    #[test]
+    fn kv_cache_logits_match_full_forward() {
+        let _rng = torch_rng();
+        for (arch, attention) in CONFIGS {
+            let config = tiny(arch, json!({"attention": attention, "n_kv_head": if arch == "llama" { 2 } else { 4 }}));
+            let (_, model) = build(&config, 2);
+            let idx = Tensor::randint(config.vocab_size, [2, 12], (Kind::Int64, Device::Cpu));
+            let full = model.forward(&idx, false);
+            // A prompt, one token, then several at once (the mask is no longer a plain triangle).
+            let mut cache = model.kv_cache(2);
+            let pieces: Vec<Tensor> = [(0, 5), (5, 1), (6, 6)]
+                .iter()
+                .map(|&(start, len)| model.forward_cached(&idx.narrow(1, start, len), &mut cache))
+                .collect();
+            assert_eq!(cache.len(), 12);
+            let diff = max_diff(&full, &Tensor::cat(&pieces, 1));
+            assert!(diff < 1e-5, "{arch}, {attention}: {diff}");
+        }
+    }
+
+    #[test]
+    fn kv_cache_generation_matches_full_recompute() {
+        let _rng = torch_rng();
+        for (arch, attention) in CONFIGS {
+            let config = tiny(arch, json!({"attention": attention}));
+            let (_, model) = build(&config, 3);
+            let prompt = [3, 1, 4, 1, 5];
+            // 20 new tokens run past the context of 12.
+            for (temperature, top_k, top_p, seed) in
+                [(0.0, None, None, 0), (1.0, None, None, 42), (0.8, Some(10), Some(0.9), 7)]
+            {
+                let cached = generate(&model, &prompt, 20, temperature, top_k, top_p, seed);
+                let recomputed = generate_without_cache(&model, &prompt, 20, temperature, top_k, top_p, seed);
+                assert_eq!(cached.len(), 20);
+                assert_eq!(cached, recomputed, "{arch}, {attention}, temperature {temperature}");
+            }
+            let other_seed = generate(&model, &prompt, 20, 1.0, None, None, 43);
+            assert_ne!(other_seed, generate(&model, &prompt, 20, 1.0, None, None, 42));
+        }
+    }
+
+    #[test]
+    fn sampling_follows_temperature_top_k_and_top_p() {
+        let logits = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 0.5]);
+        let mut rng = SplitMix64(1);
+        let mut draw = |temperature, top_k, top_p| sample(&logits, temperature, top_k, top_p, &mut rng);
+        for _ in 0..20 {
+            assert_eq!(draw(0.0, None, None), 1);
+            assert_eq!(draw(1.0, Some(1), None), 1);
+            // The most likely token alone holds 63% of the mass.
+            assert_eq!(draw(1.0, None, Some(0.6)), 1);
+            assert!([1, 2].contains(&draw(1.0, None, Some(0.85))));
+            assert!([1, 2].contains(&draw(1.0, Some(2), None)));
+        }
+        let draws = 4000;
+        let ones = (0..draws).filter(|_| draw(1.0, None, None) == 1).count();
+        // softmax([1, 3, 2, 0.5])[1] = 0.631
+        assert!((ones as f64 / draws as f64 - 0.631).abs() < 0.03, "{ones}");
+    }
+}
