@@ -9,7 +9,7 @@ use std::fs::File;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use polars::prelude::*;
+use polars::prelude::{DataFrame, DataType, ParquetCompression, ParquetReader, ParquetWriter, SerReader};
 
 /// The file name inside a documents artifact.
 pub const FILE: &str = "docs.parquet";
@@ -32,7 +32,7 @@ pub fn read(dir: &Path) -> Result<DataFrame> {
 /// The `text` column as owned strings, in document order.
 pub fn texts(df: &DataFrame) -> Result<Vec<String>> {
     let col = df.column("text")?.str()?;
-    Ok(col.into_iter().map(|t| t.unwrap_or_default().to_string()).collect())
+    Ok(col.iter().map(|t| t.unwrap_or_default().to_string()).collect())
 }
 
 /// Writes documents into an artifact directory (zstd-compressed Parquet).

@@ -174,13 +174,15 @@ fn segment_name(seg: &serde_path_to_error::Segment) -> Option<String> {
     }
 }
 
-const fn kind<S: Stage>() -> &'static dyn Kind {
+const fn kind<S: Stage + 'static>() -> &'static dyn Kind {
     &Registered::<S>(PhantomData)
 }
 
 /// Every stage kind llmflow knows, in the order `llmflow kinds` lists them.
 pub fn registry() -> &'static [&'static dyn Kind] {
-    static KINDS: &[&dyn Kind] = &[kind::<command::Command>()];
+    static KINDS: &[&dyn Kind] = &[
+        kind::<command::Command>(),
+    ];
     KINDS
 }
 
