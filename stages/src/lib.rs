@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 pub mod command;
 pub mod device;
 pub mod docs;
+pub mod loader;
+pub mod shards;
 
 /// A stage kind.
 pub trait Stage {
