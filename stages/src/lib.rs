@@ -32,6 +32,7 @@ pub mod device;
 pub mod docs;
 pub mod loader;
 pub mod shards;
+pub mod train_tokenizer;
 
 /// A stage kind.
 pub trait Stage {
@@ -184,6 +185,7 @@ const fn kind<S: Stage + 'static>() -> &'static dyn Kind {
 pub fn registry() -> &'static [&'static dyn Kind] {
     static KINDS: &[&dyn Kind] = &[
         kind::<command::Command>(),
+        kind::<train_tokenizer::TrainTokenizer>(),
     ];
     KINDS
 }
