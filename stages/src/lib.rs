@@ -31,6 +31,7 @@ pub mod command;
 pub mod device;
 pub mod docs;
 pub mod loader;
+pub mod shard;
 pub mod shards;
 pub mod train_tokenizer;
 
@@ -186,6 +187,7 @@ pub fn registry() -> &'static [&'static dyn Kind] {
     static KINDS: &[&dyn Kind] = &[
         kind::<command::Command>(),
         kind::<train_tokenizer::TrainTokenizer>(),
+        kind::<shard::Shard>(),
     ];
     KINDS
 }
