@@ -45,6 +45,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use crate::shard::Encoder;
 use crate::{docs, Inputs, ParamError, Stage, StageCtx};
 
 /// The file name inside a tokenizer artifact.
@@ -146,7 +147,8 @@ impl Stage for TrainTokenizer {
         } else {
             let held: Vec<&str> = sample.holdout.iter().map(|&i| texts[i].as_str()).collect();
             let bytes: usize = held.iter().map(|t| t.len()).sum();
-            let tokens = pool.install(|| count_tokens(&tokenizer, held))?;
+            let encoder = Encoder::new(&tokenizer)?;
+            let tokens: usize = pool.install(|| encoder.encode(&held))?.iter().map(Vec::len).sum();
             let bytes_per_token = bytes as f64 / tokens.max(1) as f64;
             ctx.metric("bytes_per_token", bytes_per_token);
             eprintln!("held-out compression: {bytes_per_token:.3} bytes per token over {} documents", sample.holdout.len());
@@ -227,15 +229,6 @@ fn train<'a>(params: &Params, texts: impl Iterator<Item = &'a str> + Send) -> Re
     );
     tokenizer.train(&mut trainer, texts).map_err(|e| anyhow!("training the tokenizer: {e}"))?;
     Ok(tokenizer)
-}
-
-/// Tokens in `texts`, encoded as plain text (special-token strings in the text
-/// are not special).
-fn count_tokens(tokenizer: &Tokenizer, texts: Vec<&str>) -> Result<u64> {
-    let mut tokenizer = tokenizer.clone();
-    tokenizer.set_encode_special_tokens(true);
-    let encodings = tokenizer.encode_batch_fast(texts, false).map_err(|e| anyhow!("encoding: {e}"))?;
-    Ok(encodings.iter().map(|e| e.len() as u64).sum())
 }
 
 /// Loads the tokenizer of a `train_tokenizer` artifact.
