@@ -33,7 +33,11 @@ pub mod command;
 pub mod device;
 pub mod docs;
 pub mod generate;
+pub mod loader;
 pub mod model;
+pub mod shard;
+pub mod shards;
+pub mod train_tokenizer;
 
 /// A stage kind.
 pub trait Stage {
@@ -89,6 +93,8 @@ pub trait KindVisitor {
 /// Adding a kind is one line here.
 pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<command::Command>();
+    v.visit::<train_tokenizer::TrainTokenizer>();
+    v.visit::<shard::Shard>();
 }
 
 fn info<S: Stage>() -> KindInfo {
