@@ -10,12 +10,17 @@
 # libtorch_cpu.so links (the CUDA runtime and CUPTI, 13 MB). `make setup
 # CUDA=1` installs all of them, for a GPU machine.
 #
-# Honoured from the environment: CARGO_TARGET_DIR, LIBTORCH_DIR, PYTHON.
+# The tests also check formats against the Python ecosystem (tokenizers,
+# numpy), installed into a virtual environment at $(VENV).
+#
+# Honoured from the environment: CARGO_TARGET_DIR, LIBTORCH_DIR, VENV, PYTHON.
 
 PYTHON        ?= python3
 TORCH_VERSION := 2.13.0
 LIBTORCH_DIR  ?= $(CURDIR)/.libtorch
 CUDA          ?= 0
+VENV          ?= $(CURDIR)/.venv
+PY_TEST_DEPS  := numpy tokenizers
 TARGET_DIR    := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BIN           := $(TARGET_DIR)/release/llmflow
 CPU_CUDA_LIBS := nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
@@ -40,9 +45,14 @@ build: setup
 run: build
 	$(BIN) run
 
+$(VENV)/.test-deps:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_TEST_DEPS)
+	@touch $@
+
 # The integration tests drive both binaries, so they are built first.
-test: build
-	cargo test --release --locked --workspace
+test: build $(VENV)/.test-deps
+	LLMFLOW_PYTHON=$(VENV)/bin/python cargo test --release --locked --workspace
 
 clean:
 	cargo clean
