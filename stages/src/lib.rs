@@ -35,8 +35,10 @@ pub mod docs;
 pub mod generate;
 pub mod loader;
 pub mod model;
+pub mod pretrain;
 pub mod shard;
 pub mod shards;
+pub mod train;
 pub mod train_tokenizer;
 
 /// A stage kind.
@@ -95,6 +97,7 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<command::Command>();
     v.visit::<train_tokenizer::TrainTokenizer>();
     v.visit::<shard::Shard>();
+    v.visit::<pretrain::Pretrain>();
 }
 
 fn info<S: Stage>() -> KindInfo {

@@ -1,0 +1,567 @@
+//! `pretrain`: train a GPT from scratch on token shards.
+//!
+//! ```toml
+//! [stages.pretrain]
+//! kind = "pretrain"
+//! inputs = { data = "tokens", tokenizer = "tok" }
+//! model = { arch = "gpt2", n_layer = 4, n_head = 4, d_model = 128, context = 128 }
+//! train = { steps = 2000, batch_size = 16, lr = 1e-3, min_lr = 1e-4, warmup = 100 }
+//! eval_every = 250
+//! checkpoint_every = 250
+//! samples = { count = 3, max_tokens = 200, prompt = "ROMEO:" }
+//! ```
+//!
+//! Inputs: `data`, a `shard` artifact (train and val token streams), and
+//! `tokenizer`, the `train_tokenizer` artifact they were encoded with.
+//!
+//! Params:
+//! * `model`: a [`ModelConfig`]; `vocab_size` 0 (the default) takes the
+//!   tokenizer's.
+//! * `train`: a [`train::Hyper`] — AdamW with decoupled weight decay on
+//!   matrices only, linear warmup then cosine decay, global-norm clipping,
+//!   gradient accumulation, `seed`.
+//! * `eval_every` (200), `eval_batches` (20): validation loss every so many
+//!   steps and at the end, over the first `eval_batches` batches of the val
+//!   split (the same ones every time).
+//! * `spike_factor` (3): an update whose loss exceeds this × the running mean
+//!   is skipped and logged (`skipped: true`); 0 turns the guard off.
+//! * `checkpoint_every` (100), `keep_checkpoints` (2), `log_every` (50; a line
+//!   on stderr): volatile, they cannot change the result.
+//! * `samples`: `count` texts of `max_tokens` tokens generated after training
+//!   from `prompt` (empty: from `<|endoftext|>`), `temperature`, `top_k`.
+//!
+//! Output: `model.safetensors` (Hugging Face names), `config.json` (the
+//! [`ModelConfig`]), `tokenizer.json`, `metrics.jsonl` (per step: `loss`, `lr`,
+//! `grad_norm`, `tokens_per_s`; per evaluation: `val_loss`, `val_bpb`),
+//! `loss.png` and `samples.txt`. Metrics: `train_loss` (last step),
+//! `val_loss`, `val_bpb`, `tokens_per_s`, `params`, `wall_seconds`,
+//! `skipped_steps`.
+//!
+//! Bits per byte: the summed loss (nats) of the evaluated targets over ln 2
+//! and over the UTF-8 bytes those targets stand for. Each token's byte length
+//! is read off the byte-level vocabulary (one character per byte);
+//! special tokens such as `<|endoftext|>` count no bytes.
+//!
+//! Resume: a checkpoint (weights, AdamW moments, step, loader position,
+//! spike-guard state) is written to the work dir every `checkpoint_every`
+//! steps. Running the stage again with the same work dir continues from the
+//! latest one and, on the CPU, ends with weights bitwise equal to an
+//! uninterrupted run's. libtorch's generator state cannot be read through
+//! tch, so instead of saving it, dropout is reseeded before every micro-batch
+//! from (seed, step, micro-batch). Setting `LLMFLOW_STOP_AFTER_STEP=N` makes
+//! the stage fail right after step `N`, as if killed there, to exercise this.
+//!
+//! On CUDA the forward and backward passes run under bf16 autocast.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::{nn, Device, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::generate::generate;
+use crate::loader::{Batch, Loader, Order, Position, Split};
+use crate::model::{self, Gpt, ModelConfig};
+use crate::train::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard};
+use crate::train_tokenizer::{self, END_OF_TEXT};
+use crate::{device, Inputs, ParamError, Stage, StageCtx};
+
+pub struct Pretrain;
+
+/// The environment variable that stops a run after a given step (see the
+/// module docs).
+pub const STOP_ENV: &str = "LLMFLOW_STOP_AFTER_STEP";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    pub model: ModelConfig,
+    pub train: Hyper,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    pub spike_factor: f64,
+    pub log_every: u64,
+    pub samples: Samples,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Samples {
+    pub count: usize,
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub prompt: String,
+}
+
+impl Default for Samples {
+    fn default() -> Self {
+        Samples { count: 3, max_tokens: 200, temperature: 0.8, top_k: Some(50), prompt: String::new() }
+    }
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            model: ModelConfig::default(),
+            train: Hyper::default(),
+            eval_every: 200,
+            eval_batches: 20,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+            spike_factor: 3.0,
+            log_every: 50,
+            samples: Samples::default(),
+        }
+    }
+}
+
+/// What the checkpoint's `state.json` holds besides the tensors.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    step: u64,
+    loader: Position,
+    guard: SpikeGuard,
+    skipped: u64,
+}
+
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+const METRICS_FILE: &str = "metrics.jsonl";
+
+impl Stage for Pretrain {
+    const KIND: &'static str = "pretrain";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
+    const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
+    const VOLATILE: &'static [&'static str] = &["log_every", "checkpoint_every", "keep_checkpoints"];
+    type Params = Params;
+
+    fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
+        params.train.check("train")?;
+        if params.eval_every == 0 || params.eval_batches == 0 {
+            return Err(ParamError::new(&["eval_every"], "`eval_every` and `eval_batches` must be at least 1"));
+        }
+        if params.spike_factor < 0.0 || (params.spike_factor > 0.0 && params.spike_factor <= 1.0) {
+            return Err(ParamError::new(&["spike_factor"], "`spike_factor` must be above 1, or 0 to turn the guard off"));
+        }
+        if params.samples.count > 0 && params.samples.max_tokens == 0 {
+            return Err(ParamError::new(&["samples", "max_tokens"], "`max_tokens` must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn resources(_params: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true }
+    }
+
+    fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
+        let stop_after = match std::env::var(STOP_ENV) {
+            Ok(v) => Some(v.parse::<u64>().with_context(|| format!("{STOP_ENV}={v}: not a step number"))?),
+            Err(_) => None,
+        };
+        if let Outcome::Stopped(step) = pretrain(params, ctx, stop_after)? {
+            bail!("stopped after step {step} as {STOP_ENV} asks; run again to resume from the last checkpoint");
+        }
+        Ok(())
+    }
+}
+
+enum Outcome {
+    Finished,
+    Stopped(u64),
+}
+
+/// The whole stage; `stop_after` ends the run after that step, as a kill would.
+fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
+    let started = Instant::now();
+    tch::set_num_threads(ctx.threads as i32);
+    let device = device::resolve(&ctx.device)?;
+    let hyper = &params.train;
+    let tokenizer_dir = ctx.input("tokenizer")?.to_path_buf();
+    let tokenizer = train_tokenizer::load(&tokenizer_dir)?;
+    let config = model_config(&params.model, &tokenizer)?;
+    let data = ctx.input("data")?.to_path_buf();
+    let context = config.context as usize;
+    let mut loader = Loader::new(Split::open(&data, "train")?, hyper.batch_size, context, Order::Random { seed: hyper.seed })?;
+    let val = Evaluator::new(&data, &tokenizer, hyper.batch_size, context, params.eval_batches)?;
+
+    tch::manual_seed(hyper.seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let gpt = Gpt::new(&vs.root(), &config)?;
+    let mut opt = AdamW::new(&vs, hyper);
+    let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), params.keep_checkpoints)?;
+    let mut state = State { step: 0, loader: Position::default(), guard: SpikeGuard::default(), skipped: 0 };
+    if let Some((step, dir)) = checkpoints.latest()? {
+        vs.load(dir.join(MODEL_FILE)).with_context(|| format!("cannot load {}", dir.join(MODEL_FILE).display()))?;
+        opt.load(&dir.join(OPTIMIZER_FILE))?;
+        state = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE))?)?;
+        ensure!(state.step == step, "{}: state is for step {}", dir.display(), state.step);
+        loader.seek(state.loader);
+        eprintln!("pretrain: resuming from the checkpoint of step {step}");
+    }
+    let mut log = MetricsLog::open(&ctx.work.join(METRICS_FILE), state.step)?;
+    eprintln!(
+        "pretrain: {} parameters, {} steps of {} tokens on {device:?}, {} threads",
+        config.num_params(),
+        hyper.steps,
+        hyper.tokens_per_step(config.context),
+        ctx.threads
+    );
+
+    let cuda = device.is_cuda();
+    let mut trained_tokens = 0u64;
+    let mut train_seconds = 0.0;
+    let mut last = None;
+    while state.step < hyper.steps {
+        let step_started = Instant::now();
+        let lr = hyper.lr_at(state.step);
+        opt.zero_grad();
+        let mut loss = 0.0;
+        for micro in 0..hyper.grad_accum {
+            let (x, y) = tensors(&loader.next_batch(), device);
+            tch::manual_seed(step_seed(hyper.seed, state.step, micro));
+            let micro_loss = tch::autocast(cuda, || {
+                gpt.backward(&x, true, |h| model::loss(&gpt.logits(h), &y) / hyper.grad_accum as f64)
+            });
+            loss += micro_loss.double_value(&[]);
+        }
+        let accepted = state.guard.accept(loss, params.spike_factor);
+        let grad_norm = if accepted {
+            let norm = opt.clip_grad_norm(hyper.grad_clip);
+            opt.step(lr);
+            norm
+        } else {
+            state.skipped += 1;
+            eprintln!("pretrain: step {}: loss {loss:.4} is a spike (running mean {:.4}); update skipped", state.step + 1, state.guard.mean());
+            f64::NAN
+        };
+        state.step += 1;
+        state.loader = loader.position();
+        let seconds = step_started.elapsed().as_secs_f64();
+        let tokens = hyper.tokens_per_step(config.context);
+        (trained_tokens, train_seconds) = (trained_tokens + tokens, train_seconds + seconds);
+        let tokens_per_s = tokens as f64 / seconds;
+        let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s});
+        if accepted {
+            row["grad_norm"] = json!(grad_norm);
+        } else {
+            row["skipped"] = json!(true);
+        }
+        log.write(&row)?;
+        if state.step % params.log_every.max(1) == 0 || state.step == hyper.steps {
+            eprintln!(
+                "step {:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s",
+                state.step, hyper.steps
+            );
+        }
+        if state.step % params.eval_every == 0 || state.step == hyper.steps {
+            let (val_loss, bpb) = val.evaluate(&gpt, cuda);
+            log.write(&json!({"step": state.step, "val_loss": val_loss, "val_bpb": bpb}))?;
+            eprintln!("step {:>6}/{} | val loss {val_loss:.4} | val bits/byte {bpb:.4}", state.step, hyper.steps);
+            last = Some((val_loss, bpb));
+        }
+        ctx.progress(state.step, hyper.steps, "steps");
+        if params.checkpoint_every > 0 && state.step % params.checkpoint_every == 0 && state.step < hyper.steps {
+            checkpoints.save(state.step, |dir| {
+                vs.save(dir.join(MODEL_FILE))?;
+                opt.save(&dir.join(OPTIMIZER_FILE))?;
+                Ok(std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?)
+            })?;
+        }
+        if stop_after == Some(state.step) && state.step < hyper.steps {
+            return Ok(Outcome::Stopped(state.step));
+        }
+    }
+    // Checkpoints come before the last step, so this run took it and evaluated.
+    let (val_loss, bpb) = last.expect("the last step evaluates");
+
+    let out = ctx.out.clone();
+    vs.save(out.join(MODEL_FILE))?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+    std::fs::copy(tokenizer_dir.join(train_tokenizer::FILE), out.join(train_tokenizer::FILE)).context("copying the tokenizer")?;
+    std::fs::copy(log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
+    let rows = log.rows()?;
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()
+    };
+    plot::loss_curve(&out.join("loss.png"), &series("loss"), &series("val_loss"))?;
+    let samples = write_samples(&gpt, &tokenizer, &params.samples, hyper.seed)?;
+    std::fs::write(out.join("samples.txt"), samples)?;
+
+    let train_loss = rows.iter().rev().find_map(|r| r["loss"].as_f64());
+    ctx.metric("train_loss", train_loss);
+    ctx.metric("val_loss", val_loss);
+    ctx.metric("val_bpb", bpb);
+    // Of this run's steps only: a resumed run has not timed the others.
+    ctx.metric("tokens_per_s", if train_seconds > 0.0 { trained_tokens as f64 / train_seconds } else { 0.0 });
+    ctx.metric("params", config.num_params());
+    ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
+    ctx.metric("skipped_steps", state.skipped);
+    Ok(Outcome::Finished)
+}
+
+/// `model` with the tokenizer's vocabulary size filled in (or checked).
+fn model_config(model: &ModelConfig, tokenizer: &Tokenizer) -> Result<ModelConfig> {
+    let vocab = tokenizer.get_vocab_size(true) as i64;
+    let mut config = model.clone();
+    if config.vocab_size == 0 {
+        config.vocab_size = vocab;
+    }
+    ensure!(
+        config.vocab_size >= vocab,
+        "model.vocab_size is {}, but the tokenizer has {vocab} tokens",
+        config.vocab_size
+    );
+    Ok(config)
+}
+
+fn tensors(batch: &Batch, device: Device) -> (Tensor, Tensor) {
+    let shape = [batch.batch_size as i64, batch.context as i64];
+    let x = Tensor::from_slice(&batch.x).view(shape).to_device(device);
+    let y = Tensor::from_slice(&batch.y).view(shape).to_device(device);
+    (x, y)
+}
+
+/// Validation loss and bits per byte over a fixed set of val batches.
+struct Evaluator {
+    batches: Vec<Batch>,
+    /// UTF-8 bytes the targets of all batches stand for.
+    bytes: f64,
+}
+
+impl Evaluator {
+    fn new(data: &Path, tokenizer: &Tokenizer, batch_size: usize, context: usize, max_batches: usize) -> Result<Evaluator> {
+        let split = Split::open(data, "val")?;
+        let windows = split.len().saturating_sub(1) as usize / context;
+        ensure!(windows > 0, "{}: the val split has {} tokens, too few for one window of {context}", data.display(), split.len());
+        // Never more batches than the split holds, so no window counts twice.
+        let batch_size = batch_size.min(windows);
+        let count = max_batches.min(windows / batch_size);
+        let mut loader = Loader::new(split, batch_size, context, Order::Sequential)?;
+        let batches: Vec<Batch> = (0..count).map(|_| loader.next_batch()).collect();
+        let lengths = token_bytes(tokenizer);
+        let bytes = batches.iter().flat_map(|b| &b.y).map(|&t| lengths.get(t as usize).copied().unwrap_or(0) as f64).sum();
+        Ok(Evaluator { batches, bytes })
+    }
+
+    /// (mean loss in nats per token, bits per byte).
+    fn evaluate(&self, gpt: &Gpt, cuda: bool) -> (f64, f64) {
+        let mut nats = 0.0;
+        let mut tokens = 0.0;
+        tch::no_grad(|| {
+            for batch in &self.batches {
+                let (x, y) = tensors(batch, gpt.device());
+                let loss = tch::autocast(cuda, || model::loss(&gpt.forward(&x, false), &y)).double_value(&[]);
+                nats += loss * batch.y.len() as f64;
+                tokens += batch.y.len() as f64;
+            }
+        });
+        (nats / tokens, nats / std::f64::consts::LN_2 / self.bytes.max(1.0))
+    }
+}
+
+/// The UTF-8 length of every token id: byte-level BPE writes one character
+/// per byte; added (special) tokens stand for no text.
+fn token_bytes(tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut lengths = vec![0; tokenizer.get_vocab_size(true)];
+    let special = tokenizer.get_added_tokens_decoder();
+    for (token, id) in tokenizer.get_vocab(true) {
+        if !special.contains_key(&id) {
+            lengths[id as usize] = token.chars().count() as u32;
+        }
+    }
+    lengths
+}
+
+/// `samples.count` generated texts, separated by rules.
+fn write_samples(gpt: &Gpt, tokenizer: &Tokenizer, samples: &Samples, seed: u64) -> Result<String> {
+    let prompt: Vec<i64> = if samples.prompt.is_empty() {
+        vec![i64::from(tokenizer.token_to_id(END_OF_TEXT).context("the tokenizer has no <|endoftext|>")?)]
+    } else {
+        let encoding = tokenizer.encode(samples.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
+    };
+    let mut text = String::new();
+    for i in 0..samples.count {
+        let ids = tch::no_grad(|| {
+            generate(gpt, &prompt, samples.max_tokens, samples.temperature, samples.top_k, None, seed.wrapping_add(i as u64))
+        });
+        let ids: Vec<u32> = ids.into_iter().map(|id| id as u32).collect();
+        let continuation = tokenizer.decode(&ids, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        text += &format!("──── sample {} ────\n{}{continuation}\n\n", i + 1, samples.prompt);
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::model::tests::torch_rng;
+    use crate::shard::{self, Encoder};
+    use crate::shards::{Manifest, ShardInfo, ShardWriter, SplitInfo, Width};
+    use crate::train_tokenizer::tests::{corpus, run_stage, write_docs};
+
+    /// A tokenizer artifact trained on `text`'s paragraphs; returns its directory.
+    fn tokenizer(dir: &Path, text: &str, vocab_size: usize) -> PathBuf {
+        write_docs(&dir.join("docs"), "corpus", text);
+        let params = train_tokenizer::Params { vocab_size, ..Default::default() };
+        run_stage(&params, &dir.join("docs"), &dir.join("tok"));
+        dir.join("tok")
+    }
+
+    fn ctx(dir: &Path, name: &str, inputs: &[(&str, &Path)]) -> StageCtx {
+        let (out, work) = (dir.join(name).join("out"), dir.join(name).join("work"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut ctx = StageCtx::new(name, dir, &out, &work);
+        ctx.inputs = inputs.iter().map(|(slot, path)| (slot.to_string(), path.to_path_buf())).collect();
+        ctx.threads = 2;
+        ctx
+    }
+
+    fn tiny() -> Params {
+        serde_json::from_value(json!({
+            "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "context": 32, "dropout": 0.1},
+            "train": {"steps": 12, "batch_size": 4, "grad_accum": 2, "warmup": 3, "lr": 3e-3},
+            "eval_every": 5, "eval_batches": 2, "checkpoint_every": 4, "log_every": 100,
+            "samples": {"count": 2, "max_tokens": 16, "prompt": "ROMEO:"},
+        }))
+        .unwrap()
+    }
+
+    /// Train rows of metrics.jsonl without the timing.
+    fn losses(out: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join(METRICS_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+                row.as_object_mut().unwrap().remove("tokens_per_s");
+                row
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
+        let _rng = torch_rng();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let text = &corpus("tinyshakespeare.txt")[..60_000];
+        let tok = tokenizer(dir, text, 300);
+        let mut shard_ctx = ctx(dir, "tokens", &[("docs", &dir.join("docs")), ("tokenizer", &tok)]);
+        shard::Shard::run(&shard::Params::default(), &mut shard_ctx).unwrap();
+        let inputs = [("data", shard_ctx.out.as_path()), ("tokenizer", tok.as_path())];
+        let params = tiny();
+
+        let mut straight = ctx(dir, "straight", &inputs);
+        assert!(matches!(pretrain(&params, &mut straight, None).unwrap(), Outcome::Finished));
+
+        // Killed after step 6: the checkpoint of step 4 is the latest, steps 5
+        // and 6 are done again.
+        let mut resumed = ctx(dir, "resumed", &inputs);
+        assert!(matches!(pretrain(&params, &mut resumed, Some(6)).unwrap(), Outcome::Stopped(6)));
+        let steps: Vec<u64> =
+            Checkpoints::open(&resumed.work.join("checkpoints"), 2).unwrap().list().unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(steps, [4]);
+        assert!(matches!(pretrain(&params, &mut resumed, None).unwrap(), Outcome::Finished));
+
+        let weights = |c: &StageCtx| std::fs::read(c.out.join(MODEL_FILE)).unwrap();
+        assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
+        assert_eq!(losses(&straight.out), losses(&resumed.out));
+        assert_eq!(losses(&straight.out).len(), 12 + 3, "a row per step and per evaluation (5, 10, 12)");
+        assert_eq!(std::fs::read(straight.out.join("samples.txt")).unwrap(), std::fs::read(resumed.out.join("samples.txt")).unwrap());
+
+        // The outputs of a finished run.
+        let out = &straight.out;
+        let config: ModelConfig = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config.vocab_size, 300);
+        train_tokenizer::load(out).unwrap();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        Gpt::new(&vs.root(), &config).unwrap();
+        vs.load(out.join(MODEL_FILE)).unwrap();
+        assert_eq!(&std::fs::read(out.join("loss.png")).unwrap()[1..4], b"PNG");
+        let samples = std::fs::read_to_string(out.join("samples.txt")).unwrap();
+        assert_eq!(samples.matches("ROMEO:").count(), 2, "{samples}");
+        let metrics = straight.metrics();
+        let (first, last) = (losses(out)[0]["loss"].as_f64().unwrap(), metrics["train_loss"].as_f64().unwrap());
+        assert!(last < first - 0.5, "the loss falls: {first} → {last}");
+        let (val_loss, bpb) = (metrics["val_loss"].as_f64().unwrap(), metrics["val_bpb"].as_f64().unwrap());
+        // The evaluated text's bytes per token, about the 1.39 of the whole split.
+        let bytes_per_token = val_loss / std::f64::consts::LN_2 / bpb;
+        assert!((1.2..1.6).contains(&bytes_per_token), "{metrics:?}");
+        assert_eq!(metrics["params"], config.num_params());
+    }
+
+    #[test]
+    fn bits_per_byte_count_token_bytes_but_not_special_tokens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = train_tokenizer::load(&tokenizer(tmp.path(), &corpus("tinyshakespeare.txt")[..20_000], 300)).unwrap();
+        let lengths = token_bytes(&tok);
+        let text = "First Citizen: Before we proceed, any further — hear me speak.";
+        let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids.iter().map(|&id| lengths[id as usize] as usize).sum::<usize>(), text.len());
+        assert_eq!(lengths[tok.token_to_id(END_OF_TEXT).unwrap() as usize], 0);
+    }
+
+    #[test]
+    fn params_are_checked_and_volatile_ones_listed() {
+        let bad = Params { spike_factor: 0.5, ..Default::default() };
+        assert_eq!(Pretrain::check(&bad, &[]).unwrap_err().path, ["spike_factor"]);
+        let bad: Params = serde_json::from_value(json!({"train": {"steps": 0}})).unwrap();
+        assert_eq!(Pretrain::check(&bad, &[]).unwrap_err().path, ["train", "steps"]);
+        assert!(serde_json::from_value::<Params>(json!({"train": {"stpes": 1}})).is_err());
+        assert!(Pretrain::VOLATILE.contains(&"log_every"));
+    }
+
+    /// Tiny Shakespeare with the last tenth of the text as validation, at the
+    /// default params: run with `cargo test --release -p llmflow-stages
+    /// shakespeare_quality -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a 90-second training run"]
+    fn shakespeare_quality() {
+        let _rng = torch_rng();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let text = corpus("tinyshakespeare.txt");
+        let cut = text.len() * 9 / 10;
+        let cut = (cut..text.len()).find(|&i| text.is_char_boundary(i)).unwrap();
+        let (train, val) = text.split_at(cut);
+        let vocab_size: usize = std::env::var("VOCAB").map_or(1024, |v| v.parse().unwrap());
+        let tok_dir = tokenizer(dir, train, vocab_size);
+        let tok = train_tokenizer::load(&tok_dir).unwrap();
+        let data = dir.join("tokens");
+        std::fs::create_dir_all(&data).unwrap();
+        let encoder = Encoder::new(&tok).unwrap();
+        let width = Width::for_vocab(vocab_size);
+        let mut split = |name: &str, text: &str| {
+            let file = format!("{name}_000000.bin");
+            let mut w = ShardWriter::create(&data.join(&file), width).unwrap();
+            w.write(&encoder.encode(&[text]).unwrap()[0]).unwrap();
+            let tokens = w.finish().unwrap();
+            SplitInfo { documents: 1, tokens, shards: vec![ShardInfo { file, tokens }] }
+        };
+        let (train, val) = (split("train", train), split("val", val));
+        let eot = tok.token_to_id(END_OF_TEXT).unwrap();
+        Manifest { vocab_size, width, eot, train, val }.write(&data).unwrap();
+
+        let mut params = Params::default();
+        if let Ok(json) = std::env::var("PARAMS") {
+            params = serde_json::from_str(&json).unwrap();
+        }
+        let mut c = ctx(dir, "pretrain", &[("data", &data), ("tokenizer", &tok_dir)]);
+        pretrain(&params, &mut c, None).unwrap();
+        eprintln!("{}", std::fs::read_to_string(c.out.join("samples.txt")).unwrap());
+        eprintln!("metrics: {}", serde_json::Value::Object(c.metrics().clone()));
+        let bpb = c.metrics()["val_bpb"].as_f64().unwrap();
+        assert!(bpb < 2.71, "val bits/byte {bpb}");
+    }
+}

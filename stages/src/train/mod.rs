@@ -1,0 +1,202 @@
+//! Training-loop pieces shared by the stages that train a model (`pretrain`,
+//! and the fine-tuning stages built on it).
+//!
+//! * [`Hyper`]: the `train = { ... }` table — steps, batch, learning-rate
+//!   schedule, AdamW and clipping settings, seed — with [`Hyper::lr_at`], linear
+//!   warmup then cosine decay to `min_lr`.
+//! * [`AdamW`]: the optimizer, on moment tensors this crate owns, so that they
+//!   can be checkpointed (libtorch's C++ optimizers keep theirs out of reach);
+//!   global-norm gradient clipping.
+//! * [`SpikeGuard`]: skips updates whose loss is far above the running mean.
+//! * [`Checkpoints`]: numbered checkpoint directories in a stage's work dir,
+//!   written atomically, the last K kept.
+//! * [`MetricsLog`] and [`plot::loss_curve`]: `metrics.jsonl` that survives a
+//!   resume, and its picture.
+//! * [`step_seed`]: the libtorch seed for each micro-batch, which makes
+//!   dropout reproducible across a resume without saving libtorch's generator
+//!   (tch cannot read it back).
+
+mod adamw;
+mod checkpoint;
+mod metrics;
+pub mod plot;
+
+use serde::{Deserialize, Serialize};
+
+pub use adamw::{decays, AdamW};
+pub use checkpoint::Checkpoints;
+pub use metrics::MetricsLog;
+
+use crate::ParamError;
+
+/// Optimization settings: the `train` table of a training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hyper {
+    /// Optimizer updates.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients add up to one update.
+    pub grad_accum: usize,
+    /// Peak learning rate, reached at the end of warmup.
+    pub lr: f64,
+    /// Learning rate at the last step.
+    pub min_lr: f64,
+    /// Steps of linear warmup.
+    pub warmup: u64,
+    /// Decoupled weight decay, applied to the weights [`decays`] picks.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Largest global gradient norm; 0 disables clipping.
+    pub grad_clip: f64,
+    /// Seeds the initial weights, the data order and dropout.
+    pub seed: u64,
+}
+
+impl Default for Hyper {
+    fn default() -> Self {
+        Hyper {
+            steps: 1000,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1337,
+        }
+    }
+}
+
+impl Hyper {
+    /// Checks ranges; errors name fields under `table` (e.g. `train`).
+    pub fn check(&self, table: &str) -> Result<(), ParamError> {
+        let err = |field: &str, message: &str| Err(ParamError::new(&[table, field], message));
+        if self.steps == 0 {
+            return err("steps", "`steps` must be at least 1");
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return err("batch_size", "`batch_size` and `grad_accum` must be at least 1");
+        }
+        if !(self.lr > 0.0) || !(0.0..=self.lr).contains(&self.min_lr) {
+            return err("lr", "`lr` must be positive and `min_lr` between 0 and `lr`");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return err("beta1", "`beta1` and `beta2` must be in [0, 1)");
+        }
+        if !(self.eps > 0.0) || self.weight_decay < 0.0 || self.grad_clip < 0.0 {
+            return err("eps", "`eps` must be positive, `weight_decay` and `grad_clip` not negative");
+        }
+        Ok(())
+    }
+
+    /// The learning rate of update `step` (0-based): linear warmup to `lr`
+    /// over `warmup` steps, then a half cosine down to `min_lr` at the last step.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let decay_steps = self.steps.saturating_sub(self.warmup + 1).max(1);
+        let progress = ((step - self.warmup) as f64 / decay_steps as f64).min(1.0);
+        self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (self.lr - self.min_lr)
+    }
+
+    /// Tokens one update trains on.
+    pub fn tokens_per_step(&self, context: i64) -> u64 {
+        (self.batch_size * self.grad_accum) as u64 * context as u64
+    }
+}
+
+/// The libtorch seed for micro-batch `micro` of update `step`: a function of
+/// the run's seed and the position only, so a resumed run draws the dropout
+/// masks the uninterrupted one would have.
+pub fn step_seed(seed: u64, step: u64, micro: usize) -> i64 {
+    let h = blake3::hash(&[seed.to_le_bytes(), step.to_le_bytes(), (micro as u64).to_le_bytes()].concat());
+    // manual_seed takes an i64; keep it non-negative.
+    (u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) >> 1) as i64
+}
+
+/// Skips updates whose loss exceeds `factor` × the running mean of accepted
+/// losses (an exponential moving average), and non-finite losses always.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SpikeGuard {
+    /// Stored as bits: JSON floats may not parse back to the same f64, and a
+    /// resumed run must make the same decisions.
+    mean_bits: u64,
+    accepted: u64,
+}
+
+impl Default for SpikeGuard {
+    fn default() -> Self {
+        SpikeGuard { mean_bits: 0f64.to_bits(), accepted: 0 }
+    }
+}
+
+impl SpikeGuard {
+    /// Accepted updates before the guard judges: the mean needs a few samples.
+    const WARMUP: u64 = 10;
+    const DECAY: f64 = 0.95;
+
+    pub fn mean(&self) -> f64 {
+        f64::from_bits(self.mean_bits)
+    }
+
+    /// Whether to apply the update of a step with this loss; `factor` 0
+    /// accepts every finite loss.
+    pub fn accept(&mut self, loss: f64, factor: f64) -> bool {
+        if !loss.is_finite() {
+            return false;
+        }
+        if factor > 0.0 && self.accepted >= Self::WARMUP && loss > factor * self.mean() {
+            return false;
+        }
+        let mean = if self.accepted == 0 { loss } else { Self::DECAY * self.mean() + (1.0 - Self::DECAY) * loss };
+        self.mean_bits = mean.to_bits();
+        self.accepted += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lr_warms_up_linearly_then_decays_to_min_lr() {
+        let h = Hyper { steps: 110, warmup: 10, lr: 1.0, min_lr: 0.1, ..Default::default() };
+        assert!((h.lr_at(0) - 0.1).abs() < 1e-12);
+        assert!((h.lr_at(9) - 1.0).abs() < 1e-12);
+        assert!((h.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((h.lr_at(109) - 0.1).abs() < 1e-12);
+        assert!(h.lr_at(50) < h.lr_at(40) && h.lr_at(50) > 0.1);
+        assert!(h.check("train").is_ok());
+        assert_eq!(Hyper { min_lr: 2.0, lr: 1.0, ..Default::default() }.check("train").unwrap_err().path, ["train", "lr"]);
+    }
+
+    #[test]
+    fn spike_guard_skips_losses_far_above_the_mean() {
+        let mut g = SpikeGuard::default();
+        assert!((0..20).all(|_| g.accept(2.0, 3.0)));
+        assert!(!g.accept(7.0, 3.0));
+        assert!(!g.accept(f64::NAN, 3.0));
+        assert!(g.accept(5.0, 3.0));
+        assert!(g.accept(100.0, 0.0));
+        let saved: SpikeGuard = serde_json::from_str(&serde_json::to_string(&g).unwrap()).unwrap();
+        assert_eq!(saved, g);
+    }
+
+    #[test]
+    fn step_seeds_differ_by_step_and_micro_batch() {
+        assert_eq!(step_seed(1, 2, 0), step_seed(1, 2, 0));
+        assert_ne!(step_seed(1, 2, 0), step_seed(1, 3, 0));
+        assert_ne!(step_seed(1, 2, 0), step_seed(1, 2, 1));
+        assert!(step_seed(5, 6, 7) >= 0);
+    }
+}
