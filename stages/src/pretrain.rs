@@ -17,10 +17,10 @@
 //! Params:
 //! * `model`: a [`ModelConfig`]; `vocab_size` 0 (the default) takes the
 //!   tokenizer's.
-//! * `train`: a [`train::Hyper`] — AdamW with decoupled weight decay on
+//! * `train`: a [`crate::train::Hyper`] — AdamW with decoupled weight decay on
 //!   matrices only, linear warmup then cosine decay, global-norm clipping,
 //!   gradient accumulation, `seed`.
-//! * `eval_every` (200), `eval_batches` (20): validation loss every so many
+//! * `eval_every` (125), `eval_batches` (20): validation loss every so many
 //!   steps and at the end, over the first `eval_batches` batches of the val
 //!   split (the same ones every time).
 //! * `spike_factor` (3): an update whose loss exceeds this × the running mean
@@ -52,6 +52,12 @@
 //! the stage fail right after step `N`, as if killed there, to exercise this.
 //!
 //! On CUDA the forward and backward passes run under bf16 autocast.
+//!
+//! The defaults (the model's 4 layers × 128 wide, context 128; 500 steps of
+//! 16 sequences, lr 2e-3 → 2e-4) train in about 75 s on 2 CPU cores and
+//! reach 2.56 bits per byte on tiny Shakespeare's last tenth with a 1024-token
+//! vocabulary (nanoGPT's character-level CPU model: 2.71); see the test
+//! `shakespeare_quality`.
 
 use std::path::Path;
 use std::time::Instant;
@@ -110,7 +116,7 @@ impl Default for Params {
         Params {
             model: ModelConfig::default(),
             train: Hyper::default(),
-            eval_every: 200,
+            eval_every: 125,
             eval_batches: 20,
             checkpoint_every: 100,
             keep_checkpoints: 2,

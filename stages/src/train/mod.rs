@@ -59,12 +59,12 @@ pub struct Hyper {
 impl Default for Hyper {
     fn default() -> Self {
         Hyper {
-            steps: 1000,
+            steps: 500,
             batch_size: 16,
             grad_accum: 1,
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup: 100,
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup: 40,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.99,
