@@ -28,8 +28,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub mod command;
+pub mod dedup;
 pub mod device;
 pub mod docs;
+pub mod download;
+pub mod filter;
 
 /// A stage kind.
 pub trait Stage {
@@ -174,13 +177,18 @@ fn segment_name(seg: &serde_path_to_error::Segment) -> Option<String> {
     }
 }
 
-const fn kind<S: Stage>() -> &'static dyn Kind {
+const fn kind<S: Stage + 'static>() -> &'static dyn Kind {
     &Registered::<S>(PhantomData)
 }
 
 /// Every stage kind llmflow knows, in the order `llmflow kinds` lists them.
 pub fn registry() -> &'static [&'static dyn Kind] {
-    static KINDS: &[&dyn Kind] = &[kind::<command::Command>()];
+    static KINDS: &[&dyn Kind] = &[
+        kind::<command::Command>(),
+        kind::<download::Download>(),
+        kind::<filter::Filter>(),
+        kind::<dedup::Dedup>(),
+    ];
     KINDS
 }
 
