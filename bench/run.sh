@@ -20,5 +20,7 @@ if ! .venv/bin/python -c 'import datatrove' 2>/dev/null; then
 fi
 
 export LLMFLOW_BENCH_CORPUS="$PWD/$out/corpus"
-cargo test --release -q -p llmflow-stages bench_ -- --ignored --nocapture --test-threads 1 2>/dev/null | grep '^{' | tee "$out/llmflow.jsonl"
+# --workspace, not -p: the same feature set as the workspace build, so the
+# dependency cache is reused.
+cargo test --release -q --workspace --lib bench_ -- --ignored --nocapture --test-threads 1 2>/dev/null | grep '^{' | tee "$out/llmflow.jsonl"
 .venv/bin/python bench/datatrove_minhash.py "$out/corpus" "$out/datatrove" "$workers" 2>/dev/null | tee "$out/datatrove.jsonl"

@@ -237,16 +237,17 @@ fn find(parent: &mut [usize], mut i: usize) -> usize {
 fn shingles(text: &str, n: usize) -> Vec<u64> {
     let words: Vec<u64> = text.split_whitespace().map(|w| xxh3_64(w.as_bytes())).collect();
     let mut set: Vec<u64> = if words.len() < n {
-        vec![combine(&words)]
+        vec![ngram_hash(&words)]
     } else {
-        words.windows(n).map(combine).collect()
+        words.windows(n).map(ngram_hash).collect()
     };
     set.sort_unstable();
     set.dedup();
     set
 }
 
-fn combine(words: &[u64]) -> u64 {
+/// One 64-bit hash of an n-gram from the hashes of its words.
+pub(crate) fn ngram_hash(words: &[u64]) -> u64 {
     let mixed = words.iter().fold(0x9e37_79b9_7f4a_7c15u64, |h, &w| (h.rotate_left(23) ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd));
     fmix64(mixed)
 }

@@ -53,7 +53,9 @@ use polars::prelude::Column;
 use rayon::prelude::*;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
 
+use crate::dedup::ngram_hash;
 use crate::{docs, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Filter;
@@ -471,14 +473,23 @@ fn gopher_repetition(text: &str, g: &GopherRepetition) -> Result<(), Rule> {
     if chars as f64 / len > g.dup_line_char_frac {
         return reject("gopher_repetition.dup_line_char_frac");
     }
+    // N-grams are compared by 64-bit hash, which is many times faster than
+    // hashing the strings for each n.
     let words = tokens(text);
+    let hashes: Vec<u64> = words.iter().map(|w| xxh3_64(w.as_bytes())).collect();
+    let mut offsets = vec![0usize];
+    offsets.extend(words.iter().scan(0, |total, w| {
+        *total += w.len();
+        Some(*total)
+    }));
+    let chars = |i: usize, n: usize| offsets[i + n] - offsets[i];
     for &(n, max) in &g.top_ngrams {
-        let mut counts: HashMap<&[&str], usize> = HashMap::new();
-        words.windows(n).for_each(|w| *counts.entry(w).or_default() += 1);
-        // The most frequent repeated n-gram by characters covered; ties
-        // broken by the longer n-gram so the result does not depend on
-        // hash order.
-        let top = counts.iter().filter(|(_, c)| **c > 1).map(|(w, c)| (*c, w.iter().map(|s| s.len()).sum::<usize>())).max();
+        let mut counts: HashMap<u64, (usize, usize)> = HashMap::new();
+        for (i, w) in hashes.windows(n).enumerate() {
+            counts.entry(ngram_hash(w)).or_insert((0, chars(i, n))).0 += 1;
+        }
+        // The characters covered by the most frequent repeated n-gram.
+        let top = counts.values().filter(|(count, _)| *count > 1).max();
         if let Some((count, chars)) = top {
             if (count * chars) as f64 / len > max {
                 return Err(format!("gopher_repetition.top_{n}_gram").into());
@@ -490,10 +501,10 @@ fn gopher_repetition(text: &str, g: &GopherRepetition) -> Result<(), Rule> {
         let mut seen = HashSet::new();
         let (mut i, mut repeated) = (0, 0usize);
         while i + n <= words.len() {
-            if seen.insert(&words[i..i + n]) {
+            if seen.insert(ngram_hash(&hashes[i..i + n])) {
                 i += 1;
             } else {
-                repeated += words[i..i + n].iter().map(|w| w.len()).sum::<usize>();
+                repeated += chars(i, n);
                 i += n;
             }
         }
