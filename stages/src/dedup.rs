@@ -161,7 +161,6 @@ fn exact(normalized: &[String]) -> Clusters {
     keys.iter().enumerate().map(|(i, k)| *first.entry(k).or_insert(i)).collect()
 }
 
-#[derive(Default)]
 struct Stats {
     candidates: usize,
     verified: usize,

@@ -43,6 +43,7 @@
 //! before its first wildcard), so editing a corpus rebuilds the stage; HTTP
 //! sources are keyed by their URL and checksum.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
@@ -158,12 +159,13 @@ impl Stage for Download {
         let started = Instant::now();
         let (mut ids, mut texts, mut sources) = (Vec::new(), Vec::new(), Vec::new());
         let mut bytes = 0usize;
+        let mut labels = HashSet::new();
         for source in &p.sources {
             for (label, data) in fetch_source(source, p, ctx)? {
                 bytes += data.len();
                 let data = decompress(&data).with_context(|| format!("{label}: cannot decompress"))?;
                 let parsed = parse(&data, source, &label).with_context(|| format!("cannot read source {label}"))?;
-                if sources.contains(&label) {
+                if !labels.insert(label.clone()) {
                     bail!("{label} is listed by two sources; remove one of them");
                 }
                 for (n, text) in parsed.into_iter().filter(|t| !t.trim().is_empty()).enumerate() {

@@ -52,6 +52,19 @@ fn splits_text_by_file_paragraph_and_lines() {
 }
 
 #[test]
+fn params_parse_and_check() {
+    let value = serde_json::json!({ "sources": [{ "url": "a.jsonl", "split": { "lines": 3 } }] });
+    let p: Params = serde_json::from_value(value).unwrap();
+    assert_eq!(p.sources[0].split, Split::Lines(3));
+    assert_eq!(p.sources[0].text_field, "text");
+    let err = Download::check(&p, &[]).unwrap_err();
+    assert_eq!((err.path, err.message.as_str()), (vec!["sources".to_string(), "0".into(), "split".into()], "`split` applies to text sources only"));
+    let unknown = serde_json::json!({ "sources": [{ "url": "a.txt", "checksum": "x" }] });
+    assert!(serde_json::from_value::<Params>(unknown).unwrap_err().to_string().contains("unknown field `checksum`"));
+    assert!(Download::check(&Params::default(), &[]).unwrap_err().message.contains("`sources` is empty"));
+}
+
+#[test]
 fn reads_shipped_corpus_with_checksums() {
     let bytes = fs::read(SHAKESPEARE).unwrap();
     let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
