@@ -2,7 +2,9 @@
 its throughput and recall on the planted near-duplicates as one JSON line.
 
 Same parameters as llmflow's default `dedup`: word 5-grams, 14 buckets of 8
-hashes, 64-bit hashes. All four datatrove stages are timed together.
+hashes, 64-bit hashes (SHA-1 based: datatrove 0.10.1's xxhash path passes
+str where the current xxhash package wants bytes). All four datatrove stages
+are timed together.
 
 usage: python3 bench/datatrove_minhash.py CORPUS_DIR WORK_DIR WORKERS
 """
@@ -30,7 +32,7 @@ def main():
     for w in range(workers):
         with open(os.path.join(shards, f"{w:02d}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(lines[w::workers])
-    config = MinhashConfig(hash_config=HashConfig(precision=64), num_buckets=14, hashes_per_bucket=8, n_grams=5)
+    config = MinhashConfig(hash_config=HashConfig(precision=64, hash_fc="sha1"), num_buckets=14, hashes_per_bucket=8, n_grams=5)
     logs = os.path.join(work, "logs")
     signatures = LocalPipelineExecutor(
         pipeline=[JsonlReader(shards), MinhashDedupSignature(output_folder=f"{work}/signatures", config=config)],

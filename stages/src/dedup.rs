@@ -407,7 +407,7 @@ mod tests {
         for k in 0..edits.min(words.len()) {
             let pick = k + rng.below(positions.len() - k);
             positions.swap(k, pick);
-            words[positions[k]] = format!("qz{}", rng.next());
+            words[positions[k]] = format!("qz{}", rng.next_u64());
         }
         words.join(" ")
     }

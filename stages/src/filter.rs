@@ -60,9 +60,11 @@ use crate::{docs, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Filter;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Every group's `Default` is datatrove's published thresholds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
+    /// 0 keeps documents of any length.
     pub min_chars: usize,
     pub max_chars: usize,
     pub language: Language,
@@ -71,21 +73,6 @@ pub struct Params {
     pub c4: C4,
     pub fineweb: FineWeb,
     pub pii: Pii,
-}
-
-impl Default for Params {
-    fn default() -> Self {
-        Params {
-            min_chars: 0,
-            max_chars: 0,
-            language: Language::default(),
-            gopher_repetition: GopherRepetition::default(),
-            gopher_quality: GopherQuality::default(),
-            c4: C4::default(),
-            fineweb: FineWeb::default(),
-            pii: Pii::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
