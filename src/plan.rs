@@ -122,7 +122,13 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
                 },
                 None => {
                     let reasons = match &latest {
-                        Some(prev) => explain(s, prev, &inputs, &deps),
+                        Some(prev) => {
+                            let mut r = explain(s, prev, &inputs, &deps);
+                            if r.is_empty() {
+                                r.push("its last artifact was removed from the store".to_string());
+                            }
+                            r
+                        }
                         None => vec!["never built".to_string()],
                     };
                     let st = if latest.is_some() { State::Stale } else { State::Missing };
@@ -153,7 +159,8 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
     Ok(out.into_iter().map(|s| s.expect("every stage visited")).collect())
 }
 
-/// Why the current fingerprint differs from the last artifact built.
+/// Why the current fingerprint differs from the last artifact built (empty
+/// when nothing the stage itself declares has changed).
 pub fn explain(
     s: &StageDef,
     prev: &Manifest,
@@ -187,9 +194,6 @@ pub fn explain(
     }
     for file in prev.deps.keys().filter(|f| !deps.contains_key(*f)) {
         reasons.push(format!("file `{file}` removed"));
-    }
-    if reasons.is_empty() {
-        reasons.push("its last artifact was removed from the store".to_string());
     }
     reasons
 }

@@ -30,8 +30,11 @@ pub use llmflow::protocol::{KindInfo, ParamError, Resolved, Resources, StageCtx}
 use llmflow::protocol::{ResolveRequest, ResolveResponse};
 
 pub mod command;
+pub mod dedup;
 pub mod device;
 pub mod docs;
+pub mod download;
+pub mod filter;
 pub mod generate;
 pub mod loader;
 pub mod model;
@@ -95,6 +98,9 @@ pub trait KindVisitor {
 /// Adding a kind is one line here.
 pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<command::Command>();
+    v.visit::<download::Download>();
+    v.visit::<filter::Filter>();
+    v.visit::<dedup::Dedup>();
     v.visit::<train_tokenizer::TrainTokenizer>();
     v.visit::<shard::Shard>();
     v.visit::<pretrain::Pretrain>();

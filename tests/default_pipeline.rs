@@ -1,0 +1,88 @@
+//! The shipped `pipeline.toml`, run end to end through the real binaries on
+//! the shipped corpus, the way a new user meets it.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::Project;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A copy of the repository's pipeline with its data and scripts. The public
+/// URL is swapped for a local address that refuses connections, so the test
+/// exercises the fall-back to the shipped mirror without touching the network.
+fn default_pipeline() -> Project {
+    let text = fs::read_to_string(Path::new(ROOT).join("pipeline.toml")).unwrap();
+    let url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
+    assert!(text.contains(url), "the default pipeline names the corpus's public URL");
+    let p = Project::new(&text.replace(url, "http://127.0.0.1:9/input.txt"));
+    for rel in ["data/corpora/tinyshakespeare.txt", "scripts/corpus_stats.sh"] {
+        p.write(rel, &fs::read_to_string(Path::new(ROOT).join(rel)).unwrap());
+    }
+    p
+}
+
+fn metric(p: &Project, stage: &str, name: &str) -> serde_json::Value {
+    let show = p.llmflow(&["show", stage, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    v["manifest"]["metrics"][name].clone()
+}
+
+#[test]
+fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
+    let p = default_pipeline();
+    let first = p.llmflow(&["run"]);
+    assert_eq!(first.code, 0, "{}", first.all());
+    let mut built = first.built();
+    built.sort();
+    assert_eq!(built, ["clean", "corpus", "dedup", "stats", "tok", "tokens"]);
+
+    for (stage, file) in [
+        ("corpus", "docs.parquet"),
+        ("clean", "docs.parquet"),
+        ("clean", "removed.parquet"),
+        ("dedup", "docs.parquet"),
+        ("dedup", "clusters.parquet"),
+        ("tok", "tokenizer.json"),
+        ("tokens", "train_000000.bin"),
+        ("tokens", "val_000000.bin"),
+        ("tokens", "manifest.json"),
+        ("stats", "stats.txt"),
+    ] {
+        assert!(p.out_dir(stage).join(file).is_file(), "{stage} lacks {file}");
+    }
+    // Speeches of the play, split at blank lines; the filter removes some and
+    // says which rule removed how many.
+    let docs_in = metric(&p, "clean", "documents_in").as_u64().unwrap();
+    let docs_out = metric(&p, "clean", "documents_out").as_u64().unwrap();
+    assert_eq!(docs_in, metric(&p, "corpus", "documents").as_u64().unwrap());
+    assert!(docs_out > docs_in / 2 && docs_out < docs_in, "{docs_out} of {docs_in}");
+    let removed = metric(&p, "clean", "removed");
+    let total: u64 = removed.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, docs_in - docs_out);
+    assert_eq!(metric(&p, "tok", "vocab_size"), 4096);
+    let train_tokens = metric(&p, "tokens", "train_tokens").as_u64().unwrap();
+    let val_tokens = metric(&p, "tokens", "val_tokens").as_u64().unwrap();
+    assert!(train_tokens > 100_000 && val_tokens * 5 < train_tokens && val_tokens * 20 > train_tokens);
+
+    let second = p.llmflow(&["run"]);
+    assert!(second.built().is_empty(), "{}", second.all());
+    assert!(second.stderr.contains("nothing to do"), "{}", second.stderr);
+
+    // A tokenizer change rebuilds the tokenizer and the shards, nothing else;
+    // status says so first.
+    p.edit("vocab_size = 4096", "vocab_size = 2048");
+    let status = p.llmflow(&["status"]);
+    assert!(status.stdout.contains("param `vocab_size`: 4096 → 2048"), "{}", status.stdout);
+    let stale: Vec<String> = p.states().into_iter().filter(|(_, s)| s != "fresh").map(|(n, _)| n).collect();
+    assert_eq!(stale, ["tok", "tokens"]);
+    let third = p.llmflow(&["run"]);
+    assert_eq!(third.built(), ["tok", "tokens"], "{}", third.all());
+    assert_eq!(metric(&p, "tok", "vocab_size"), 2048);
+
+    // Volatile params (how long to wait on the network) change nothing.
+    p.edit("retries = 0", "retries = 2");
+    assert!(p.llmflow(&["run"]).built().is_empty());
+}
