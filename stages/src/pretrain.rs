@@ -548,7 +548,7 @@ mod tests {
         std::fs::create_dir_all(&data).unwrap();
         let encoder = Encoder::new(&tok).unwrap();
         let width = Width::for_vocab(vocab_size);
-        let mut split = |name: &str, text: &str| {
+        let split = |name: &str, text: &str| {
             let file = format!("{name}_000000.bin");
             let mut w = ShardWriter::create(&data.join(&file), width).unwrap();
             w.write(&encoder.encode(&[text]).unwrap()[0]).unwrap();
