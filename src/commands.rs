@@ -270,6 +270,32 @@ pub fn gc(file: &Path, dry_run: bool) -> Result<()> {
     Ok(())
 }
 
+/// The current artifact of `name`, or an error saying how to build it.
+fn fresh_out(file: &Path, name: &str) -> Result<PathBuf> {
+    let (p, dag) = load(file)?;
+    p.require(name)?;
+    let store = Store::new(p.artifacts.clone());
+    let statuses = plan::statuses(&p, &dag, &store)?;
+    let i = p.stages.iter().position(|x| x.name == name).expect("exists");
+    match &statuses[i].manifest {
+        Some(m) if statuses[i].state == State::Fresh => Ok(store.out_dir(&m.stage, &m.key)),
+        _ => bail!(crate::config::ConfigError(format!(
+            "stage `{name}` is {}: run `llmflow run {name}` first",
+            statuses[i].state.as_str()
+        ))),
+    }
+}
+
+/// `generate`: the stage runner loads the model and samples.
+pub fn generate(file: &Path, stage: &str, args: &[String]) -> Result<()> {
+    let out = fresh_out(file, stage)?;
+    let status = std::process::Command::new(crate::kinds::runner()?).arg("generate").arg(&out).args(args).status()?;
+    if !status.success() {
+        bail!(StageFailed(format!("generation from `{stage}` failed")));
+    }
+    Ok(())
+}
+
 pub fn kinds() -> Result<()> {
     for k in crate::kinds::list()? {
         println!("{:<18} v{}  {}", k.kind, k.version, k.summary);

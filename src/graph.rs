@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
-use petgraph::algo::{is_cyclic_directed, tarjan_scc, toposort};
+use petgraph::algo::{is_cyclic_directed, tarjan_scc};
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::Direction;
 
@@ -40,8 +40,7 @@ impl Dag {
                 path.iter().map(|&i| p.stages[i].name.as_str()).chain([p.stages[path[0]].name.as_str()]).collect::<Vec<_>>().join(" → ")
             )));
         }
-        // toposort with ties broken by file order: a stable, readable order.
-        let _ = toposort(&graph, None).expect("acyclic");
+        // Kahn's algorithm with ties broken by file order: a stable, readable order.
         let mut indegree: Vec<usize> = nodes.iter().map(|&n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
         let mut ready: BTreeSet<usize> = (0..nodes.len()).filter(|&i| indegree[i] == 0).collect();
         let mut order = Vec::with_capacity(nodes.len());

@@ -68,6 +68,25 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Sample text from a trained model: the artifact of STAGE (pretrain, sft, …).
+    Generate {
+        /// The stage whose model to sample from; it must be built and fresh.
+        #[arg(long, short)]
+        stage: String,
+        #[arg(long, short)]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// 0 samples greedily.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// List the stage kinds llmflow knows.
     Kinds,
     /// Print the BLAKE3 digest of files, as `b3sum` does, with llmflow's hasher.
@@ -86,6 +105,21 @@ fn main() -> ExitCode {
         Cmd::Show { stage, json } => commands::show(&cli.file, &stage, json),
         Cmd::Verify => commands::verify(&cli.file),
         Cmd::Gc { dry_run } => commands::gc(&cli.file, dry_run),
+        Cmd::Generate { stage, prompt, max_tokens, temperature, top_k, top_p, seed } => {
+            let mut args = vec![
+                "--prompt".to_string(),
+                prompt,
+                "--max-tokens".into(),
+                max_tokens.to_string(),
+                "--temperature".into(),
+                temperature.to_string(),
+                "--seed".into(),
+                seed.to_string(),
+            ];
+            args.extend(top_k.map(|k| ["--top-k".to_string(), k.to_string()]).into_iter().flatten());
+            args.extend(top_p.map(|p| ["--top-p".to_string(), p.to_string()]).into_iter().flatten());
+            commands::generate(&cli.file, &stage, &args)
+        }
         Cmd::Kinds => commands::kinds(),
         Cmd::Hash { files } => commands::hash(&files),
     };

@@ -17,7 +17,19 @@ fn default_pipeline() -> Project {
     let text = fs::read_to_string(Path::new(ROOT).join("pipeline.toml")).unwrap();
     let url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
     assert!(text.contains(url), "the default pipeline names the corpus's public URL");
-    let p = Project::new(&text.replace(url, "http://127.0.0.1:9/input.txt"));
+    let mut text = text.replace(url, "http://127.0.0.1:9/input.txt");
+    // Pretraining scaled down to seconds; every other stage runs as shipped.
+    for (from, to) in [
+        ("n_layer = 4, n_head = 4, d_model = 128, context = 128", "n_layer = 1, n_head = 2, d_model = 32, context = 32"),
+        ("steps = 500, batch_size = 16", "steps = 12, batch_size = 4"),
+        ("eval_every = 100", "eval_every = 6"),
+        ("checkpoint_every = 100", "checkpoint_every = 6"),
+        ("max_tokens = 120", "max_tokens = 8"),
+    ] {
+        assert!(text.contains(from), "pipeline.toml lacks {from:?}");
+        text = text.replace(from, to);
+    }
+    let p = Project::new(&text);
     for rel in ["data/corpora/tinyshakespeare.txt", "scripts/corpus_stats.sh"] {
         p.write(rel, &fs::read_to_string(Path::new(ROOT).join(rel)).unwrap());
     }
@@ -37,7 +49,7 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert_eq!(first.code, 0, "{}", first.all());
     let mut built = first.built();
     built.sort();
-    assert_eq!(built, ["clean", "corpus", "dedup", "stats", "tok", "tokens"]);
+    assert_eq!(built, ["clean", "corpus", "dedup", "pretrain", "stats", "tok", "tokens"]);
 
     for (stage, file) in [
         ("corpus", "docs.parquet"),
@@ -50,6 +62,12 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
         ("tokens", "val_000000.bin"),
         ("tokens", "manifest.json"),
         ("stats", "stats.txt"),
+        ("pretrain", "model.safetensors"),
+        ("pretrain", "config.json"),
+        ("pretrain", "tokenizer.json"),
+        ("pretrain", "metrics.jsonl"),
+        ("pretrain", "loss.png"),
+        ("pretrain", "samples.txt"),
     ] {
         assert!(p.out_dir(stage).join(file).is_file(), "{stage} lacks {file}");
     }
@@ -67,19 +85,35 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     let val_tokens = metric(&p, "tokens", "val_tokens").as_u64().unwrap();
     assert!(train_tokens > 100_000 && val_tokens * 5 < train_tokens && val_tokens * 20 > train_tokens);
 
+    // Training learned something, and the model answers `generate`.
+    let val_bpb = metric(&p, "pretrain", "val_bpb").as_f64().unwrap();
+    assert!(val_bpb > 1.0 && val_bpb < 12.0, "{val_bpb}");
+    let rows = fs::read_to_string(p.out_dir("pretrain").join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = rows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 12);
+    assert!(losses[11] < losses[0], "{losses:?}");
+    let args = ["generate", "--stage", "pretrain", "--prompt", "ROMEO:", "--max-tokens", "5", "--seed", "7"];
+    let g1 = p.llmflow(&args);
+    assert_eq!(g1.code, 0, "{}", g1.all());
+    assert!(g1.stdout.starts_with("ROMEO:") && g1.stdout.len() > "ROMEO:\n".len(), "{}", g1.stdout);
+    assert_eq!(p.llmflow(&args).stdout, g1.stdout, "the same seed samples the same text");
+
     let second = p.llmflow(&["run"]);
     assert!(second.built().is_empty(), "{}", second.all());
     assert!(second.stderr.contains("nothing to do"), "{}", second.stderr);
 
-    // A tokenizer change rebuilds the tokenizer and the shards, nothing else;
-    // status says so first.
+    // A tokenizer change rebuilds the tokenizer, the shards and the model,
+    // nothing else; status says so first.
     p.edit("vocab_size = 4096", "vocab_size = 2048");
     let status = p.llmflow(&["status"]);
     assert!(status.stdout.contains("param `vocab_size`: 4096 → 2048"), "{}", status.stdout);
     let stale: Vec<String> = p.states().into_iter().filter(|(_, s)| s != "fresh").map(|(n, _)| n).collect();
-    assert_eq!(stale, ["tok", "tokens"]);
+    assert_eq!(stale, ["tok", "tokens", "pretrain"]);
     let third = p.llmflow(&["run"]);
-    assert_eq!(third.built(), ["tok", "tokens"], "{}", third.all());
+    assert_eq!(third.built(), ["tok", "tokens", "pretrain"], "{}", third.all());
     assert_eq!(metric(&p, "tok", "vocab_size"), 2048);
 
     // Volatile params (how long to wait on the network) change nothing.

@@ -10,9 +10,63 @@
 //! libtorch's global generator, so sampling neither disturbs nor depends on
 //! it and picks the same tokens on every device.
 
-use tch::{Device, Kind, Tensor};
+use std::path::Path;
 
-use crate::model::Gpt;
+use anyhow::{anyhow, Context, Result};
+use tch::{nn, Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::model::{Gpt, ModelConfig};
+use crate::train_tokenizer::{self, END_OF_TEXT};
+
+/// How to sample: the knobs of [`generate`] beyond the prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+/// A trained model and its tokenizer, loaded from a model artifact
+/// (`config.json`, `model.safetensors`, `tokenizer.json`).
+pub struct Loaded {
+    /// Owns the weights `gpt` uses.
+    pub vs: nn::VarStore,
+    pub gpt: Gpt,
+    pub tokenizer: Tokenizer,
+}
+
+impl Loaded {
+    pub fn open(dir: &Path, device: Device) -> Result<Loaded> {
+        let config_path = dir.join("config.json");
+        let config: ModelConfig = serde_json::from_slice(&std::fs::read(&config_path).with_context(|| {
+            format!("cannot read {}: not a model artifact (pretrain, sft, …)", config_path.display())
+        })?)
+        .with_context(|| format!("cannot parse {}", config_path.display()))?;
+        let mut vs = nn::VarStore::new(device);
+        let gpt = Gpt::new(&vs.root(), &config)?;
+        vs.load(dir.join("model.safetensors")).with_context(|| format!("cannot load the weights in {}", dir.display()))?;
+        Ok(Loaded { vs, gpt, tokenizer: train_tokenizer::load(dir)? })
+    }
+}
+
+/// `prompt` followed by a sampled continuation; an empty prompt starts from
+/// `<|endoftext|>`, i.e. a fresh document.
+pub fn complete(gpt: &Gpt, tokenizer: &Tokenizer, prompt: &str, sampling: &Sampling) -> Result<String> {
+    let ids: Vec<i64> = if prompt.is_empty() {
+        vec![i64::from(tokenizer.token_to_id(END_OF_TEXT).context("the tokenizer has no <|endoftext|>")?)]
+    } else {
+        let encoding = tokenizer.encode(prompt, false).map_err(|e| anyhow!("{e}"))?;
+        encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
+    };
+    let new = tch::no_grad(|| {
+        generate(gpt, &ids, sampling.max_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+    });
+    let new: Vec<u32> = new.into_iter().map(|id| id as u32).collect();
+    Ok(format!("{prompt}{}", tokenizer.decode(&new, false).map_err(|e| anyhow!("{e}"))?))
+}
 
 /// Continues `prompt` (token ids, at least one) by `max_new_tokens` tokens
 /// and returns the new ones. `temperature` 0 is greedy decoding; otherwise

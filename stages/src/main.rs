@@ -8,6 +8,9 @@
 //!   kind, its params and the stage's context) into the stage's temporary
 //!   build directory, with output going to the stage's log; metrics are
 //!   written beside SPEC as `metrics.json`.
+//! * `llmflow-stage generate DIR --prompt TEXT [--max-tokens N] [--temperature T]
+//!   [--top-k K] [--top-p P] [--seed S]` samples from the model artifact in
+//!   DIR (what `llmflow generate` runs).
 
 use std::fs;
 use std::path::Path;
@@ -15,6 +18,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use llmflow::protocol::{ResolveRequest, Spec};
+use llmflow_stages::generate::{complete, Loaded, Sampling};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,8 +26,9 @@ fn main() -> ExitCode {
         ["kinds"] => print_json(&llmflow_stages::kinds()),
         ["resolve"] => resolve(),
         ["run", spec] => run(Path::new(spec)),
+        ["generate", dir, options @ ..] => generate(Path::new(dir), options),
         _ => {
-            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC  (started by `llmflow`)");
+            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | generate DIR [OPTIONS]  (started by `llmflow`)");
             return ExitCode::from(2);
         }
     };
@@ -51,5 +56,27 @@ fn run(spec_path: &Path) -> Result<()> {
     let mut ctx = spec.ctx;
     llmflow_stages::run(&spec.kind, spec.params, &mut ctx)?;
     fs::write(spec_path.with_file_name("metrics.json"), serde_json::to_vec_pretty(ctx.metrics())?)?;
+    Ok(())
+}
+
+fn generate(dir: &Path, options: &[&str]) -> Result<()> {
+    let mut prompt = String::new();
+    let mut sampling = Sampling { max_tokens: 200, temperature: 0.8, top_k: None, top_p: None, seed: 0 };
+    for pair in options.chunks(2) {
+        let [flag, value] = pair else { anyhow::bail!("option {} needs a value", pair[0]) };
+        let bad = || format!("bad value for {flag}: {value}");
+        match *flag {
+            "--prompt" => prompt = value.to_string(),
+            "--max-tokens" => sampling.max_tokens = value.parse().with_context(bad)?,
+            "--temperature" => sampling.temperature = value.parse().with_context(bad)?,
+            "--top-k" => sampling.top_k = Some(value.parse().with_context(bad)?),
+            "--top-p" => sampling.top_p = Some(value.parse().with_context(bad)?),
+            "--seed" => sampling.seed = value.parse().with_context(bad)?,
+            _ => anyhow::bail!("unknown option {flag}"),
+        }
+    }
+    let device = llmflow_stages::device::resolve("auto")?;
+    let model = Loaded::open(dir, device)?;
+    println!("{}", complete(&model.gpt, &model.tokenizer, &prompt, &sampling)?);
     Ok(())
 }

@@ -68,11 +68,11 @@ use serde_json::json;
 use tch::{nn, Device, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::generate::generate;
+use crate::generate::{complete, Sampling};
 use crate::loader::{Batch, Loader, Order, Position, Split};
 use crate::model::{self, Gpt, ModelConfig};
 use crate::train::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard};
-use crate::train_tokenizer::{self, END_OF_TEXT};
+use crate::train_tokenizer;
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Pretrain;
@@ -388,20 +388,16 @@ fn token_bytes(tokenizer: &Tokenizer) -> Vec<u32> {
 
 /// `samples.count` generated texts, separated by rules.
 fn write_samples(gpt: &Gpt, tokenizer: &Tokenizer, samples: &Samples, seed: u64) -> Result<String> {
-    let prompt: Vec<i64> = if samples.prompt.is_empty() {
-        vec![i64::from(tokenizer.token_to_id(END_OF_TEXT).context("the tokenizer has no <|endoftext|>")?)]
-    } else {
-        let encoding = tokenizer.encode(samples.prompt.as_str(), false).map_err(|e| anyhow::anyhow!("{e}"))?;
-        encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
-    };
     let mut text = String::new();
     for i in 0..samples.count {
-        let ids = tch::no_grad(|| {
-            generate(gpt, &prompt, samples.max_tokens, samples.temperature, samples.top_k, None, seed.wrapping_add(i as u64))
-        });
-        let ids: Vec<u32> = ids.into_iter().map(|id| id as u32).collect();
-        let continuation = tokenizer.decode(&ids, false).map_err(|e| anyhow::anyhow!("{e}"))?;
-        text += &format!("──── sample {} ────\n{}{continuation}\n\n", i + 1, samples.prompt);
+        let sampling = Sampling {
+            max_tokens: samples.max_tokens,
+            temperature: samples.temperature,
+            top_k: samples.top_k,
+            top_p: None,
+            seed: seed.wrapping_add(i as u64),
+        };
+        text += &format!("──── sample {} ────\n{}\n\n", i + 1, complete(gpt, tokenizer, &samples.prompt, &sampling)?);
     }
     Ok(text)
 }
