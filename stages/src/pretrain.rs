@@ -411,6 +411,7 @@ mod tests {
     use crate::shard::{self, Encoder};
     use crate::shards::{Manifest, ShardInfo, ShardWriter, SplitInfo, Width};
     use crate::train_tokenizer::tests::{corpus, run_stage, write_docs};
+    use crate::train_tokenizer::END_OF_TEXT;
 
     /// A tokenizer artifact trained on `text`'s paragraphs; returns its directory.
     fn tokenizer(dir: &Path, text: &str, vocab_size: usize) -> PathBuf {
