@@ -90,10 +90,20 @@ pub mod testing {
     /// Runs a stage on documents `d0`, `d1`, … with the given texts; returns
     /// its output directory and context (for metrics).
     pub fn run_stage<S: Stage>(params: &S::Params, texts: &[&str]) -> (tempfile::TempDir, StageCtx) {
+        run_on::<S>(params, &input(texts))
+    }
+
+    /// A documents artifact `d0`, `d1`, … with the given texts.
+    pub fn input(texts: &[&str]) -> tempfile::TempDir {
         let input = tempfile::tempdir().unwrap();
         let ids = (0..texts.len()).map(|i| format!("d{i}")).collect();
         let mut df = frame(ids, texts.iter().map(|t| t.to_string()).collect(), vec!["test".to_string(); texts.len()]).unwrap();
         write(input.path(), &mut df).unwrap();
+        input
+    }
+
+    /// Runs a stage on the documents artifact `input`.
+    pub fn run_on<S: Stage>(params: &S::Params, input: &tempfile::TempDir) -> (tempfile::TempDir, StageCtx) {
         let out = tempfile::tempdir().unwrap();
         let mut ctx = StageCtx::new("test", input.path(), out.path(), input.path());
         ctx.inputs.insert("input".into(), input.path().to_path_buf());
