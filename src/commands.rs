@@ -14,6 +14,7 @@ use crate::config::Pipeline;
 use crate::exec::{self, RunOptions, StageFailed, INTERRUPTED};
 use crate::graph::{Dag, Format};
 use crate::plan::{self, State, Status};
+use crate::protocol::{Spec, StageCtx};
 use crate::store::{self, Integrity, Store};
 use crate::ui::Ui;
 
@@ -33,23 +34,72 @@ pub fn run(file: &Path, targets: Vec<String>, dry_run: bool, force: Vec<String>,
     exec::run(&p, &dag, &RunOptions { targets, force, jobs, keep_going }, &Ui::new())
 }
 
-/// `run --dry-run`: what would be built, and why.
+/// `run --dry-run`: what would be built, why, and what it would cost.
 fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> Result<()> {
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(p, dag, &store)?;
-    let idx: Vec<usize> = targets.iter().map(|t| p.require(t).map(|s| p.stages.iter().position(|x| x.name == s.name).unwrap())).collect::<Result<_, _>>()?;
-    let mut n = 0;
+    let idx: Vec<usize> = targets.iter().map(|t| index(p, t)).collect::<Result<_>>()?;
+    let building: Vec<usize> =
+        dag.closure(&idx).into_iter().filter(|&i| statuses[i].state != State::Fresh || force.contains(&p.stages[i].name)).collect();
+    let estimates = estimates(p, &statuses, &store, &building)?;
     for i in dag.closure(&idx) {
         let (s, st) = (&p.stages[i], &statuses[i]);
-        if st.state == State::Fresh && !force.contains(&s.name) {
-            println!("{:>12} {}", style("Fresh").green(), s.name);
-        } else {
-            n += 1;
-            let why = if st.state == State::Fresh { "forced".to_string() } else { st.reasons.join("; ") };
-            println!("{:>12} {} ({}): {why}", style("Would build").yellow().bold(), s.name, s.kind.kind);
+        match building.iter().position(|&b| b == i) {
+            None => println!("{:>12} {}", style("Fresh").green(), s.name),
+            Some(k) => {
+                let why = if st.state == State::Fresh { "forced".to_string() } else { st.reasons.join("; ") };
+                println!("{:>12} {} ({}): {why}", style("Would build").yellow().bold(), s.name, s.kind.kind);
+                for line in estimates[k].iter().flat_map(|e| e.lines()) {
+                    println!("{:>12} {line}", "");
+                }
+            }
         }
     }
-    println!("{n} stage(s) would be built");
+    println!("{} stage(s) would be built", building.len());
+    Ok(())
+}
+
+fn index(p: &Pipeline, name: &str) -> Result<usize> {
+    p.require(name)?;
+    Ok(p.stages.iter().position(|x| x.name == name).expect("exists"))
+}
+
+/// The stage runner's estimates for `stages`, given the inputs built so far.
+fn estimates(p: &Pipeline, statuses: &[Status], store: &Store, stages: &[usize]) -> Result<Vec<Option<String>>> {
+    if stages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let specs: Vec<Spec> = stages
+        .iter()
+        .map(|&i| {
+            let s = &p.stages[i];
+            let mut ctx = StageCtx::new(&s.name, &p.root, Path::new(""), Path::new(""));
+            for (slot, up) in &s.inputs {
+                let u = p.stages.iter().position(|x| x.name == *up).expect("checked reference");
+                if let (State::Fresh, Some(m)) = (statuses[u].state, &statuses[u].manifest) {
+                    ctx.inputs.insert(slot.clone(), store.out_dir(&m.stage, &m.key));
+                }
+            }
+            ctx.device = p.device.clone();
+            ctx.threads = s.resolved.resources.threads.unwrap_or(threads).min(threads);
+            Spec { kind: s.kind.kind.clone(), params: s.resolved.params.clone(), ctx }
+        })
+        .collect();
+    fs::create_dir_all(store.tmp_root())?;
+    crate::kinds::estimates(&specs, &store.tmp_root())
+}
+
+/// `estimate STAGE`: size, compute, memory and expected time of building it.
+pub fn estimate(file: &Path, name: &str) -> Result<()> {
+    let (p, dag) = load(file)?;
+    let i = index(&p, name)?;
+    let store = Store::new(p.artifacts.clone());
+    let statuses = plan::statuses(&p, &dag, &store)?;
+    match estimates(&p, &statuses, &store, &[i])?.pop().flatten() {
+        Some(text) => print!("{text}"),
+        None => println!("stage `{name}` ({}) gives no estimate: it is cheap to build", p.stages[i].kind.kind),
+    }
     Ok(())
 }
 

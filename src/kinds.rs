@@ -72,3 +72,17 @@ pub fn resolve(request: &ResolveRequest, cache: &Path) -> Result<ResolveResponse
     }
     Ok(response)
 }
+
+/// What building each stage would cost, as the stage runner estimates it
+/// (`None` for kinds that give no estimate).
+pub fn estimates(specs: &[crate::protocol::Spec], scratch: &Path) -> Result<Vec<Option<String>>> {
+    let path = scratch.join(format!("estimate.{}.json", std::process::id()));
+    crate::store::write_atomic(&path, &serde_json::to_vec(specs)?)?;
+    let out = Command::new(runner()?).arg("estimate").arg(&path).stderr(Stdio::inherit()).output();
+    let _ = std::fs::remove_file(&path);
+    let out = out?;
+    if !out.status.success() {
+        bail!("`llmflow-stage estimate` failed");
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}

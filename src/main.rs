@@ -87,6 +87,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Size, FLOPs, memory and expected time of building STAGE (training stages).
+    Estimate { stage: String },
     /// List the stage kinds llmflow knows.
     Kinds,
     /// Print the BLAKE3 digest of files, as `b3sum` does, with llmflow's hasher.
@@ -120,6 +122,7 @@ fn main() -> ExitCode {
             args.extend(top_p.map(|p| ["--top-p".to_string(), p.to_string()]).into_iter().flatten());
             commands::generate(&cli.file, &stage, &args)
         }
+        Cmd::Estimate { stage } => commands::estimate(&cli.file, &stage),
         Cmd::Kinds => commands::kinds(),
         Cmd::Hash { files } => commands::hash(&files),
     };

@@ -101,6 +101,13 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert!(g1.stdout.starts_with("ROMEO:") && g1.stdout.len() > "ROMEO:\n".len(), "{}", g1.stdout);
     assert_eq!(p.llmflow(&args).stdout, g1.stdout, "the same seed samples the same text");
 
+    // The estimate counts the parameters the trained model has.
+    let estimate = p.llmflow(&["estimate", "pretrain"]);
+    let params = metric(&p, "pretrain", "params");
+    assert!(estimate.stdout.contains(&format!("parameters        {params} ")), "{}", estimate.stdout);
+    assert!(estimate.stdout.contains("tokens            1536 (12 steps × 128 tokens)"), "{}", estimate.stdout);
+    assert!(estimate.stdout.contains("expected time"), "{}", estimate.stdout);
+
     let second = p.llmflow(&["run"]);
     assert!(second.built().is_empty(), "{}", second.all());
     assert!(second.stderr.contains("nothing to do"), "{}", second.stderr);

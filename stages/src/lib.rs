@@ -77,6 +77,13 @@ pub trait Stage {
     }
 
     fn run(params: &Self::Params, ctx: &mut StageCtx) -> Result<()>;
+
+    /// What a run would cost (`llmflow estimate`, `run --dry-run`): lines for
+    /// a person, or `None` for kinds that are cheap. `ctx` has the inputs
+    /// that are already built.
+    fn estimate(_params: &Self::Params, _ctx: &StageCtx) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// The input slots of a stage kind.
@@ -186,25 +193,42 @@ pub fn resolve(request: &ResolveRequest) -> ResolveResponse {
 
 /// Runs a stage of kind `kind` (in the stage process).
 pub fn run(kind: &str, params: serde_json::Value, ctx: &mut StageCtx) -> Result<()> {
-    struct Run<'a> {
+    dispatch(kind, params, ctx, Action::Run).map(drop)
+}
+
+/// What running a stage of kind `kind` would cost, if the kind says.
+pub fn estimate(kind: &str, params: serde_json::Value, ctx: &mut StageCtx) -> Result<Option<String>> {
+    dispatch(kind, params, ctx, Action::Estimate)
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Run,
+    Estimate,
+}
+
+fn dispatch(kind: &str, params: serde_json::Value, ctx: &mut StageCtx, action: Action) -> Result<Option<String>> {
+    struct Dispatch<'a> {
         kind: &'a str,
         params: Option<serde_json::Value>,
         ctx: &'a mut StageCtx,
-        result: Option<Result<()>>,
+        action: Action,
+        result: Option<Result<Option<String>>>,
     }
-    impl KindVisitor for Run<'_> {
+    impl KindVisitor for Dispatch<'_> {
         fn visit<S: Stage + 'static>(&mut self) {
             if S::KIND == self.kind {
                 let params = self.params.take().expect("one kind matches");
-                self.result = Some(
-                    serde_json::from_value::<S::Params>(params)
-                        .context("decoding stage params")
-                        .and_then(|p| S::run(&p, self.ctx)),
-                );
+                self.result = Some(serde_json::from_value::<S::Params>(params).context("decoding stage params").and_then(|p| {
+                    match self.action {
+                        Action::Run => S::run(&p, self.ctx).map(|()| None),
+                        Action::Estimate => S::estimate(&p, self.ctx),
+                    }
+                }));
             }
         }
     }
-    let mut visitor = Run { kind, params: Some(params), ctx, result: None };
+    let mut visitor = Dispatch { kind, params: Some(params), ctx, action, result: None };
     each_kind(&mut visitor);
     visitor.result.unwrap_or_else(|| anyhow::bail!("unknown stage kind `{kind}`"))
 }

@@ -8,6 +8,8 @@
 //!   kind, its params and the stage's context) into the stage's temporary
 //!   build directory, with output going to the stage's log; metrics are
 //!   written beside SPEC as `metrics.json`.
+//! * `llmflow-stage estimate SPECS` prints what running each stage would cost
+//!   (what `llmflow estimate` and `llmflow run --dry-run` show).
 //! * `llmflow-stage generate DIR --prompt TEXT [--max-tokens N] [--temperature T]
 //!   [--top-k K] [--top-p P] [--seed S]` samples from the model artifact in
 //!   DIR (what `llmflow generate` runs).
@@ -26,9 +28,10 @@ fn main() -> ExitCode {
         ["kinds"] => print_json(&llmflow_stages::kinds()),
         ["resolve"] => resolve(),
         ["run", spec] => run(Path::new(spec)),
+        ["estimate", spec] => estimate(Path::new(spec)),
         ["generate", dir, options @ ..] => generate(Path::new(dir), options),
         _ => {
-            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | generate DIR [OPTIONS]  (started by `llmflow`)");
+            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | estimate SPECS | generate DIR [OPTIONS]  (started by `llmflow`)");
             return ExitCode::from(2);
         }
     };
@@ -57,6 +60,18 @@ fn run(spec_path: &Path) -> Result<()> {
     llmflow_stages::run(&spec.kind, spec.params, &mut ctx)?;
     fs::write(spec_path.with_file_name("metrics.json"), serde_json::to_vec_pretty(ctx.metrics())?)?;
     Ok(())
+}
+
+/// SPEC holds a list of specs; prints a JSON list of estimates (null for
+/// kinds that give none), so one process serves a whole plan.
+fn estimate(specs_path: &Path) -> Result<()> {
+    let specs: Vec<Spec> = serde_json::from_slice(&fs::read(specs_path).context("reading the stage specs")?)?;
+    let mut estimates = Vec::new();
+    for spec in specs {
+        let mut ctx = spec.ctx;
+        estimates.push(llmflow_stages::estimate(&spec.kind, spec.params, &mut ctx).unwrap_or_else(|e| Some(format!("{e:#}"))));
+    }
+    print_json(&estimates)
 }
 
 fn generate(dir: &Path, options: &[&str]) -> Result<()> {

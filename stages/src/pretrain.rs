@@ -177,6 +177,76 @@ impl Stage for Pretrain {
         }
         Ok(())
     }
+
+    fn estimate(params: &Params, ctx: &StageCtx) -> Result<Option<String>> {
+        let config = match (params.model.vocab_size, ctx.inputs.get("tokenizer")) {
+            (0, None) => {
+                return Ok(Some(
+                    "model.vocab_size comes from the tokenizer input, which is not built yet: build it first or set model.vocab_size"
+                        .to_string(),
+                ))
+            }
+            (0, Some(dir)) => model_config(&params.model, &train_tokenizer::load(dir)?)?,
+            _ => params.model.clone(),
+        };
+        Ok(Some(estimate(&config, &params.train, &device::resolve(&ctx.device)?, ctx.threads)))
+    }
+}
+
+/// Size, compute, memory and expected time of a training run. The time comes
+/// from timing forward and backward passes of this very model on this
+/// machine (one sequence, after a warm-up pass), so it is a pessimistic
+/// bound: full batches use the cores better.
+fn estimate(config: &ModelConfig, hyper: &Hyper, device: &Device, threads: usize) -> String {
+    tch::set_num_threads(threads as i32);
+    let (n, per_token) = (config.num_params(), config.flops_per_token());
+    let tokens = hyper.tokens_per_step(config.context) * hyper.steps;
+    let total = per_token as f64 * tokens as f64;
+    // fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter.
+    // Activations kept for backward, per token and layer: about 16·d_model
+    // floats for the block's intermediates and 2·n_head·context for the
+    // attention scores and probabilities; plus the logits and their gradient.
+    let rows = (hyper.batch_size as i64 * config.context) as f64;
+    let per_layer = (16 * config.d_model + 2 * config.n_head * config.context) as f64;
+    let activations = 4.0 * rows * (config.n_layer as f64 * per_layer + 2.0 * config.vocab_size as f64);
+    let state = 16.0 * n as f64;
+
+    let vs = nn::VarStore::new(*device);
+    let measured = Gpt::new(&vs.root(), config).map(|gpt| {
+        let x = Tensor::zeros([1, config.context], (tch::Kind::Int64, *device));
+        let pass = || {
+            let started = Instant::now();
+            let _loss = gpt.backward(&x, true, |h| model::loss(&gpt.logits(h), &x));
+            started.elapsed().as_secs_f64()
+        };
+        pass();
+        config.context as f64 / pass()
+    });
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let mut out = format!(
+        "parameters        {n} ({:.2} M)\n\
+         FLOPs per token   {per_token} (6N + 12·n_layer·d_model·context)\n\
+         tokens            {tokens} ({} steps × {} tokens)\n\
+         total FLOPs       {total:.3e}\n\
+         memory            {:.2} GiB (weights, gradients, AdamW: {:.2} GiB; activations at batch {}: {:.2} GiB)\n",
+        n as f64 / 1e6,
+        hyper.steps,
+        hyper.tokens_per_step(config.context),
+        gib(state + activations),
+        gib(state),
+        hyper.batch_size,
+        gib(activations),
+    );
+    match measured {
+        Ok(tokens_per_s) => out += &format!(
+            "measured          {tokens_per_s:.0} tokens/s = {:.2} GFLOP/s on {device:?} with {threads} threads (one sequence)\n\
+             expected time     {:.0} s at that rate\n",
+            tokens_per_s * per_token as f64 / 1e9,
+            tokens as f64 / tokens_per_s,
+        ),
+        Err(e) => out += &format!("measured          cannot build the model: {e:#}\n"),
+    }
+    out
 }
 
 enum Outcome {
