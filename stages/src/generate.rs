@@ -61,35 +61,25 @@ pub fn complete(gpt: &Gpt, tokenizer: &Tokenizer, prompt: &str, sampling: &Sampl
         let encoding = tokenizer.encode(prompt, false).map_err(|e| anyhow!("{e}"))?;
         encoding.get_ids().iter().map(|&id| i64::from(id)).collect()
     };
-    let new = tch::no_grad(|| {
-        generate(gpt, &ids, sampling.max_tokens, sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
-    });
+    let new = tch::no_grad(|| generate(gpt, &ids, sampling));
     let new: Vec<u32> = new.into_iter().map(|id| id as u32).collect();
     Ok(format!("{prompt}{}", tokenizer.decode(&new, false).map_err(|e| anyhow!("{e}"))?))
 }
 
-/// Continues `prompt` (token ids, at least one) by `max_new_tokens` tokens
-/// and returns the new ones. `temperature` 0 is greedy decoding; otherwise
-/// the logits are divided by it, cut to the `top_k` most likely tokens, then
-/// to the smallest set whose probability reaches `top_p` (HF's order), and
-/// one token is drawn.
-pub fn generate(
-    model: &Gpt,
-    prompt: &[i64],
-    max_new_tokens: usize,
-    temperature: f64,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-    seed: u64,
-) -> Vec<i64> {
+/// Continues `prompt` (token ids, at least one) by `max_tokens` tokens and
+/// returns the new ones. `temperature` 0 is greedy decoding; otherwise the
+/// logits are divided by it, cut to the `top_k` most likely tokens, then to
+/// the smallest set whose probability reaches `top_p` (HF's order), and one
+/// token is drawn.
+pub fn generate(model: &Gpt, prompt: &[i64], s: &Sampling) -> Vec<i64> {
     assert!(!prompt.is_empty(), "generation needs a prompt of at least one token");
     let context = model.config().context as usize;
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64(s.seed);
     let mut tokens = prompt.to_vec();
     let mut cache = model.kv_cache(1);
     // tokens[start..] is what the model sees; the cache holds a prefix of it.
     let mut start = 0;
-    for _ in 0..max_new_tokens {
+    for _ in 0..s.max_tokens {
         if tokens.len() - start > context {
             start = tokens.len() - context;
             cache = model.kv_cache(1);
@@ -97,19 +87,14 @@ pub fn generate(
         let unseen = &tokens[start + cache.len() as usize..];
         let idx = Tensor::from_slice(unseen).view([1, -1]).to_device(model.device());
         let logits = model.forward_cached(&idx, &mut cache).get(0).get(-1); // [V]
-        tokens.push(sample(&logits, temperature, top_k, top_p, &mut rng));
+        tokens.push(sample(&logits, s, &mut rng));
     }
     tokens.split_off(prompt.len())
 }
 
 /// Picks a token from logits [V]; see [`generate`].
-pub(crate) fn sample(
-    logits: &Tensor,
-    temperature: f64,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-    rng: &mut SplitMix64,
-) -> i64 {
+pub(crate) fn sample(logits: &Tensor, s: &Sampling, rng: &mut SplitMix64) -> i64 {
+    let (temperature, top_k, top_p) = (s.temperature, s.top_k, s.top_p);
     if temperature <= 0.0 {
         return logits.argmax(-1, false).int64_value(&[]);
     }
@@ -165,22 +150,14 @@ mod tests {
     use crate::model::tests::{build, max_diff, tiny, torch_rng};
 
     /// nanoGPT's sampler: the whole window through `forward` at every step.
-    fn generate_without_cache(
-        model: &Gpt,
-        prompt: &[i64],
-        max_new_tokens: usize,
-        temperature: f64,
-        top_k: Option<usize>,
-        top_p: Option<f64>,
-        seed: u64,
-    ) -> Vec<i64> {
+    fn generate_without_cache(model: &Gpt, prompt: &[i64], s: &Sampling) -> Vec<i64> {
         let context = model.config().context as usize;
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64(s.seed);
         let mut tokens = prompt.to_vec();
-        for _ in 0..max_new_tokens {
+        for _ in 0..s.max_tokens {
             let window = &tokens[tokens.len().saturating_sub(context)..];
             let logits = model.forward(&Tensor::from_slice(window).view([1, -1]), false).get(0).get(-1);
-            tokens.push(sample(&logits, temperature, top_k, top_p, &mut rng));
+            tokens.push(sample(&logits, s, &mut rng));
         }
         tokens.split_off(prompt.len())
     }
@@ -219,13 +196,14 @@ mod tests {
             for (temperature, top_k, top_p, seed) in
                 [(0.0, None, None, 0), (1.0, None, None, 42), (0.8, Some(10), Some(0.9), 7)]
             {
-                let cached = generate(&model, &prompt, 20, temperature, top_k, top_p, seed);
-                let recomputed = generate_without_cache(&model, &prompt, 20, temperature, top_k, top_p, seed);
+                let s = Sampling { max_tokens: 20, temperature, top_k, top_p, seed };
+                let cached = generate(&model, &prompt, &s);
+                let recomputed = generate_without_cache(&model, &prompt, &s);
                 assert_eq!(cached.len(), 20);
                 assert_eq!(cached, recomputed, "{arch}, {attention}, temperature {temperature}");
             }
-            let other_seed = generate(&model, &prompt, 20, 1.0, None, None, 43);
-            assert_ne!(other_seed, generate(&model, &prompt, 20, 1.0, None, None, 42));
+            let s = Sampling { max_tokens: 20, temperature: 1.0, top_k: None, top_p: None, seed: 42 };
+            assert_ne!(generate(&model, &prompt, &Sampling { seed: 43, ..s }), generate(&model, &prompt, &s));
         }
     }
 
@@ -233,7 +211,9 @@ mod tests {
     fn sampling_follows_temperature_top_k_and_top_p() {
         let logits = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 0.5]);
         let mut rng = SplitMix64(1);
-        let mut draw = |temperature, top_k, top_p| sample(&logits, temperature, top_k, top_p, &mut rng);
+        let mut draw = |temperature, top_k, top_p| {
+            sample(&logits, &Sampling { max_tokens: 1, temperature, top_k, top_p, seed: 0 }, &mut rng)
+        };
         for _ in 0..20 {
             assert_eq!(draw(0.0, None, None), 1);
             assert_eq!(draw(1.0, Some(1), None), 1);
