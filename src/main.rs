@@ -15,7 +15,14 @@ use llmflow::graph::Format;
 /// is rebuilt.
 #[derive(Parser)]
 #[command(name = "llmflow", version, max_term_width = 100)]
-#[command(after_help = "Exit codes: 0 success, 1 a stage failed (or verify found damage), 2 a mistake in pipeline.toml or the command line, 130 interrupted.")]
+#[command(after_help = "Examples:
+  llmflow run                          build every stage (nothing, if all are fresh)
+  llmflow run tokens                   build `tokens` and what it needs
+  llmflow status                       what is fresh, and why the rest is not
+  llmflow run --dry-run                what a run would build, why, and what it costs
+  llmflow generate -s pretrain -p \"ROMEO:\"
+
+Exit codes: 0 success, 1 a stage failed (or verify found damage), 2 a mistake in pipeline.toml or the command line, 130 interrupted.")]
 struct Cli {
     /// The pipeline file.
     #[arg(short, long, global = true, default_value = "pipeline.toml", value_name = "PATH")]
