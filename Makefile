@@ -11,7 +11,8 @@
 # CUDA=1` installs all of them, for a GPU machine.
 #
 # The tests also check formats against the Python ecosystem (tokenizers,
-# numpy), installed into a virtual environment at $(VENV).
+# numpy, and transformers loading an exported model), installed into a
+# virtual environment at $(VENV).
 #
 # Honoured from the environment: CARGO_TARGET_DIR, LIBTORCH_DIR, VENV, PYTHON.
 
@@ -20,7 +21,8 @@ TORCH_VERSION := 2.13.0
 LIBTORCH_DIR  ?= $(CURDIR)/.libtorch
 CUDA          ?= 0
 VENV          ?= $(CURDIR)/.venv
-PY_TEST_DEPS  := numpy tokenizers
+PY_TEST_DEPS  := numpy tokenizers torch==$(TORCH_VERSION) transformers==5.23.0
+PY_DEPS_STAMP := $(VENV)/.test-deps-$(shell echo '$(PY_TEST_DEPS)' | cksum | cut -d' ' -f1)
 TARGET_DIR    := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BIN           := $(TARGET_DIR)/release/llmflow
 CPU_CUDA_LIBS := nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
@@ -45,13 +47,13 @@ build: setup
 run: build
 	$(BIN) run
 
-$(VENV)/.test-deps:
+$(PY_DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_TEST_DEPS)
 	@touch $@
 
 # The integration tests drive both binaries, so they are built first.
-test: build $(VENV)/.test-deps
+test: build $(PY_DEPS_STAMP)
 	LLMFLOW_PYTHON=$(VENV)/bin/python cargo test --release --locked --workspace
 
 clean:

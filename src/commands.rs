@@ -346,6 +346,17 @@ pub fn generate(file: &Path, stage: &str, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `export`: the stage runner writes the Hugging Face layout.
+pub fn export(file: &Path, stage: &str, out: &Path) -> Result<()> {
+    let dir = fresh_out(file, stage)?;
+    let status = std::process::Command::new(crate::kinds::runner()?).arg("export").arg(&dir).arg(out).status()?;
+    if !status.success() {
+        bail!(StageFailed(format!("exporting `{stage}` failed")));
+    }
+    println!("exported `{stage}` to {} (config.json, model.safetensors, tokenizer.json)", out.display());
+    Ok(())
+}
+
 pub fn kinds() -> Result<()> {
     for k in crate::kinds::list()? {
         println!("{:<18} v{}  {}", k.kind, k.version, k.summary);

@@ -94,6 +94,16 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a trained model in the Hugging Face layout (transformers loads it).
+    Export {
+        /// The stage whose model to export; it must be built and fresh.
+        stage: String,
+        #[arg(long, value_enum, default_value = "hf")]
+        format: ExportFormat,
+        /// The directory to write config.json, model.safetensors and tokenizer.json into.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Size, FLOPs, memory and expected time of building STAGE (training stages).
     Estimate { stage: String },
     /// List the stage kinds llmflow knows.
@@ -101,6 +111,12 @@ enum Cmd {
     /// Print the BLAKE3 digest of files, as `b3sum` does, with llmflow's hasher.
     #[command(hide = true)]
     Hash { files: Vec<PathBuf> },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// GPT2LMHeadModel or LlamaForCausalLM: config.json, model.safetensors, tokenizer.json.
+    Hf,
 }
 
 fn main() -> ExitCode {
@@ -129,6 +145,7 @@ fn main() -> ExitCode {
             args.extend(top_p.map(|p| ["--top-p".to_string(), p.to_string()]).into_iter().flatten());
             commands::generate(&cli.file, &stage, &args)
         }
+        Cmd::Export { stage, format: ExportFormat::Hf, out } => commands::export(&cli.file, &stage, &out),
         Cmd::Estimate { stage } => commands::estimate(&cli.file, &stage),
         Cmd::Kinds => commands::kinds(),
         Cmd::Hash { files } => commands::hash(&files),

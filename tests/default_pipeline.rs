@@ -108,6 +108,16 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert!(estimate.stdout.contains("tokens            1536 (12 steps × 128 tokens)"), "{}", estimate.stdout);
     assert!(estimate.stdout.contains("expected time"), "{}", estimate.stdout);
 
+    // The Hugging Face export (transformers' own check of it is a unit test).
+    let export = p.path().join("hf");
+    let r = p.llmflow(&["export", "pretrain", "--out", export.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "GPT2LMHeadModel");
+    assert_eq!(config["n_layer"], 1);
+    assert_eq!(fs::read(export.join("model.safetensors")).unwrap(), fs::read(p.out_dir("pretrain").join("model.safetensors")).unwrap());
+    assert!(export.join("tokenizer.json").is_file());
+
     let second = p.llmflow(&["run"]);
     assert!(second.built().is_empty(), "{}", second.all());
     assert!(second.stderr.contains("nothing to do"), "{}", second.stderr);

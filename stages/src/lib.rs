@@ -34,6 +34,7 @@ pub mod dedup;
 pub mod device;
 pub mod docs;
 pub mod download;
+pub mod export;
 pub mod filter;
 pub mod generate;
 pub mod loader;

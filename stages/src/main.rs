@@ -10,6 +10,8 @@
 //!   written beside SPEC as `metrics.json`.
 //! * `llmflow-stage estimate SPECS` prints what running each stage would cost
 //!   (what `llmflow estimate` and `llmflow run --dry-run` show).
+//! * `llmflow-stage export DIR OUT` writes the Hugging Face export of the
+//!   model artifact in DIR (what `llmflow export` runs).
 //! * `llmflow-stage generate DIR --prompt TEXT [--max-tokens N] [--temperature T]
 //!   [--top-k K] [--top-p P] [--seed S]` samples from the model artifact in
 //!   DIR (what `llmflow generate` runs).
@@ -30,8 +32,9 @@ fn main() -> ExitCode {
         ["run", spec] => run(Path::new(spec)),
         ["estimate", spec] => estimate(Path::new(spec)),
         ["generate", dir, options @ ..] => generate(Path::new(dir), options),
+        ["export", dir, out] => llmflow_stages::export::hugging_face(Path::new(dir), Path::new(out)),
         _ => {
-            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | estimate SPECS | generate DIR [OPTIONS]  (started by `llmflow`)");
+            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | estimate SPECS | generate DIR [OPTIONS] | export DIR OUT  (started by `llmflow`)");
             return ExitCode::from(2);
         }
     };
