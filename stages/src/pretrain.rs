@@ -143,7 +143,7 @@ const METRICS_FILE: &str = "metrics.jsonl";
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &["log_every", "checkpoint_every", "keep_checkpoints"];

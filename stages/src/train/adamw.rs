@@ -99,19 +99,26 @@ impl AdamW {
         self.t += 1;
         let bias1 = 1.0 - self.beta1.powi(self.t as i32);
         let bias2_sqrt = (1.0 - self.beta2.powi(self.t as i32)).sqrt();
+        // In place, two temporaries a tensor: the update is memory-bound, and
+        // every extra pass over the weights shows in the step time.
         tch::no_grad(|| {
             for p in &mut self.params {
                 let g = p.value.grad();
                 if !g.defined() {
                     continue;
                 }
-                let _ = p.m.g_mul_scalar_(self.beta1).g_add_(&(&g * (1.0 - self.beta1)));
-                let _ = p.v.g_mul_scalar_(self.beta2).g_add_(&(g.square() * (1.0 - self.beta2)));
+                let _ = p.m.lerp_(&g, 1.0 - self.beta1); // β1·m + (1−β1)·g
+                let _ = p.v.lerp_(&g.square(), 1.0 - self.beta2); // β2·v + (1−β2)·g²
                 if p.decay && self.weight_decay > 0.0 {
                     let _ = p.value.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let denom = p.v.sqrt() / bias2_sqrt + self.eps;
-                let _ = p.value.g_sub_(&(&p.m / denom * (lr / bias1)));
+                if lr == 0.0 {
+                    continue;
+                }
+                // value −= lr/bias1 · m / (√v/bias2_sqrt + eps), as value += m / denom.
+                let mut denom = p.v.sqrt();
+                let _ = denom.g_div_scalar_(bias2_sqrt).g_add_scalar_(self.eps).g_mul_scalar_(-bias1 / lr);
+                let _ = p.value.addcdiv_(&p.m, &denom);
             }
         });
     }
