@@ -82,9 +82,14 @@ impl Ui {
         let unit = parts.next().unwrap_or("");
         if bar.length() != Some(total) {
             bar.set_length(total);
-            let template = format!(
-                "{{spinner:.green}} {{prefix:>12.bold}} [{{elapsed}}] {{wide_bar:.cyan/blue}} {{human_pos}}/{{human_len}} {unit} ({{per_sec}}, {{eta}} left)"
-            );
+            // indicatif prints a bare rate with four decimals; bytes get its
+            // human units, other counts their ETA alone.
+            let counts = if unit == "bytes" {
+                "{binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta} left)".to_string()
+            } else {
+                format!("{{human_pos}}/{{human_len}} {unit} ({{eta}} left)")
+            };
+            let template = format!("{{spinner:.green}} {{prefix:>12.bold}} [{{elapsed}}] {{wide_bar:.cyan/blue}} {counts}");
             bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
         }
         bar.set_position(done);
