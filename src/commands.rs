@@ -38,7 +38,7 @@ pub fn run(file: &Path, targets: Vec<String>, dry_run: bool, force: Vec<String>,
 fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> Result<()> {
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(p, dag, &store)?;
-    let idx: Vec<usize> = targets.iter().map(|t| index(p, t)).collect::<Result<_>>()?;
+    let idx: Vec<usize> = targets.iter().map(|t| p.index(t)).collect::<Result<_, _>>()?;
     let building: Vec<usize> =
         dag.closure(&idx).into_iter().filter(|&i| statuses[i].state != State::Fresh || force.contains(&p.stages[i].name)).collect();
     let estimates = estimates(p, &statuses, &store, &building)?;
@@ -59,11 +59,6 @@ fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> R
     Ok(())
 }
 
-fn index(p: &Pipeline, name: &str) -> Result<usize> {
-    p.require(name)?;
-    Ok(p.stages.iter().position(|x| x.name == name).expect("exists"))
-}
-
 /// The stage runner's estimates for `stages`, given the inputs built so far.
 fn estimates(p: &Pipeline, statuses: &[Status], store: &Store, stages: &[usize]) -> Result<Vec<Option<String>>> {
     if stages.is_empty() {
@@ -76,7 +71,7 @@ fn estimates(p: &Pipeline, statuses: &[Status], store: &Store, stages: &[usize])
             let s = &p.stages[i];
             let mut ctx = StageCtx::new(&s.name, &p.root, Path::new(""), Path::new(""));
             for (slot, up) in &s.inputs {
-                let u = p.stages.iter().position(|x| x.name == *up).expect("checked reference");
+                let u = p.index(up).expect("checked reference");
                 if let (State::Fresh, Some(m)) = (statuses[u].state, &statuses[u].manifest) {
                     ctx.inputs.insert(slot.clone(), store.out_dir(&m.stage, &m.key));
                 }
@@ -93,7 +88,7 @@ fn estimates(p: &Pipeline, statuses: &[Status], store: &Store, stages: &[usize])
 /// `estimate STAGE`: size, compute, memory and expected time of building it.
 pub fn estimate(file: &Path, name: &str) -> Result<()> {
     let (p, dag) = load(file)?;
-    let i = index(&p, name)?;
+    let i = p.index(name)?;
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
     match estimates(&p, &statuses, &store, &[i])?.pop().flatten() {
@@ -172,10 +167,10 @@ pub fn dag(file: &Path, format: Format) -> Result<()> {
 
 pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
-    let s = p.require(name)?;
+    let i = p.index(name)?;
+    let s = &p.stages[i];
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
-    let i = p.stages.iter().position(|x| x.name == s.name).expect("exists");
     let st: &Status = &statuses[i];
     // The current artifact if fresh, else the last one built, labelled as such.
     let manifest = st.manifest.clone().or_else(|| store.state(name).latest.and_then(|k| store.read_manifest(name, &k)));
@@ -323,10 +318,9 @@ pub fn gc(file: &Path, dry_run: bool) -> Result<()> {
 /// The current artifact of `name`, or an error saying how to build it.
 fn fresh_out(file: &Path, name: &str) -> Result<PathBuf> {
     let (p, dag) = load(file)?;
-    p.require(name)?;
+    let i = p.index(name)?;
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
-    let i = p.stages.iter().position(|x| x.name == name).expect("exists");
     match &statuses[i].manifest {
         Some(m) if statuses[i].state == State::Fresh => Ok(store.out_dir(&m.stage, &m.key)),
         _ => bail!(crate::config::ConfigError(format!(

@@ -57,13 +57,10 @@ pub struct StageDef {
 }
 
 impl Pipeline {
-    pub fn stage(&self, name: &str) -> Option<&StageDef> {
-        self.stages.iter().find(|s| s.name == name)
-    }
-
-    /// The stage named `name`, or an error suggesting the nearest name.
-    pub fn require(&self, name: &str) -> Result<&StageDef, ConfigError> {
-        self.stage(name).ok_or_else(|| {
+    /// The index in `stages` of the stage named `name`, or an error
+    /// suggesting the nearest name.
+    pub fn index(&self, name: &str) -> Result<usize, ConfigError> {
+        self.stages.iter().position(|s| s.name == name).ok_or_else(|| {
             let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
             ConfigError(format!("no stage named `{name}` in {}{}", self.file.display(), suggest(name, &names)))
         })

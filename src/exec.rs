@@ -98,9 +98,9 @@ struct Job {
 }
 
 pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
-    let targets: Vec<usize> = opts.targets.iter().map(|t| index_of(p, t)).collect::<Result<_, _>>()?;
+    let targets: Vec<usize> = opts.targets.iter().map(|t| p.index(t)).collect::<Result<_, _>>()?;
     for f in &opts.force {
-        index_of(p, f)?;
+        p.index(f)?;
     }
     let wanted = dag.closure(&targets);
     // Fail on a missing file before touching the store.
@@ -142,7 +142,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 let mut inputs = BTreeMap::new();
                 let mut input_dirs = BTreeMap::new();
                 for (slot, up) in &s.inputs {
-                    let u = p.stages.iter().position(|x| x.name == *up).expect("checked reference");
+                    let u = p.index(up).expect("checked reference");
                     let m = outcomes[&u].manifest().expect("built");
                     inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
                     input_dirs.insert(slot.clone(), store.out_dir(&m.stage, &m.key));
@@ -224,11 +224,6 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn index_of(p: &Pipeline, name: &str) -> Result<usize, ConfigError> {
-    p.require(name)?;
-    Ok(p.stages.iter().position(|s| s.name == name).expect("exists"))
 }
 
 fn fresh_artifact(store: &Store, stage: &str, key: &str) -> Option<Manifest> {
@@ -383,8 +378,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
 
 /// The last line of the log that looks like an error, for `status`.
 fn last_error_line(log: &Path) -> Option<String> {
-    let file = File::open(log).ok()?;
-    let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    let lines = tail(log, usize::MAX);
     lines.iter().rev().find(|l| l.starts_with("error")).or(lines.last()).map(|l| l.trim().to_string())
 }
 
@@ -393,7 +387,7 @@ fn hostname() -> String {
 }
 
 /// The tail of a log, for failure messages.
-pub fn tail(log: &PathBuf, n: usize) -> Vec<String> {
+pub fn tail(log: &Path, n: usize) -> Vec<String> {
     let Ok(file) = File::open(log) else { return Vec::new() };
     let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
     lines[lines.len().saturating_sub(n)..].to_vec()

@@ -138,10 +138,7 @@ impl StatCache {
             return;
         }
         if let Ok(bytes) = serde_json::to_vec(&self.entries) {
-            let tmp = self.file.with_extension(format!("tmp{}", std::process::id()));
-            if fs::create_dir_all(self.file.parent().unwrap_or(Path::new("."))).is_ok() && fs::write(&tmp, bytes).is_ok() {
-                let _ = fs::rename(&tmp, &self.file);
-            }
+            let _ = crate::store::write_atomic(&self.file, &bytes);
         }
         self.dirty = false;
     }

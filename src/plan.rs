@@ -97,7 +97,7 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
         let mut inputs = BTreeMap::new();
         let mut waiting = Vec::new();
         for (slot, up) in &s.inputs {
-            let ui = p.stages.iter().position(|x| x.name == *up).expect("checked reference");
+            let ui = p.index(up).expect("checked reference");
             match out[ui].as_ref().and_then(|st| st.manifest.as_ref()) {
                 Some(m) if out[ui].as_ref().unwrap().state == State::Fresh => {
                     inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
