@@ -120,13 +120,33 @@ impl StatCache {
     }
 
     pub fn hash(&mut self, path: &Path) -> Result<String> {
+        let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if !meta.is_dir() {
+            return self.hash_file(path);
+        }
+        // A directory's own stat does not change when a file in it is
+        // rewritten, so it hashes as the output digest of its files, each
+        // cached by its own stat.
+        let mut rels = Vec::new();
+        walk(path, path, &mut rels)?;
+        rels.sort();
+        let mut files = Vec::with_capacity(rels.len());
+        for rel in rels {
+            let full = path.join(&rel);
+            let stat = Stat::of(&full).with_context(|| format!("cannot read {}", full.display()))?;
+            files.push(FileEntry { blake3: self.hash_file(&full)?, path: rel, size: stat.size, stat });
+        }
+        Ok(output_digest(&files))
+    }
+
+    fn hash_file(&mut self, path: &Path) -> Result<String> {
         let stat = Stat::of(path).with_context(|| format!("cannot read {}", path.display()))?;
         if let Some((cached, digest)) = self.entries.get(path) {
             if *cached == stat {
                 return Ok(digest.clone());
             }
         }
-        let digest = if fs::metadata(path)?.is_dir() { hash_dir(path)? } else { hash_file(path)? };
+        let digest = hash_file(path)?;
         self.entries.insert(path.to_path_buf(), (stat, digest.clone()));
         self.dirty = true;
         Ok(digest)
@@ -144,11 +164,6 @@ impl StatCache {
     }
 }
 
-/// A directory dependency hashes as the output digest of its files.
-fn hash_dir(dir: &Path) -> Result<String> {
-    Ok(output_digest(&manifest_files(dir)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +177,23 @@ mod tests {
         assert_eq!(hash_file(&big).unwrap(), blake3::hash(&data).to_hex().to_string());
         fs::write(dir.path().join("small"), b"abc").unwrap();
         assert_eq!(hash_file(&dir.path().join("small")).unwrap(), blake3::hash(b"abc").to_hex().to_string());
+    }
+
+    #[test]
+    fn stat_cache_sees_a_rewritten_file_inside_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let deps = dir.path().join("corpus");
+        fs::create_dir(&deps).unwrap();
+        fs::write(deps.join("a.txt"), b"one").unwrap();
+        let mut cache = StatCache::open(dir.path().join("cache.json"));
+        let first = cache.hash(&deps).unwrap();
+        assert_eq!(first, output_digest(&manifest_files(&deps).unwrap()));
+        // Same name and size: the directory's own stat does not change.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(deps.join("a.txt"), b"two").unwrap();
+        let second = cache.hash(&deps).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(second, output_digest(&manifest_files(&deps).unwrap()));
     }
 
     #[test]
