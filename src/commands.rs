@@ -81,8 +81,7 @@ fn estimates(p: &Pipeline, statuses: &[Status], store: &Store, stages: &[usize])
             Spec { kind: s.kind.kind.clone(), params: s.resolved.params.clone(), ctx }
         })
         .collect();
-    fs::create_dir_all(store.tmp_root())?;
-    crate::kinds::estimates(&specs, &store.tmp_root())
+    crate::kinds::estimates(&specs)
 }
 
 /// `estimate STAGE`: size, compute, memory and expected time of building it.

@@ -27,11 +27,24 @@ pub fn runner() -> Result<PathBuf> {
 
 /// Every stage kind (`llmflow-stage kinds`).
 pub fn list() -> Result<Vec<KindInfo>> {
-    let out = Command::new(runner()?).arg("kinds").stderr(Stdio::inherit()).output()?;
+    ask(&runner()?, "kinds", b"")
+}
+
+/// Runs `llmflow-stage VERB` with `input` on stdin; its stdout is JSON.
+fn ask<T: serde::de::DeserializeOwned>(runner: &Path, verb: &str, input: &[u8]) -> Result<T> {
+    let mut child = Command::new(runner)
+        .arg(verb)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", runner.display()))?;
+    child.stdin.take().expect("piped").write_all(input)?;
+    let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("`llmflow-stage kinds` failed");
+        bail!("`llmflow-stage {verb}` failed");
     }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    serde_json::from_slice(&out.stdout).with_context(|| format!("reading the answer of `llmflow-stage {verb}`"))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -52,19 +65,7 @@ pub fn resolve(request: &ResolveRequest, cache: &Path) -> Result<ResolveResponse
             return Ok(hit.response);
         }
     }
-    let mut child = Command::new(&runner)
-        .arg("resolve")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", runner.display()))?;
-    child.stdin.take().expect("piped").write_all(&body)?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("`llmflow-stage resolve` failed");
-    }
-    let response: ResolveResponse = serde_json::from_slice(&out.stdout).context("reading the stage runner's answer")?;
+    let response: ResolveResponse = ask(&runner, "resolve", &body)?;
     // Only a pipeline without mistakes is cached; errors are cheap to redo.
     if response.stages.iter().all(|s| matches!(s, Some(Ok(_)))) {
         let cached = Cached { runner: runner_stat, request: request_hash, response: response.clone() };
@@ -75,14 +76,6 @@ pub fn resolve(request: &ResolveRequest, cache: &Path) -> Result<ResolveResponse
 
 /// What building each stage would cost, as the stage runner estimates it
 /// (`None` for kinds that give no estimate).
-pub fn estimates(specs: &[crate::protocol::Spec], scratch: &Path) -> Result<Vec<Option<String>>> {
-    let path = scratch.join(format!("estimate.{}.json", std::process::id()));
-    crate::store::write_atomic(&path, &serde_json::to_vec(specs)?)?;
-    let out = Command::new(runner()?).arg("estimate").arg(&path).stderr(Stdio::inherit()).output();
-    let _ = std::fs::remove_file(&path);
-    let out = out?;
-    if !out.status.success() {
-        bail!("`llmflow-stage estimate` failed");
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+pub fn estimates(specs: &[crate::protocol::Spec]) -> Result<Vec<Option<String>>> {
+    ask(&runner()?, "estimate", &serde_json::to_vec(specs)?)
 }

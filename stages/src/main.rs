@@ -8,7 +8,8 @@
 //!   kind, its params and the stage's context) into the stage's temporary
 //!   build directory, with output going to the stage's log; metrics are
 //!   written beside SPEC as `metrics.json`.
-//! * `llmflow-stage estimate SPECS` prints what running each stage would cost
+//! * `llmflow-stage estimate` reads specs (JSON) on stdin and prints what
+//!   running each stage would cost
 //!   (what `llmflow estimate` and `llmflow run --dry-run` show).
 //! * `llmflow-stage export DIR OUT` writes the Hugging Face export of the
 //!   model artifact in DIR (what `llmflow export` runs).
@@ -30,11 +31,11 @@ fn main() -> ExitCode {
         ["kinds"] => print_json(&llmflow_stages::kinds()),
         ["resolve"] => resolve(),
         ["run", spec] => run(Path::new(spec)),
-        ["estimate", spec] => estimate(Path::new(spec)),
+        ["estimate"] => estimate(),
         ["generate", dir, options @ ..] => generate(Path::new(dir), options),
         ["export", dir, out] => llmflow_stages::export::hugging_face(Path::new(dir), Path::new(out)),
         _ => {
-            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | estimate SPECS | generate DIR [OPTIONS] | export DIR OUT  (started by `llmflow`)");
+            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | estimate | generate DIR [OPTIONS] | export DIR OUT  (started by `llmflow`)");
             return ExitCode::from(2);
         }
     };
@@ -65,10 +66,10 @@ fn run(spec_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// SPEC holds a list of specs; prints a JSON list of estimates (null for
-/// kinds that give none), so one process serves a whole plan.
-fn estimate(specs_path: &Path) -> Result<()> {
-    let specs: Vec<Spec> = serde_json::from_slice(&fs::read(specs_path).context("reading the stage specs")?)?;
+/// Reads a JSON list of specs on stdin; prints a JSON list of estimates (null
+/// for kinds that give none), so one process serves a whole plan.
+fn estimate() -> Result<()> {
+    let specs: Vec<Spec> = serde_json::from_reader(std::io::stdin().lock()).context("reading the stage specs")?;
     let mut estimates = Vec::new();
     for spec in specs {
         let mut ctx = spec.ctx;
