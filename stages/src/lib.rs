@@ -40,6 +40,8 @@ pub mod generate;
 pub mod loader;
 pub mod model;
 pub mod pretrain;
+pub mod records;
+pub mod sequences;
 pub mod shard;
 pub mod shards;
 pub mod train;

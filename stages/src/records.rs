@@ -1,0 +1,135 @@
+//! Datasets of JSON records: instruction sets, preference pairs, labeled
+//! mails, benchmark items. Read from a JSON array or JSON Lines, optionally
+//! gzip-compressed, and split deterministically.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+
+/// The records of `path`, each deserialized as `T`: a JSON array (`.json`)
+/// or one object per line (`.jsonl`); a `.gz` suffix is decompressed. Errors
+/// name the file and, for JSON Lines, the line.
+pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut text = String::new();
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = match name.strip_suffix(".gz") {
+        Some(inner) => {
+            flate2::read::GzDecoder::new(file)
+                .read_to_string(&mut text)
+                .with_context(|| format!("{}: not gzip-compressed UTF-8 text", path.display()))?;
+            inner
+        }
+        None => {
+            std::io::BufReader::new(file)
+                .read_to_string(&mut text)
+                .with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+            name
+        }
+    };
+    if name.ends_with(".json") || text.trim_start().starts_with('[') {
+        let records: Vec<serde_json::Value> =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a JSON array", path.display()))?;
+        return records
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| serde_json::from_value(r).with_context(|| format!("{}: record {}", path.display(), i + 1)))
+            .collect();
+    }
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        records.push(serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?);
+    }
+    if records.is_empty() {
+        bail!("{}: no records", path.display());
+    }
+    Ok(records)
+}
+
+/// Splits `0..n` into consecutive parts of the given `fractions` (summing to
+/// at most 1; the last part takes the rounding remainder) after a shuffle
+/// seeded by `seed`. The same (n, fractions, seed) always gives the same
+/// parts, each in ascending order.
+pub fn split(n: usize, fractions: &[f64], seed: u64) -> Vec<Vec<usize>> {
+    let order = shuffled(n, seed);
+    let mut parts = Vec::with_capacity(fractions.len());
+    let mut at = 0;
+    for (i, f) in fractions.iter().enumerate() {
+        let end = if i + 1 == fractions.len() && fractions.iter().sum::<f64>() >= 1.0 - 1e-9 {
+            n
+        } else {
+            (at + (f * n as f64).round() as usize).min(n)
+        };
+        let mut part = order[at..end].to_vec();
+        part.sort_unstable();
+        parts.push(part);
+        at = end;
+    }
+    parts
+}
+
+/// `0..n` in an order that depends only on `seed` (Fisher–Yates over
+/// SplitMix64).
+pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Item {
+        a: u32,
+    }
+
+    #[test]
+    fn reads_arrays_lines_and_gzip_and_names_the_bad_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("x.json");
+        std::fs::write(&json, r#"[{"a": 1}, {"a": 2}]"#).unwrap();
+        assert_eq!(read::<Item>(&json).unwrap(), [Item { a: 1 }, Item { a: 2 }]);
+        let gz = dir.path().join("x.jsonl.gz");
+        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+        enc.write_all(b"{\"a\": 3}\n\n{\"a\": 4}\n").unwrap();
+        enc.finish().unwrap();
+        assert_eq!(read::<Item>(&gz).unwrap(), [Item { a: 3 }, Item { a: 4 }]);
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, "{\"a\": 1}\n{\"a\": \"x\"}\n").unwrap();
+        let err = format!("{:#}", read::<Item>(&bad).unwrap_err());
+        assert!(err.starts_with(&format!("{}:2:", bad.display())), "{err}");
+    }
+
+    #[test]
+    fn splits_are_deterministic_disjoint_and_complete() {
+        let parts = split(100, &[0.85, 0.1, 0.05], 7);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [85, 10, 5]);
+        let mut all: Vec<usize> = parts.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_eq!(split(100, &[0.85, 0.1, 0.05], 7), parts);
+        assert_ne!(split(100, &[0.85, 0.1, 0.05], 8), parts);
+        assert_eq!(split(10, &[0.5], 1)[0].len(), 5);
+    }
+}
