@@ -52,6 +52,17 @@ impl Loaded {
     }
 }
 
+/// Writes a model artifact into `out`: the weights of `vs`, `config` and the
+/// tokenizer of the artifact (or `train_tokenizer` output) in `tokenizer_dir`.
+/// What [`Loaded::open`] reads, and `generate`, `export` and `eval` accept.
+pub fn save_model(out: &Path, vs: &nn::VarStore, config: &ModelConfig, tokenizer_dir: &Path) -> Result<()> {
+    vs.save(out.join("model.safetensors")).with_context(|| format!("cannot write the weights into {}", out.display()))?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(config)? + "\n")?;
+    std::fs::copy(tokenizer_dir.join(train_tokenizer::FILE), out.join(train_tokenizer::FILE))
+        .with_context(|| format!("cannot copy the tokenizer of {}", tokenizer_dir.display()))?;
+    Ok(())
+}
+
 /// `prompt` followed by a sampled continuation; an empty prompt starts from
 /// `<|endoftext|>`, i.e. a fresh document.
 pub fn complete(gpt: &Gpt, tokenizer: &Tokenizer, prompt: &str, sampling: &Sampling) -> Result<String> {

@@ -71,27 +71,22 @@ use tokenizers::Tokenizer;
 use crate::generate::{complete, Sampling};
 use crate::loader::{Batch, Loader, Order, Position, Split};
 use crate::model::{self, Gpt, ModelConfig};
-use crate::train::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard};
+use crate::generate::save_model;
+use crate::train::trainer::{self, Every, Outcome, Task, Trainer};
+use crate::train::Hyper;
 use crate::train_tokenizer;
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Pretrain;
-
-/// The environment variable that stops a run after a given step (see the
-/// module docs).
-pub const STOP_ENV: &str = "LLMFLOW_STOP_AFTER_STEP";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     pub model: ModelConfig,
     pub train: Hyper,
-    pub eval_every: u64,
     pub eval_batches: usize,
-    pub checkpoint_every: u64,
-    pub keep_checkpoints: usize,
-    pub spike_factor: f64,
-    pub log_every: u64,
+    #[serde(flatten)]
+    pub every: Every,
     pub samples: Samples,
 }
 
@@ -116,46 +111,26 @@ impl Default for Params {
         Params {
             model: ModelConfig::default(),
             train: Hyper::default(),
-            eval_every: 125,
             eval_batches: 20,
-            checkpoint_every: 100,
-            keep_checkpoints: 2,
-            spike_factor: 3.0,
-            log_every: 50,
+            every: Every::default(),
             samples: Samples::default(),
         }
     }
 }
-
-/// What the checkpoint's `state.json` holds besides the tensors.
-#[derive(Debug, Serialize, Deserialize)]
-struct State {
-    step: u64,
-    loader: Position,
-    guard: SpikeGuard,
-    skipped: u64,
-}
-
-const MODEL_FILE: &str = "model.safetensors";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const STATE_FILE: &str = "state.json";
-const METRICS_FILE: &str = "metrics.jsonl";
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
     const VERSION: u32 = 2;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
-    const VOLATILE: &'static [&'static str] = &["log_every", "checkpoint_every", "keep_checkpoints"];
+    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
     type Params = Params;
 
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
         params.train.check("train")?;
-        if params.eval_every == 0 || params.eval_batches == 0 {
-            return Err(ParamError::new(&["eval_every"], "`eval_every` and `eval_batches` must be at least 1"));
-        }
-        if params.spike_factor < 0.0 || (params.spike_factor > 0.0 && params.spike_factor <= 1.0) {
-            return Err(ParamError::new(&["spike_factor"], "`spike_factor` must be above 1, or 0 to turn the guard off"));
+        params.every.check()?;
+        if params.eval_batches == 0 {
+            return Err(ParamError::new(&["eval_batches"], "`eval_batches` must be at least 1"));
         }
         if params.samples.count > 0 && params.samples.max_tokens == 0 {
             return Err(ParamError::new(&["samples", "max_tokens"], "`max_tokens` must be at least 1"));
@@ -168,12 +143,8 @@ impl Stage for Pretrain {
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        let stop_after = match std::env::var(STOP_ENV) {
-            Ok(v) => Some(v.parse::<u64>().with_context(|| format!("{STOP_ENV}={v}: not a step number"))?),
-            Err(_) => None,
-        };
-        if let Outcome::Stopped(step) = pretrain(params, ctx, stop_after)? {
-            bail!("stopped after step {step} as {STOP_ENV} asks; run again to resume from the last checkpoint");
+        if let Outcome::Stopped(step) = pretrain(params, ctx, trainer::stop_after_env()?)? {
+            bail!("stopped after step {step} as {} asks; run again to resume from the last checkpoint", trainer::STOP_ENV);
         }
         Ok(())
     }
@@ -249,11 +220,6 @@ fn estimate(config: &ModelConfig, hyper: &Hyper, device: &Device, threads: usize
     out
 }
 
-enum Outcome {
-    Finished,
-    Stopped(u64),
-}
-
 /// The whole stage; `stop_after` ends the run after that step, as a kill would.
 fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
     let started = Instant::now();
@@ -265,24 +231,12 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
     let config = model_config(&params.model, &tokenizer)?;
     let data = ctx.input("data")?.to_path_buf();
     let context = config.context as usize;
-    let mut loader = Loader::new(Split::open(&data, "train")?, hyper.batch_size, context, Order::Random { seed: hyper.seed })?;
+    let loader = Loader::new(Split::open(&data, "train")?, hyper.batch_size, context, Order::Random { seed: hyper.seed })?;
     let val = Evaluator::new(&data, &tokenizer, hyper.batch_size, context, params.eval_batches)?;
 
     tch::manual_seed(hyper.seed as i64);
     let mut vs = nn::VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &config)?;
-    let mut opt = AdamW::new(&vs, hyper);
-    let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), params.keep_checkpoints)?;
-    let mut state = State { step: 0, loader: Position::default(), guard: SpikeGuard::default(), skipped: 0 };
-    if let Some((step, dir)) = checkpoints.latest()? {
-        vs.load(dir.join(MODEL_FILE)).with_context(|| format!("cannot load {}", dir.join(MODEL_FILE).display()))?;
-        opt.load(&dir.join(OPTIMIZER_FILE))?;
-        state = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE))?)?;
-        ensure!(state.step == step, "{}: state is for step {}", dir.display(), state.step);
-        loader.seek(state.loader);
-        eprintln!("pretrain: resuming from the checkpoint of step {step}");
-    }
-    let mut log = MetricsLog::open(&ctx.work.join(METRICS_FILE), state.step)?;
     eprintln!(
         "pretrain: {} parameters, {} steps of {} tokens on {device:?}, {} threads",
         config.num_params(),
@@ -290,97 +244,62 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
         hyper.tokens_per_step(config.context),
         ctx.threads
     );
-
-    let cuda = device.is_cuda();
-    let mut trained_tokens = 0u64;
-    let mut train_seconds = 0.0;
-    let mut last = None;
-    while state.step < hyper.steps {
-        let step_started = Instant::now();
-        let lr = hyper.lr_at(state.step);
-        opt.zero_grad();
-        let mut loss = 0.0;
-        for micro in 0..hyper.grad_accum {
-            let (x, y) = tensors(&loader.next_batch(), device);
-            tch::manual_seed(step_seed(hyper.seed, state.step, micro));
-            let micro_loss = tch::autocast(cuda, || {
-                gpt.backward(&x, true, |h| model::loss(&gpt.logits(h), &y) / hyper.grad_accum as f64)
-            });
-            loss += micro_loss.double_value(&[]);
-        }
-        let accepted = state.guard.accept(loss, params.spike_factor);
-        let grad_norm = if accepted {
-            let norm = opt.clip_grad_norm(hyper.grad_clip);
-            opt.step(lr);
-            norm
-        } else {
-            state.skipped += 1;
-            eprintln!("pretrain: step {}: loss {loss:.4} is a spike (running mean {:.4}); update skipped", state.step + 1, state.guard.mean());
-            f64::NAN
-        };
-        state.step += 1;
-        state.loader = loader.position();
-        let seconds = step_started.elapsed().as_secs_f64();
-        let tokens = hyper.tokens_per_step(config.context);
-        (trained_tokens, train_seconds) = (trained_tokens + tokens, train_seconds + seconds);
-        let tokens_per_s = tokens as f64 / seconds;
-        let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s});
-        if accepted {
-            row["grad_norm"] = json!(grad_norm);
-        } else {
-            row["skipped"] = json!(true);
-        }
-        log.write(&row)?;
-        if state.step % params.log_every.max(1) == 0 || state.step == hyper.steps {
-            eprintln!(
-                "step {:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3} | {tokens_per_s:.0} tok/s",
-                state.step, hyper.steps
-            );
-        }
-        if state.step % params.eval_every == 0 || state.step == hyper.steps {
-            let (val_loss, bpb) = val.evaluate(&gpt, cuda);
-            log.write(&json!({"step": state.step, "val_loss": val_loss, "val_bpb": bpb}))?;
-            eprintln!("step {:>6}/{} | val loss {val_loss:.4} | val bits/byte {bpb:.4}", state.step, hyper.steps);
-            last = Some((val_loss, bpb));
-        }
-        ctx.progress(state.step, hyper.steps, "steps");
-        if params.checkpoint_every > 0 && state.step % params.checkpoint_every == 0 && state.step < hyper.steps {
-            checkpoints.save(state.step, |dir| {
-                vs.save(dir.join(MODEL_FILE))?;
-                opt.save(&dir.join(OPTIMIZER_FILE))?;
-                Ok(std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?)
-            })?;
-        }
-        if stop_after == Some(state.step) && state.step < hyper.steps {
-            return Ok(Outcome::Stopped(state.step));
-        }
-    }
-    // Checkpoints come before the last step, so this run took it and evaluated.
-    let (val_loss, bpb) = last.expect("the last step evaluates");
+    let trainer = Trainer {
+        name: "pretrain",
+        hyper,
+        every: &params.every,
+        tokens_per_step: Some(hyper.tokens_per_step(config.context)),
+        stop_after,
+    };
+    let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val })? {
+        Outcome::Finished(trained) => trained,
+        stopped => return Ok(stopped),
+    };
 
     let out = ctx.out.clone();
-    vs.save(out.join(MODEL_FILE))?;
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
-    std::fs::copy(tokenizer_dir.join(train_tokenizer::FILE), out.join(train_tokenizer::FILE)).context("copying the tokenizer")?;
-    std::fs::copy(log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
-    let rows = log.rows()?;
-    let series = |key: &str| -> Vec<(f64, f64)> {
-        rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()
-    };
-    plot::loss_curve(&out.join("loss.png"), &series("loss"), &series("val_loss"))?;
+    save_model(&out, &vs, &config, &tokenizer_dir)?;
+    trained.write(&out, "val_loss")?;
     let samples = write_samples(&gpt, &tokenizer, &params.samples, hyper.seed)?;
     std::fs::write(out.join("samples.txt"), samples)?;
 
-    let train_loss = rows.iter().rev().find_map(|r| r["loss"].as_f64());
-    ctx.metric("train_loss", train_loss);
-    ctx.metric("val_loss", val_loss);
-    ctx.metric("val_bpb", bpb);
-    // Of this run's steps only: a resumed run has not timed the others.
-    ctx.metric("tokens_per_s", if train_seconds > 0.0 { trained_tokens as f64 / train_seconds } else { 0.0 });
+    ctx.metric("train_loss", trained.train_loss()?);
+    ctx.metric("val_loss", &trained.last_eval["val_loss"]);
+    ctx.metric("val_bpb", &trained.last_eval["val_bpb"]);
+    ctx.metric("tokens_per_s", trained.tokens_per_s);
     ctx.metric("params", config.num_params());
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
-    ctx.metric("skipped_steps", state.skipped);
-    Ok(Outcome::Finished)
+    ctx.metric("skipped_steps", trained.skipped);
+    Ok(Outcome::Finished(trained))
+}
+
+/// Next-token prediction on the token stream, as a [`Task`].
+struct Pretraining<'a> {
+    gpt: &'a Gpt,
+    loader: Loader,
+    val: Evaluator,
+}
+
+impl Task for Pretraining<'_> {
+    fn backward(&mut self, _step: u64, _micro: usize, scale: f64) -> Result<f64> {
+        let (x, y) = tensors(&self.loader.next_batch(), self.gpt.device());
+        let cuda = self.gpt.device().is_cuda();
+        let loss = tch::autocast(cuda, || self.gpt.backward(&x, true, |h| model::loss(&self.gpt.logits(h), &y) * scale));
+        Ok(loss.double_value(&[]))
+    }
+
+    fn evaluate(&mut self, _step: u64) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let (val_loss, bpb) = self.val.evaluate(self.gpt, self.gpt.device().is_cuda());
+        Ok(serde_json::Map::from_iter([("val_loss".into(), json!(val_loss)), ("val_bpb".into(), json!(bpb))]))
+    }
+
+    fn state(&self) -> serde_json::Value {
+        json!(self.loader.position())
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<()> {
+        self.loader.seek(serde_json::from_value::<Position>(state).context("the checkpoint's loader position")?);
+        Ok(())
+    }
 }
 
 /// `model` with the tokenizer's vocabulary size filled in (or checked).
@@ -478,6 +397,10 @@ mod tests {
 
     use super::*;
     use crate::model::tests::torch_rng;
+    use crate::train::trainer::METRICS_FILE;
+    use crate::train::Checkpoints;
+
+    const MODEL_FILE: &str = "model.safetensors";
     use crate::shard::{self, Encoder};
     use crate::shards::{Manifest, ShardInfo, ShardWriter, SplitInfo, Width};
     use crate::train_tokenizer::tests::{corpus, run_stage, write_docs};
@@ -536,7 +459,7 @@ mod tests {
         let params = tiny();
 
         let mut straight = ctx(dir, "straight", &inputs);
-        assert!(matches!(pretrain(&params, &mut straight, None).unwrap(), Outcome::Finished));
+        assert!(matches!(pretrain(&params, &mut straight, None).unwrap(), Outcome::Finished(_)));
 
         // Killed after step 6: the checkpoint of step 4 is the latest, steps 5
         // and 6 are done again.
@@ -545,7 +468,7 @@ mod tests {
         let steps: Vec<u64> =
             Checkpoints::open(&resumed.work.join("checkpoints"), 2).unwrap().list().unwrap().iter().map(|c| c.0).collect();
         assert_eq!(steps, [4]);
-        assert!(matches!(pretrain(&params, &mut resumed, None).unwrap(), Outcome::Finished));
+        assert!(matches!(pretrain(&params, &mut resumed, None).unwrap(), Outcome::Finished(_)));
 
         let weights = |c: &StageCtx| std::fs::read(c.out.join(MODEL_FILE)).unwrap();
         assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
@@ -587,7 +510,7 @@ mod tests {
 
     #[test]
     fn params_are_checked_and_volatile_ones_listed() {
-        let bad = Params { spike_factor: 0.5, ..Default::default() };
+        let bad = Params { every: Every { spike_factor: 0.5, ..Default::default() }, ..Default::default() };
         assert_eq!(Pretrain::check(&bad, &[]).unwrap_err().path, ["spike_factor"]);
         let bad: Params = serde_json::from_value(json!({"train": {"steps": 0}})).unwrap();
         assert_eq!(Pretrain::check(&bad, &[]).unwrap_err().path, ["train", "steps"]);

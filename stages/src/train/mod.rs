@@ -12,6 +12,7 @@
 //!   written atomically, the last K kept.
 //! * [`MetricsLog`] and [`plot::loss_curve`]: `metrics.jsonl` that survives a
 //!   resume, and its picture.
+//! * [`trainer`]: the loop itself, over a stage's [`trainer::Task`].
 //! * [`step_seed`]: the libtorch seed for each micro-batch, which makes
 //!   dropout reproducible across a resume without saving libtorch's generator
 //!   (tch cannot read it back).
@@ -20,6 +21,7 @@ mod adamw;
 mod checkpoint;
 mod metrics;
 pub mod plot;
+pub mod trainer;
 
 use serde::{Deserialize, Serialize};
 

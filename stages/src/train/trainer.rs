@@ -1,0 +1,288 @@
+//! The training loop every training stage runs: learning-rate schedule,
+//! gradient accumulation, spike guard, clipping, AdamW, periodic evaluation,
+//! metrics, checkpoints and resume. A stage supplies only what differs, as a
+//! [`Task`]: the loss of a micro-batch and its evaluation.
+//!
+//! Resume is exact on the CPU: a checkpoint holds every variable of the
+//! VarStore, the AdamW moments, the step, the spike guard and the task's own
+//! state (a data position), and dropout is reseeded from (seed, step,
+//! micro-batch) before every micro-batch. A task whose batches are a function
+//! of (step, micro-batch), like [`batch_indices`], needs no state at all.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tch::nn;
+
+use super::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard};
+use crate::{ParamError, StageCtx};
+
+/// What a stage trains: the part of the loop that is not shared.
+pub trait Task {
+    /// Runs forward and backward on micro-batch `micro` of update `step`
+    /// (0-based) with the loss multiplied by `scale` (1 / grad_accum), so the
+    /// gradients add up to the update's mean; returns the scaled loss.
+    fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64>;
+
+    /// Validation metrics after `step` updates, written as one row of
+    /// `metrics.jsonl` (e.g. `val_loss`).
+    fn evaluate(&mut self, step: u64) -> Result<Map<String, Value>>;
+
+    /// State beyond the weights that a resumed run needs (a loader position).
+    fn state(&self) -> Value {
+        Value::Null
+    }
+
+    fn restore(&mut self, _state: Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The loop's settings: `train` plus the top-level params training stages
+/// share (see [`Every`]).
+pub struct Trainer<'a> {
+    /// The stage kind, prefixing log lines.
+    pub name: &'a str,
+    pub hyper: &'a Hyper,
+    pub every: &'a Every,
+    /// Tokens one update trains on, for the `tokens_per_s` metric; `None`
+    /// when updates differ in size.
+    pub tokens_per_step: Option<u64>,
+    /// End the run after this step as if killed there (see [`STOP_ENV`]).
+    pub stop_after: Option<u64>,
+}
+
+/// Intervals and guard of a training loop: top-level params of every
+/// training stage (`#[serde(flatten)]` them into the stage's params).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Every {
+    /// Evaluate every so many updates, and after the last.
+    pub eval_every: u64,
+    /// Skip an update whose loss exceeds this × the running mean; 0: never.
+    pub spike_factor: f64,
+    /// Checkpoint every so many updates (volatile); 0: never.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (volatile).
+    pub keep_checkpoints: usize,
+    /// A progress line on stderr every so many updates (volatile).
+    pub log_every: u64,
+}
+
+impl Default for Every {
+    fn default() -> Self {
+        Every { eval_every: 125, spike_factor: 3.0, checkpoint_every: 100, keep_checkpoints: 2, log_every: 50 }
+    }
+}
+
+/// The params of [`Every`] that cannot change a result.
+pub const VOLATILE: [&str; 3] = ["checkpoint_every", "keep_checkpoints", "log_every"];
+
+/// The environment variable that stops a training stage right after a given
+/// step, as if killed there, to exercise resume.
+pub const STOP_ENV: &str = "LLMFLOW_STOP_AFTER_STEP";
+
+impl Every {
+    pub fn check(&self) -> Result<(), ParamError> {
+        if self.eval_every == 0 {
+            return Err(ParamError::new(&["eval_every"], "`eval_every` must be at least 1"));
+        }
+        if self.spike_factor < 0.0 || (self.spike_factor > 0.0 && self.spike_factor <= 1.0) {
+            return Err(ParamError::new(&["spike_factor"], "`spike_factor` must be above 1, or 0 to turn the guard off"));
+        }
+        Ok(())
+    }
+}
+
+/// The step [`STOP_ENV`] asks to stop after, if set.
+pub fn stop_after_env() -> Result<Option<u64>> {
+    match std::env::var(STOP_ENV) {
+        Ok(v) => Ok(Some(v.parse().with_context(|| format!("{STOP_ENV}={v}: not a step number"))?)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// How a run ended.
+pub enum Outcome {
+    Finished(Trained),
+    /// Stopped after this step, as [`Trainer::stop_after`] asked.
+    Stopped(u64),
+}
+
+/// A finished run.
+pub struct Trained {
+    /// `metrics.jsonl` in the work dir: a row per update and per evaluation.
+    pub log: MetricsLog,
+    /// The metrics of the evaluation after the last step.
+    pub last_eval: Map<String, Value>,
+    /// Updates the spike guard skipped.
+    pub skipped: u64,
+    /// Training throughput of this run's own steps (a resumed run has not
+    /// timed the others); 0 without `tokens_per_step`.
+    pub tokens_per_s: f64,
+}
+
+/// What a checkpoint's `state.json` holds besides the tensors.
+#[derive(Serialize, Deserialize)]
+struct State {
+    step: u64,
+    guard: SpikeGuard,
+    skipped: u64,
+    task: Value,
+}
+
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+impl Trainer<'_> {
+    /// Trains the requires-grad variables of `vs` on `task`, resuming from the
+    /// latest checkpoint in the stage's work dir.
+    pub fn run(&self, ctx: &mut StageCtx, vs: &mut nn::VarStore, task: &mut impl Task) -> Result<Outcome> {
+        let (hyper, every, name) = (self.hyper, self.every, self.name);
+        let mut opt = AdamW::new(vs, hyper);
+        let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), every.keep_checkpoints)?;
+        let mut state = State { step: 0, guard: SpikeGuard::default(), skipped: 0, task: Value::Null };
+        if let Some((step, dir)) = checkpoints.latest()? {
+            vs.load(dir.join(MODEL_FILE)).with_context(|| format!("cannot load {}", dir.join(MODEL_FILE).display()))?;
+            opt.load(&dir.join(OPTIMIZER_FILE))?;
+            state = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE))?)?;
+            ensure!(state.step == step, "{}: state is for step {}", dir.display(), state.step);
+            task.restore(state.task.take())?;
+            eprintln!("{name}: resuming from the checkpoint of step {step}");
+        }
+        let mut log = MetricsLog::open(&ctx.work.join(METRICS_FILE), state.step)?;
+        let (mut timed_tokens, mut timed_seconds) = (0u64, 0.0);
+        let mut last_eval = Map::new();
+        while state.step < hyper.steps {
+            let started = Instant::now();
+            let lr = hyper.lr_at(state.step);
+            opt.zero_grad();
+            let mut loss = 0.0;
+            for micro in 0..hyper.grad_accum {
+                tch::manual_seed(step_seed(hyper.seed, state.step, micro));
+                loss += task.backward(state.step, micro, 1.0 / hyper.grad_accum as f64)?;
+            }
+            let accepted = state.guard.accept(loss, every.spike_factor);
+            let mut row = json!({"step": state.step + 1, "loss": loss, "lr": lr});
+            let grad_norm = if accepted {
+                let norm = opt.clip_grad_norm(hyper.grad_clip);
+                opt.step(lr);
+                row["grad_norm"] = json!(norm);
+                norm
+            } else {
+                state.skipped += 1;
+                row["skipped"] = json!(true);
+                eprintln!(
+                    "{name}: step {}: loss {loss:.4} is a spike (running mean {:.4}); update skipped",
+                    state.step + 1,
+                    state.guard.mean()
+                );
+                f64::NAN
+            };
+            state.step += 1;
+            let seconds = started.elapsed().as_secs_f64();
+            let mut rate = String::new();
+            if let Some(tokens) = self.tokens_per_step {
+                (timed_tokens, timed_seconds) = (timed_tokens + tokens, timed_seconds + seconds);
+                row["tokens_per_s"] = json!(tokens as f64 / seconds);
+                rate = format!(" | {:.0} tok/s", tokens as f64 / seconds);
+            }
+            log.write(&row)?;
+            let last = state.step == hyper.steps;
+            if state.step % every.log_every.max(1) == 0 || last {
+                eprintln!(
+                    "step {:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3}{rate}",
+                    state.step, hyper.steps
+                );
+            }
+            if state.step % every.eval_every == 0 || last {
+                last_eval = task.evaluate(state.step)?;
+                let shown: Vec<String> = last_eval.iter().map(|(k, v)| format!("{k} {}", short(v))).collect();
+                eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown.join(" | "));
+                let mut row = Map::from_iter([("step".to_string(), json!(state.step))]);
+                row.extend(last_eval.clone());
+                log.write(&Value::Object(row))?;
+            }
+            ctx.progress(state.step, hyper.steps, "steps");
+            if every.checkpoint_every > 0 && state.step % every.checkpoint_every == 0 && !last {
+                state.task = task.state();
+                checkpoints.save(state.step, |dir| {
+                    vs.save(dir.join(MODEL_FILE))?;
+                    opt.save(&dir.join(OPTIMIZER_FILE))?;
+                    Ok(std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?)
+                })?;
+            }
+            if self.stop_after == Some(state.step) && !last {
+                return Ok(Outcome::Stopped(state.step));
+            }
+        }
+        let tokens_per_s = if timed_seconds > 0.0 { timed_tokens as f64 / timed_seconds } else { 0.0 };
+        Ok(Outcome::Finished(Trained { log, last_eval, skipped: state.skipped, tokens_per_s }))
+    }
+}
+
+impl Trained {
+    /// Copies `metrics.jsonl` into `out` and draws `loss.png`: the training
+    /// loss and the evaluation metric `val_key` over the steps.
+    pub fn write(&self, out: &std::path::Path, val_key: &str) -> Result<()> {
+        std::fs::copy(self.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
+        let rows = self.log.rows()?;
+        let series = |key: &str| -> Vec<(f64, f64)> {
+            rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()
+        };
+        plot::loss_curve(&out.join("loss.png"), &series("loss"), &series(val_key))
+    }
+
+    /// The loss of the last update.
+    pub fn train_loss(&self) -> Result<Option<f64>> {
+        Ok(self.log.rows()?.iter().rev().find_map(|r| r["loss"].as_f64()))
+    }
+}
+
+fn short(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.4}"),
+        None => v.to_string(),
+    }
+}
+
+/// Example indices of micro-batch `micro` of update `step` over `n` examples:
+/// consecutive slices of a fresh seeded permutation each epoch. A function of
+/// its arguments only, so a resumed run draws the same batches.
+pub fn batch_indices(n: usize, hyper: &Hyper, step: u64, micro: usize) -> Vec<usize> {
+    assert!(n > 0, "no examples to train on");
+    let first = (step as usize * hyper.grad_accum + micro) * hyper.batch_size;
+    let mut epoch_order: Option<(usize, Vec<usize>)> = None;
+    (first..first + hyper.batch_size)
+        .map(|i| {
+            let epoch = i / n;
+            if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                epoch_order = Some((epoch, crate::records::shuffled(n, hyper.seed ^ (epoch as u64).wrapping_mul(0x9E37))));
+            }
+            epoch_order.as_ref().expect("set above").1[i % n]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_each_epoch_once_and_depend_only_on_the_position() {
+        let hyper = Hyper { batch_size: 4, grad_accum: 2, ..Default::default() };
+        let hyper = &hyper;
+        let mut epoch: Vec<usize> = (0..5u64).flat_map(|s| (0..2).flat_map(move |m| batch_indices(10, hyper, s, m))).collect();
+        assert_eq!(epoch.len(), 40);
+        let second_epoch = epoch.split_off(10);
+        let mut first = epoch.clone();
+        first.sort_unstable();
+        assert_eq!(first, (0..10).collect::<Vec<_>>());
+        assert_ne!(epoch, second_epoch[..10], "each epoch is shuffled anew");
+        assert_eq!(batch_indices(10, hyper, 3, 1), batch_indices(10, hyper, 3, 1));
+    }
+}
