@@ -37,6 +37,8 @@ pub mod download;
 pub mod export;
 pub mod filter;
 pub mod generate;
+pub mod head;
+pub mod instruct;
 pub mod loader;
 pub mod model;
 pub mod pretrain;
