@@ -20,6 +20,7 @@
 mod adamw;
 mod checkpoint;
 mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod trainer;
 
