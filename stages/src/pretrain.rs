@@ -143,7 +143,7 @@ const METRICS_FILE: &str = "metrics.jsonl";
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &["log_every", "checkpoint_every", "keep_checkpoints"];
@@ -324,7 +324,7 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
         let tokens = hyper.tokens_per_step(config.context);
         (trained_tokens, train_seconds) = (trained_tokens + tokens, train_seconds + seconds);
         let tokens_per_s = tokens as f64 / seconds;
-        let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s});
+        let mut row = json!({"step": state.step, "loss": loss, "lr": lr, "tokens": state.step * tokens, "tokens_per_s": tokens_per_s});
         if accepted {
             row["grad_norm"] = json!(grad_norm);
         } else {
