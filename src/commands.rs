@@ -171,8 +171,7 @@ pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
     let st: &Status = &statuses[i];
-    // The current artifact if fresh, else the last one built, labelled as such.
-    let manifest = st.manifest.clone().or_else(|| store.state(name).latest.and_then(|k| store.read_manifest(name, &k)));
+    let manifest = current_or_latest(&store, st, name);
     if json {
         let out = manifest.as_ref().map(|m| store.out_dir(&m.stage, &m.key));
         println!(
@@ -221,6 +220,61 @@ pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
     if m.files.len() > 20 {
         println!("  … and {} more", m.files.len() - 20);
     }
+    Ok(())
+}
+
+/// The current artifact of stage `name` if fresh, else the last one built
+/// (which callers label as not current).
+fn current_or_latest(store: &Store, st: &Status, name: &str) -> Option<store::Manifest> {
+    st.manifest.clone().or_else(|| store.state(name).latest.and_then(|k| store.read_manifest(name, &k)))
+}
+
+/// `report [STAGE]`: the report card an `eval` stage wrote (`report.md`, or
+/// `results.json` with `--json`); STAGE defaults to the pipeline's only eval
+/// stage.
+pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
+    let (p, dag) = load(file)?;
+    let name = match stage {
+        Some(name) => name.to_string(),
+        None => {
+            let evals: Vec<&str> = p.stages.iter().filter(|s| s.kind.kind == "eval").map(|s| s.name.as_str()).collect();
+            match evals.as_slice() {
+                [one] => one.to_string(),
+                [] => bail!(crate::config::ConfigError(
+                    "the pipeline has no stage of kind `eval`: add one (see the README), or name a stage: `llmflow report STAGE`".into()
+                )),
+                many => bail!(crate::config::ConfigError(format!(
+                    "the pipeline has several eval stages ({}): name one, e.g. `llmflow report {}`",
+                    many.join(", "),
+                    many[0]
+                ))),
+            }
+        }
+    };
+    let i = p.index(&name)?;
+    let store = Store::new(p.artifacts.clone());
+    let statuses = plan::statuses(&p, &dag, &store)?;
+    let Some(m) = current_or_latest(&store, &statuses[i], &name) else {
+        bail!(crate::config::ConfigError(format!("no report of `{name}` is built yet: run `llmflow run {name}` first")));
+    };
+    let out = store.out_dir(&m.stage, &m.key);
+    let wanted = if json { "results.json" } else { "report.md" };
+    let Ok(text) = fs::read_to_string(out.join(wanted)) else {
+        bail!(crate::config::ConfigError(format!(
+            "stage `{name}` ({}) wrote no {wanted}: `llmflow report` reads the output of `eval` stages",
+            p.stages[i].kind.kind
+        )));
+    };
+    if !json {
+        if statuses[i].state != State::Fresh {
+            eprintln!(
+                "`{name}` is {}: this is the last report built; `llmflow run {name}` brings it up to date",
+                statuses[i].state.as_str()
+            );
+        }
+        eprintln!("{} (charts and loss curves beside it)", out.join(wanted).display());
+    }
+    print!("{text}");
     Ok(())
 }
 

@@ -21,6 +21,7 @@ use llmflow::graph::Format;
   llmflow status                       what is fresh, and why the rest is not
   llmflow run --dry-run                what a run would build, why, and what it costs
   llmflow generate -s pretrain -p \"ROMEO:\"
+  llmflow report                       the scores of the models the eval stage compares
 
 Exit codes: 0 success, 1 a stage failed (or verify found damage), 2 a mistake in pipeline.toml or the command line, 130 interrupted.")]
 struct Cli {
@@ -64,6 +65,14 @@ enum Cmd {
     /// Show a stage's artifact: manifest, metrics and paths.
     Show {
         stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the report card of an eval stage: scores, centered scores, throughput.
+    Report {
+        /// The eval stage [default: the pipeline's only stage of kind `eval`].
+        stage: Option<String>,
+        /// Print results.json (every metric, per model and task) instead.
         #[arg(long)]
         json: bool,
     },
@@ -128,6 +137,7 @@ fn main() -> ExitCode {
         Cmd::Status { json } => commands::status(&cli.file, json),
         Cmd::Dag { format } => commands::dag(&cli.file, format),
         Cmd::Show { stage, json } => commands::show(&cli.file, &stage, json),
+        Cmd::Report { stage, json } => commands::report(&cli.file, stage.as_deref(), json),
         Cmd::Verify => commands::verify(&cli.file),
         Cmd::Gc { dry_run } => commands::gc(&cli.file, dry_run),
         Cmd::Generate { stage, prompt, max_tokens, temperature, top_k, top_p, seed } => {

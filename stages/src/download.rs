@@ -207,7 +207,7 @@ fn is_http(url: &str) -> bool {
 
 /// What the engine must hash for a local source: the file, or for a glob the
 /// directory before its first wildcard.
-fn local_dependency(url: &str) -> Option<String> {
+pub(crate) fn local_dependency(url: &str) -> Option<String> {
     if is_http(url) {
         return None;
     }

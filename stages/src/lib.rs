@@ -34,6 +34,7 @@ pub mod dedup;
 pub mod device;
 pub mod docs;
 pub mod download;
+pub mod eval;
 pub mod export;
 pub mod filter;
 pub mod generate;
@@ -116,6 +117,7 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<train_tokenizer::TrainTokenizer>();
     v.visit::<shard::Shard>();
     v.visit::<pretrain::Pretrain>();
+    v.visit::<eval::Eval>();
 }
 
 fn info<S: Stage>() -> KindInfo {

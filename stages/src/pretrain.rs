@@ -121,7 +121,7 @@ impl Default for Params {
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;

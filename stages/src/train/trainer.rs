@@ -47,8 +47,8 @@ pub struct Trainer<'a> {
     pub name: &'a str,
     pub hyper: &'a Hyper,
     pub every: &'a Every,
-    /// Tokens one update trains on, for the `tokens_per_s` metric; `None`
-    /// when updates differ in size.
+    /// Tokens one update trains on, for the `tokens` (so far) and
+    /// `tokens_per_s` columns; `None` when updates differ in size.
     pub tokens_per_step: Option<u64>,
     /// End the run after this step as if killed there (see [`STOP_ENV`]).
     pub stop_after: Option<u64>,
@@ -188,6 +188,7 @@ impl Trainer<'_> {
             let mut rate = String::new();
             if let Some(tokens) = self.tokens_per_step {
                 (timed_tokens, timed_seconds) = (timed_tokens + tokens, timed_seconds + seconds);
+                row["tokens"] = json!(state.step * tokens);
                 row["tokens_per_s"] = json!(tokens as f64 / seconds);
                 rate = format!(" | {:.0} tok/s", tokens as f64 / seconds);
             }
