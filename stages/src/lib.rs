@@ -33,9 +33,11 @@ pub mod command;
 pub mod dedup;
 pub mod device;
 pub mod docs;
+pub mod dpo;
 pub mod download;
 pub mod export;
 pub mod filter;
+pub mod finetune;
 pub mod generate;
 pub mod head;
 pub mod instruct;
@@ -44,6 +46,7 @@ pub mod model;
 pub mod pretrain;
 pub mod records;
 pub mod sequences;
+pub mod sft;
 pub mod shard;
 pub mod shards;
 pub mod train;
@@ -116,6 +119,8 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<train_tokenizer::TrainTokenizer>();
     v.visit::<shard::Shard>();
     v.visit::<pretrain::Pretrain>();
+    v.visit::<sft::Sft>();
+    v.visit::<dpo::Dpo>();
 }
 
 fn info<S: Stage>() -> KindInfo {
