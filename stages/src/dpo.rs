@@ -65,6 +65,9 @@
 //!   `val_accuracy`) rise above `val_accuracy_before`.
 //! * `val_loss`, `train_loss`, `trainable_params`, `params`, `examples`
 //!   (train, validation), `wall_seconds`, `skipped_steps`.
+//!
+//! With `loss = "ipo"`, every log π in these metrics is the per-token
+//! average the loss uses.
 
 use std::time::Instant;
 
