@@ -33,10 +33,12 @@ pub mod command;
 pub mod dedup;
 pub mod device;
 pub mod docs;
+pub mod dpo;
 pub mod download;
 pub mod eval;
 pub mod export;
 pub mod filter;
+pub mod finetune;
 pub mod generate;
 pub mod head;
 pub mod instruct;
@@ -45,6 +47,7 @@ pub mod model;
 pub mod pretrain;
 pub mod records;
 pub mod sequences;
+pub mod sft;
 pub mod shard;
 pub mod shards;
 pub mod train;
@@ -118,6 +121,8 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<shard::Shard>();
     v.visit::<pretrain::Pretrain>();
     v.visit::<eval::Eval>();
+    v.visit::<sft::Sft>();
+    v.visit::<dpo::Dpo>();
 }
 
 fn info<S: Stage>() -> KindInfo {

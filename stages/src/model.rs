@@ -72,10 +72,36 @@
 //! generator before each block with a seed drawn per block; the plain path
 //! draws and uses the same seeds, so turning checkpointing on or off does not
 //! change the gradients.
+//!
+//! # LoRA
+//!
+//! Low-rank adapters (Hu et al. 2021) are the one addition to the math above:
+//! [`Gpt::add_lora`] gives each targeted projection `W` a pair A [r, in],
+//! B [out, r], so that it computes `x·W + b + (α/r)·dropout(x)·Aᵀ·Bᵀ`. A
+//! starts uniform in ±1/√in (PEFT's Kaiming init), B at zero, so a model with
+//! fresh adapters computes what it did without them. The adapters live in a
+//! VarStore of their own (names: the layer's, then `lora_{target}.A` / `.B`),
+//! which is what a fine-tuning stage trains while the base stays frozen;
+//! [`Gpt::merge_lora`] then adds (α/r)·B·A into the base weights, in each
+//! weight's layout, and drops the adapters, leaving a plain model.
+//!
+//! [`Lora::targets`] name projections the same way for both families; GPT-2
+//! keeps q, k and v fused in `c_attn`, so each of them adapts its own third of
+//! `c_attn`'s output columns:
+//!
+//! | target | GPT-2                   | Llama            |
+//! |--------|-------------------------|------------------|
+//! | `q`, `k`, `v` | `attn.c_attn`, columns [0, C), [C, 2C), [2C, 3C) | `self_attn.{q,k,v}_proj` |
+//! | `o`    | `attn.c_proj`           | `self_attn.o_proj` |
+//! | `gate` | —                       | `mlp.gate_proj`  |
+//! | `up`   | `mlp.c_fc`              | `mlp.up_proj`    |
+//! | `down` | `mlp.c_proj`            | `mlp.down_proj`  |
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, Tensor};
+
+use crate::ParamError;
 
 /// Targets equal to this take no part in the loss (prompt tokens in SFT,
 /// padding), as in PyTorch's `cross_entropy`.
@@ -296,6 +322,58 @@ impl ModelConfig {
     }
 }
 
+/// Low-rank adapters for fine-tuning (see the module docs), as written in
+/// `pipeline.toml`: `lora = { rank = 8, alpha = 16, dropout = 0.05, targets = ["q", "v"] }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Lora {
+    /// r, the adapters' inner dimension.
+    pub rank: i64,
+    /// α: the update is scaled by α/r, so changing r keeps its size.
+    pub alpha: f64,
+    /// Dropout on the adapters' input while training.
+    pub dropout: f64,
+    /// The projections to adapt in every block: `q`, `k`, `v`, `o`, `gate`
+    /// (Llama only), `up`, `down`.
+    pub targets: Vec<String>,
+}
+
+impl Default for Lora {
+    fn default() -> Self {
+        Lora { rank: 8, alpha: 16.0, dropout: 0.05, targets: vec!["q".into(), "v".into()] }
+    }
+}
+
+impl Lora {
+    pub const TARGETS: [&'static str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
+
+    /// Checks ranges and target names; errors name fields under `table`
+    /// (e.g. `lora`).
+    pub fn check(&self, table: &str) -> Result<(), ParamError> {
+        let err = |field: &str, message: String| Err(ParamError::new(&[table, field], message));
+        if self.rank < 1 {
+            return err("rank", format!("`rank` must be at least 1, got {}", self.rank));
+        }
+        if !(self.alpha > 0.0) {
+            return err("alpha", format!("`alpha` must be positive, got {}", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return err("dropout", format!("`dropout` must be in [0, 1), got {}", self.dropout));
+        }
+        if self.targets.is_empty() {
+            return err("targets", format!("name at least one projection to adapt: {:?}", Self::TARGETS));
+        }
+        if let Some(t) = self.targets.iter().find(|t| !Self::TARGETS.contains(&t.as_str())) {
+            return err("targets", format!("unknown target `{t}`; the projections are {:?}", Self::TARGETS));
+        }
+        Ok(())
+    }
+
+    fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
 /// A trainable variable drawn from N(0, std²) on the CPU, so that a seed
 /// gives the same weights whatever the VarStore's device.
 fn normal(p: &nn::Path, name: &str, dims: &[i64], std: f64) -> Tensor {
@@ -311,11 +389,24 @@ enum Layout {
     OutIn,
 }
 
-/// A dense layer, `y = x·W + b`.
+/// A dense layer, `y = x·W + b`, plus its LoRA adapters if any.
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     layout: Layout,
+    /// The layer's path in the VarStore, naming its adapters.
+    name: String,
+    adapters: Vec<Adapter>,
+}
+
+/// One low-rank update of a [`Linear`], `(α/r)·dropout(x)·Aᵀ·Bᵀ`, added to
+/// the output columns `cols` (all of them but for GPT-2's fused q, k, v).
+struct Adapter {
+    a: Tensor, // [r, in]
+    b: Tensor, // [cols.len(), r]
+    scale: f64,
+    dropout: f64,
+    cols: std::ops::Range<i64>,
 }
 
 impl Linear {
@@ -324,17 +415,65 @@ impl Linear {
             Layout::InOut => [d_in, d_out],
             Layout::OutIn => [d_out, d_in],
         };
-        Linear { weight: normal(p, "weight", &dims, std), bias: bias.then(|| p.zeros("bias", &[d_out])), layout }
+        Linear {
+            weight: normal(p, "weight", &dims, std),
+            bias: bias.then(|| p.zeros("bias", &[d_out])),
+            layout,
+            name: p.components().collect::<Vec<_>>().join("."),
+            adapters: Vec::new(),
+        }
+    }
+
+    /// (d_in, d_out)
+    fn dims(&self) -> (i64, i64) {
+        let (rows, cols) = self.weight.size2().expect("a matrix");
+        match self.layout {
+            Layout::InOut => (rows, cols),
+            Layout::OutIn => (cols, rows),
+        }
     }
 
     /// [.., d_in] → [.., d_out]
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         // `linear` wants [out, in]; the transpose of [in, out] is a view.
         let weight = match self.layout {
             Layout::InOut => self.weight.tr(),
             Layout::OutIn => self.weight.shallow_clone(),
         };
-        x.linear(&weight, self.bias.as_ref())
+        let y = x.linear(&weight, self.bias.as_ref());
+        let d_out = self.dims().1;
+        self.adapters.iter().fold(y, |y, a| {
+            let update = x.dropout(a.dropout, train).linear::<Tensor>(&a.a, None).linear::<Tensor>(&a.b, None) * a.scale;
+            // Zero columns left and right of the adapted ones.
+            y + update.constant_pad_nd([a.cols.start, d_out - a.cols.end])
+        })
+    }
+
+    /// Adds an adapter for `target` on output columns `cols` (all if
+    /// `None`), its variables under `root` in the layer's name.
+    fn add_adapter(&mut self, root: &nn::Path, target: &str, lora: &Lora, cols: Option<std::ops::Range<i64>>) {
+        let (d_in, d_out) = self.dims();
+        let cols = cols.unwrap_or(0..d_out);
+        let p = self.name.split('.').fold(root.clone(), |p, c| p / c) / format!("lora_{target}");
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a = p.var_copy("A", &((Tensor::rand([lora.rank, d_in], (Kind::Float, Device::Cpu)) * 2.0 - 1.0) * bound));
+        let b = p.zeros("B", &[cols.end - cols.start, lora.rank]);
+        self.adapters.push(Adapter { a, b, scale: lora.scale(), dropout: lora.dropout, cols });
+    }
+
+    /// Adds each adapter's (α/r)·B·A into the weight and drops the adapters.
+    fn merge(&mut self) {
+        tch::no_grad(|| {
+            for a in self.adapters.drain(..) {
+                let update = a.b.matmul(&a.a) * a.scale; // [cols, in]
+                let (dim, update) = match self.layout {
+                    Layout::OutIn => (0, update),
+                    Layout::InOut => (1, update.tr()),
+                };
+                let mut block = self.weight.narrow(dim, a.cols.start, a.cols.end - a.cols.start);
+                let _ = block.g_add_(&update.to_device(block.device()).to_kind(block.kind()));
+            }
+        });
     }
 }
 
@@ -485,10 +624,12 @@ impl SelfAttention {
         let (b, t, c) = x.size3().unwrap();
         let (q, k, v) = match &self.qkv {
             Qkv::Fused(c_attn) => {
-                let qkv = c_attn.forward(x).split(c, 2); // 3 × [B, T, C]
+                let qkv = c_attn.forward(x, train).split(c, 2); // 3 × [B, T, C]
                 (qkv[0].shallow_clone(), qkv[1].shallow_clone(), qkv[2].shallow_clone())
             }
-            Qkv::Separate { q_proj, k_proj, v_proj } => (q_proj.forward(x), k_proj.forward(x), v_proj.forward(x)),
+            Qkv::Separate { q_proj, k_proj, v_proj } => {
+                (q_proj.forward(x, train), k_proj.forward(x, train), v_proj.forward(x, train))
+            }
         };
         // Split into heads: [B, T, heads·head_dim] → [B, heads, T, head_dim].
         let heads = |x: Tensor, n: i64| x.view([b, t, n, self.head_dim]).transpose(1, 2);
@@ -511,7 +652,7 @@ impl SelfAttention {
         let y = self.attend(&q, &repeat_kv(k, n_rep), &repeat_kv(v, n_rep), train); // [B, n_head, T, head_dim]
                                                                                     // Heads side by side again: [B, n_head, T, head_dim] → [B, T, C].
         let y = y.transpose(1, 2).reshape([b, t, c]);
-        self.out_proj.forward(&y).dropout(self.dropout, train)
+        self.out_proj.forward(&y, train).dropout(self.dropout, train)
     }
 
     /// softmax(q·kᵀ/√head_dim, causally masked)·v. q: [B, n_head, T, head_dim];
@@ -586,12 +727,12 @@ impl Mlp {
     }
 
     /// [B, T, C] → [B, T, F] → [B, T, C]
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         match self {
             // GPT-2 was trained with the tanh approximation (HF's `gelu_new`).
-            Mlp::Gelu { c_fc, c_proj } => c_proj.forward(&c_fc.forward(x).gelu("tanh")),
+            Mlp::Gelu { c_fc, c_proj } => c_proj.forward(&c_fc.forward(x, train).gelu("tanh"), train),
             Mlp::SwiGlu { gate_proj, up_proj, down_proj } => {
-                down_proj.forward(&(gate_proj.forward(x).silu() * up_proj.forward(x)))
+                down_proj.forward(&(gate_proj.forward(x, train).silu() * up_proj.forward(x, train)), train)
             }
         }
     }
@@ -631,8 +772,33 @@ impl Block {
         train: bool,
     ) -> Tensor {
         let x = x + self.attn.forward(&self.norm_1.forward(x), pos, rope, cache, train);
-        let mlp = self.mlp.forward(&self.norm_2.forward(&x)).dropout(self.dropout, train);
+        let mlp = self.mlp.forward(&self.norm_2.forward(&x), train).dropout(self.dropout, train);
         x + mlp
+    }
+}
+
+impl Block {
+    /// The projection a LoRA target names (see the module docs), with the
+    /// output columns it owns when it shares a layer; `None` if this arch has
+    /// no such projection.
+    fn lora_target(&mut self, target: &str) -> Option<(&mut Linear, Option<std::ops::Range<i64>>)> {
+        let attn = &mut self.attn;
+        let c = attn.n_head * attn.head_dim;
+        let index = ["q", "k", "v"].iter().position(|t| *t == target);
+        Some(match (&mut attn.qkv, &mut self.mlp, target) {
+            (Qkv::Fused(c_attn), _, _) if index.is_some() => {
+                let i = index.expect("checked") as i64;
+                (c_attn, Some(i * c..(i + 1) * c))
+            }
+            (Qkv::Separate { q_proj, .. }, _, "q") => (q_proj, None),
+            (Qkv::Separate { k_proj, .. }, _, "k") => (k_proj, None),
+            (Qkv::Separate { v_proj, .. }, _, "v") => (v_proj, None),
+            (_, _, "o") => (&mut attn.out_proj, None),
+            (_, Mlp::Gelu { c_fc, .. }, "up") | (_, Mlp::SwiGlu { up_proj: c_fc, .. }, "up") => (c_fc, None),
+            (_, Mlp::Gelu { c_proj, .. }, "down") | (_, Mlp::SwiGlu { down_proj: c_proj, .. }, "down") => (c_proj, None),
+            (_, Mlp::SwiGlu { gate_proj, .. }, "gate") => (gate_proj, None),
+            _ => return None,
+        })
     }
 }
 
@@ -679,6 +845,35 @@ impl Gpt {
 
     pub fn device(&self) -> Device {
         self.wte.device()
+    }
+
+    /// Adds LoRA adapters to `lora.targets` in every block, their variables
+    /// under `root` (a VarStore of their own, see the module docs). Their
+    /// initial values are drawn from libtorch's generator on the CPU.
+    pub fn add_lora(&mut self, root: &nn::Path, lora: &Lora) -> Result<()> {
+        lora.check("lora").map_err(|e| anyhow::Error::msg(e.message))?;
+        let arch = self.config.arch;
+        for block in &mut self.blocks {
+            for target in &lora.targets {
+                let Some((linear, cols)) = block.lora_target(target) else {
+                    bail!("arch {arch:?} has no `{target}` projection to adapt (GPT-2 has no `gate`)");
+                };
+                linear.add_adapter(root, target, lora, cols);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds every adapter's update into the base weights and drops the
+    /// adapters: the model computes what it did, as a plain model.
+    pub fn merge_lora(&mut self) {
+        for block in &mut self.blocks {
+            for target in Lora::TARGETS {
+                if let Some((linear, _)) = block.lora_target(target) {
+                    linear.merge();
+                }
+            }
+        }
     }
 
     /// Logits [B, T, V] for token ids idx [B, T] (int64, T ≤ context).
@@ -1079,6 +1274,61 @@ pub(crate) mod tests {
         assert!((score(7, 3) - score(50, 46)).abs() < 1e-4);
         assert!((score(7, 3) - score(7, 4)).abs() > 1e-4);
         assert!(rope.apply(&q, 0).equal(&q));
+    }
+
+    /// Fresh adapters change nothing and only they get gradients; trained
+    /// ones (here: a random B) change the logits, and merging them into the
+    /// base weights gives the logits of base + adapters, as a plain model.
+    #[test]
+    fn merged_lora_gives_the_logits_of_base_plus_adapters() {
+        let _rng = torch_rng();
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("gpt2", json!({}), vec!["q", "v", "o", "up", "down"], "transformer.h.1.attn.c_attn.lora_v", [16, 16]),
+            ("llama", json!({"n_kv_head": 2}), Lora::TARGETS.to_vec(), "model.layers.0.self_attn.k_proj.lora_k", [8, 16]),
+        ];
+        for (arch, extra, targets, adapter, [d_out, d_in]) in cases {
+            let config = tiny(arch, extra);
+            let (mut vs, mut model) = build(&config, 11);
+            let idx = random_tokens(&config, 2, 12);
+            let base = model.forward(&idx, false);
+            vs.freeze();
+            let adapters = nn::VarStore::new(Device::Cpu);
+            let lora = Lora { targets: targets.iter().map(|t| t.to_string()).collect(), ..Default::default() };
+            model.add_lora(&adapters.root(), &lora).unwrap();
+            assert!(model.forward(&idx, false).equal(&base), "{arch}: B starts at zero");
+            let vars = adapters.variables();
+            assert_eq!(vars.len(), 2 * targets.len() * config.n_layer as usize, "{arch}: {:?}", vars.keys());
+            assert_eq!(vars[&format!("{adapter}.A")].size(), [8, d_in]);
+            assert_eq!(vars[&format!("{adapter}.B")].size(), [d_out, 8]);
+
+            let targets_y = random_tokens(&config, 2, 12);
+            let _ = model.backward(&idx, true, |h| loss(&model.logits(h), &targets_y));
+            assert!(vs.variables().values().all(|t| !t.grad().defined()), "{arch}: the base is frozen");
+            assert!(vars[&format!("{adapter}.B")].grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+
+            tch::no_grad(|| {
+                for (_, mut b) in vars.into_iter().filter(|(name, _)| name.ends_with(".B")) {
+                    let _ = b.copy_(&(Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.1));
+                }
+            });
+            let adapted = model.forward(&idx, false);
+            assert!(max_diff(&adapted, &base) > 1e-3, "{arch}: the adapters take part");
+            model.merge_lora();
+            let diff = max_diff(&model.forward(&idx, false), &adapted);
+            assert!(diff < 1e-5, "{arch}: merged differs by {diff}");
+
+            let path = dir.path().join("merged.safetensors");
+            vs.save(&path).unwrap();
+            let (mut plain, reloaded) = build(&config, 12);
+            plain.load(&path).unwrap();
+            assert!(max_diff(&reloaded.forward(&idx, false), &adapted) < 1e-5, "{arch}: a plain model");
+        }
+        let (_, mut gpt2) = build(&tiny("gpt2", json!({})), 0);
+        let adapters = nn::VarStore::new(Device::Cpu);
+        let gate = Lora { targets: vec!["gate".into()], ..Default::default() };
+        assert!(gpt2.add_lora(&adapters.root(), &gate).unwrap_err().to_string().contains("no `gate`"));
+        assert_eq!(Lora { targets: vec!["c_attn".into()], ..Default::default() }.check("lora").unwrap_err().path, ["lora", "targets"]);
     }
 
     #[test]

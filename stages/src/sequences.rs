@@ -18,7 +18,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::model::IGNORE_INDEX;
+use crate::model::{Gpt, IGNORE_INDEX};
 
 /// Token ids of which those from `start` on are counted (trained on, scored).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +116,23 @@ pub fn sequence_logprobs(logits: &Tensor, y: &Tensor) -> Tensor {
     token_logprobs(logits, y).sum_dim_intlist(-1, false, Kind::Float)
 }
 
+/// Summed log-probability of each sequence's counted tokens under `gpt`,
+/// scored `batch_size` at a time without a graph: evaluation, and the log-
+/// probabilities of a frozen reference model.
+pub fn score(gpt: &Gpt, sequences: &[Sequence], batch_size: usize, pad_id: i64) -> Vec<f64> {
+    let cuda = gpt.device().is_cuda();
+    tch::no_grad(|| {
+        sequences
+            .chunks(batch_size.max(1))
+            .flat_map(|chunk| {
+                let batch = pad(chunk, pad_id, gpt.device());
+                let logprobs = tch::autocast(cuda, || sequence_logprobs(&gpt.forward(&batch.x, false), &batch.y));
+                Vec::<f64>::try_from(logprobs.to_kind(Kind::Double).to_device(Device::Cpu)).expect("a 1-D tensor")
+            })
+            .collect()
+    })
+}
+
 /// Rows [B, C] of hidden states [B, T, C] at positions `index` [B].
 pub fn gather_rows(hidden: &Tensor, index: &Tensor) -> Tensor {
     let c = hidden.size()[2];
@@ -165,6 +182,8 @@ mod tests {
             let ce = model::loss(&logits, &alone.y).double_value(&[]) * s.counted() as f64;
             assert!((ce + a).abs() < 1e-4, "{ce} vs {a}");
         }
+        let scored = score(&gpt, &seqs, 2, 0);
+        assert!(scored.iter().zip(&together).all(|(a, b)| (a - b).abs() < 1e-5), "{scored:?} vs {together:?}");
         let h = gpt.hidden_states(&batch.x, false);
         let rows = gather_rows(&h, &batch.last());
         assert_eq!(rows.size(), [3, config.d_model]);
