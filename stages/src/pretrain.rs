@@ -62,7 +62,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{nn, Device, Tensor};
@@ -143,10 +143,7 @@ impl Stage for Pretrain {
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        if let Outcome::Stopped(step) = pretrain(params, ctx, trainer::stop_after_env()?)? {
-            bail!("stopped after step {step} as {} asks; run again to resume from the last checkpoint", trainer::STOP_ENV);
-        }
-        Ok(())
+        pretrain(params, ctx, trainer::stop_after_env()?)?.finished().map(drop)
     }
 
     fn estimate(params: &Params, ctx: &StageCtx) -> Result<Option<String>> {
@@ -392,7 +389,7 @@ fn write_samples(gpt: &Gpt, tokenizer: &Tokenizer, samples: &Samples, seed: u64)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::PathBuf;
 
     use super::*;
@@ -414,7 +411,8 @@ mod tests {
         dir.join("tok")
     }
 
-    fn ctx(dir: &Path, name: &str, inputs: &[(&str, &Path)]) -> StageCtx {
+    /// A stage context in `dir/name` with these inputs and 2 threads.
+    pub(crate) fn ctx(dir: &Path, name: &str, inputs: &[(&str, &Path)]) -> StageCtx {
         let (out, work) = (dir.join(name).join("out"), dir.join(name).join("work"));
         std::fs::create_dir_all(&out).unwrap();
         let mut ctx = StageCtx::new(name, dir, &out, &work);

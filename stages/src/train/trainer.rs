@@ -111,6 +111,19 @@ pub enum Outcome {
     Stopped(u64),
 }
 
+impl Outcome {
+    /// The finished run; a stopped one is the error a stage reports, telling
+    /// the user to run again.
+    pub fn finished(self) -> Result<Trained> {
+        match self {
+            Outcome::Finished(trained) => Ok(trained),
+            Outcome::Stopped(step) => {
+                anyhow::bail!("stopped after step {step} as {STOP_ENV} asks; run again to resume from the last checkpoint")
+            }
+        }
+    }
+}
+
 /// A finished run.
 pub struct Trained {
     /// `metrics.jsonl` in the work dir: a row per update and per evaluation.
