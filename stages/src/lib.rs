@@ -29,6 +29,7 @@ use serde::Serialize;
 pub use llmflow::protocol::{KindInfo, ParamError, Resolved, Resources, StageCtx};
 use llmflow::protocol::{ResolveRequest, ResolveResponse};
 
+pub mod classify;
 pub mod command;
 pub mod dedup;
 pub mod device;
@@ -43,6 +44,7 @@ pub mod loader;
 pub mod model;
 pub mod pretrain;
 pub mod records;
+pub mod reward_model;
 pub mod sequences;
 pub mod shard;
 pub mod shards;
@@ -116,6 +118,8 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<train_tokenizer::TrainTokenizer>();
     v.visit::<shard::Shard>();
     v.visit::<pretrain::Pretrain>();
+    v.visit::<reward_model::RewardModel>();
+    v.visit::<classify::Classify>();
 }
 
 fn info<S: Stage>() -> KindInfo {
