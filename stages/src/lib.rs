@@ -29,6 +29,7 @@ use serde::Serialize;
 pub use llmflow::protocol::{KindInfo, ParamError, Resolved, Resources, StageCtx};
 use llmflow::protocol::{ResolveRequest, ResolveResponse};
 
+pub mod classify;
 pub mod command;
 pub mod dedup;
 pub mod device;
@@ -46,6 +47,7 @@ pub mod loader;
 pub mod model;
 pub mod pretrain;
 pub mod records;
+pub mod reward_model;
 pub mod sequences;
 pub mod sft;
 pub mod shard;
@@ -123,6 +125,8 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<eval::Eval>();
     v.visit::<sft::Sft>();
     v.visit::<dpo::Dpo>();
+    v.visit::<reward_model::RewardModel>();
+    v.visit::<classify::Classify>();
 }
 
 fn info<S: Stage>() -> KindInfo {

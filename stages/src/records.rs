@@ -73,6 +73,29 @@ pub fn split(n: usize, fractions: &[f64], seed: u64) -> Vec<Vec<usize>> {
     parts
 }
 
+/// Splits the examples of `classes` (each example's class, below
+/// `n_classes`) into parts of the given `fractions` that hold every class
+/// equally often: each class is undersampled to the size of the smallest
+/// (a seeded choice), and its kept examples are [`split`]. Indices are
+/// ascending in each part; the same arguments give the same parts.
+pub fn balanced_split(classes: &[usize], n_classes: usize, fractions: &[f64], seed: u64) -> Vec<Vec<usize>> {
+    let mut members = vec![Vec::new(); n_classes];
+    for (i, &c) in classes.iter().enumerate() {
+        members[c].push(i);
+    }
+    let smallest = members.iter().map(Vec::len).min().unwrap_or(0);
+    let mut parts = vec![Vec::new(); fractions.len()];
+    for (c, members) in members.iter().enumerate() {
+        let class_seed = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let kept: Vec<usize> = shuffled(members.len(), class_seed)[..smallest].iter().map(|&k| members[k]).collect();
+        for (part, positions) in parts.iter_mut().zip(split(smallest, fractions, class_seed)) {
+            part.extend(positions.iter().map(|&k| kept[k]));
+        }
+    }
+    parts.iter_mut().for_each(|p| p.sort_unstable());
+    parts
+}
+
 /// `0..n` in an order that depends only on `seed` (Fisher–Yates over
 /// SplitMix64).
 pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
@@ -131,5 +154,24 @@ mod tests {
         assert_eq!(split(100, &[0.85, 0.1, 0.05], 7), parts);
         assert_ne!(split(100, &[0.85, 0.1, 0.05], 8), parts);
         assert_eq!(split(10, &[0.5], 1)[0].len(), 5);
+    }
+
+    #[test]
+    fn balanced_splits_hold_every_class_equally_often() {
+        // 30 of class 0, 12 of class 1, 20 of class 2.
+        let classes: Vec<usize> = (0..62).map(|i| if i < 30 { 0 } else if i < 42 { 1 } else { 2 }).collect();
+        let parts = balanced_split(&classes, 3, &[0.5, 0.25, 0.25], 9);
+        for (part, per_class) in parts.iter().zip([6, 3, 3]) {
+            for c in 0..3 {
+                assert_eq!(part.iter().filter(|&&i| classes[i] == c).count(), per_class, "{parts:?}");
+            }
+            assert!(part.windows(2).all(|w| w[0] < w[1]));
+        }
+        let mut all = parts.concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 36, "disjoint: 12 of each class in all");
+        assert_eq!(balanced_split(&classes, 3, &[0.5, 0.25, 0.25], 9), parts);
+        assert_ne!(balanced_split(&classes, 3, &[0.5, 0.25, 0.25], 10), parts);
     }
 }
