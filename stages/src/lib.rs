@@ -41,6 +41,7 @@ pub mod head;
 pub mod instruct;
 pub mod loader;
 pub mod model;
+pub mod ppo;
 pub mod pretrain;
 pub mod records;
 pub mod sequences;
@@ -116,6 +117,7 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<train_tokenizer::TrainTokenizer>();
     v.visit::<shard::Shard>();
     v.visit::<pretrain::Pretrain>();
+    v.visit::<ppo::Ppo>();
 }
 
 fn info<S: Stage>() -> KindInfo {
