@@ -103,6 +103,60 @@ pub fn generate(model: &Gpt, prompt: &[i64], s: &Sampling) -> Vec<i64> {
     tokens.split_off(prompt.len())
 }
 
+/// Continues every prompt of a batch at once, through one KV cache of
+/// `prompts.len()` rows, by up to `s.max_tokens` tokens; returns each row's
+/// new tokens. A row stops early after drawing `stop` (which it keeps). Row
+/// `i` draws as [`generate`] with seed `s.seed + i` would, so the result does
+/// not depend on which prompts share a batch.
+///
+/// Prompts may differ in length: the model's positions admit no left
+/// padding, so the rows advance in lockstep over absolute positions instead.
+/// Their common prefix length goes in as one block; after that a row still
+/// inside its prompt is fed its next prompt token, and the others their last
+/// drawn one. No row ever sees a pad. Every prompt plus `max_tokens` must fit
+/// the context (no sliding window here).
+pub fn generate_batch(model: &Gpt, prompts: &[Vec<i64>], s: &Sampling, stop: Option<i64>) -> Vec<Vec<i64>> {
+    let context = model.config().context as usize;
+    let shortest = prompts.iter().map(Vec::len).min().expect("a batch needs at least one prompt");
+    assert!(shortest > 0, "generation needs a prompt of at least one token");
+    assert!(
+        prompts.iter().all(|p| p.len() + s.max_tokens <= context),
+        "every prompt plus {} new tokens must fit the context of {context}",
+        s.max_tokens
+    );
+    let rows = prompts.len() as i64;
+    let mut rngs: Vec<SplitMix64> = (0..prompts.len()).map(|i| SplitMix64(s.seed.wrapping_add(i as u64))).collect();
+    let mut new: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
+    let mut done = vec![s.max_tokens == 0; prompts.len()];
+    let mut cache = model.kv_cache(rows);
+    let prefix: Vec<i64> = prompts.iter().flat_map(|p| &p[..shortest]).copied().collect();
+    let idx = Tensor::from_slice(&prefix).view([rows, shortest as i64]).to_device(model.device());
+    let mut last = model.forward_cached(&idx, &mut cache).select(1, -1).to_device(Device::Cpu); // [B, V]
+    // `position` is where the token fed next goes.
+    for position in shortest.. {
+        let mut feed = Vec::with_capacity(prompts.len());
+        for (i, prompt) in prompts.iter().enumerate() {
+            let token = if position < prompt.len() {
+                prompt[position]
+            } else if !done[i] {
+                let token = sample(&last.get(i as i64), s, &mut rngs[i]);
+                new[i].push(token);
+                done[i] = new[i].len() == s.max_tokens || Some(token) == stop;
+                token
+            } else {
+                prompt[0] // a finished row's input is never read
+            };
+            feed.push(token);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let idx = Tensor::from_slice(&feed).view([rows, 1]).to_device(model.device());
+        last = model.forward_cached(&idx, &mut cache).select(1, 0).to_device(Device::Cpu);
+    }
+    new
+}
+
 /// Picks a token from logits [V]; see [`generate`].
 pub(crate) fn sample(logits: &Tensor, s: &Sampling, rng: &mut SplitMix64) -> i64 {
     let (temperature, top_k, top_p) = (s.temperature, s.top_k, s.top_p);
@@ -215,6 +269,30 @@ mod tests {
             }
             let s = Sampling { max_tokens: 20, temperature: 1.0, top_k: None, top_p: None, seed: 42 };
             assert_ne!(generate(&model, &prompt, &Sampling { seed: 43, ..s }), generate(&model, &prompt, &s));
+        }
+    }
+
+    #[test]
+    fn batched_generation_matches_one_prompt_at_a_time() {
+        let _rng = torch_rng();
+        for arch in ["gpt2", "llama"] {
+            let config = tiny(arch, json!({"context": 16}));
+            let (_, model) = build(&config, 4);
+            let prompts = vec![vec![3, 1, 4, 1, 5], vec![9, 2], vec![6, 5, 3, 5, 8, 9, 7, 9]];
+            let mut stopped_early = 0;
+            for (temperature, stop) in [(0.0, None), (1.0, None), (1.0, Some(7)), (1.0, Some(3))] {
+                let s = Sampling { max_tokens: 8, temperature, top_k: None, top_p: None, seed: 11 };
+                let batched = tch::no_grad(|| generate_batch(&model, &prompts, &s, stop));
+                for (i, (prompt, got)) in prompts.iter().zip(&batched).enumerate() {
+                    let mut alone = generate(&model, prompt, &Sampling { seed: 11 + i as u64, ..s });
+                    if let Some(end) = stop.and_then(|stop| alone.iter().position(|&t| t == stop)) {
+                        alone.truncate(end + 1);
+                        stopped_early += 1;
+                    }
+                    assert_eq!(got, &alone, "{arch}, row {i}, temperature {temperature}, stop {stop:?}");
+                }
+            }
+            assert!(stopped_early > 0, "{arch}: no row drew a stop token");
         }
     }
 

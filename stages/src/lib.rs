@@ -45,6 +45,7 @@ pub mod head;
 pub mod instruct;
 pub mod loader;
 pub mod model;
+pub mod ppo;
 pub mod pretrain;
 pub mod records;
 pub mod reward_model;
@@ -122,11 +123,12 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<train_tokenizer::TrainTokenizer>();
     v.visit::<shard::Shard>();
     v.visit::<pretrain::Pretrain>();
-    v.visit::<eval::Eval>();
     v.visit::<sft::Sft>();
-    v.visit::<dpo::Dpo>();
     v.visit::<reward_model::RewardModel>();
+    v.visit::<ppo::Ppo>();
+    v.visit::<dpo::Dpo>();
     v.visit::<classify::Classify>();
+    v.visit::<eval::Eval>();
 }
 
 fn info<S: Stage>() -> KindInfo {
