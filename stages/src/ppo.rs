@@ -97,7 +97,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Map, Value};
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 use self::objective::{policy_loss, value_loss};
 use self::rollout::{Models, Rollout};

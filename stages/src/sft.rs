@@ -67,8 +67,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::finetune::{check_split, read_records, Tuning};
-use crate::generate::{generate, Sampling};
-use crate::instruct::{Encoder, Template};
+use crate::generate::{generate_batch, Sampling};
+use crate::instruct::{Encoder, Record, Template};
 use crate::model::{self, Gpt, Lora};
 use crate::sequences::{pad, score, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Outcome, Task, Trainer};
@@ -76,6 +76,9 @@ use crate::train::Hyper;
 use crate::{device, records, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Sft;
+
+/// Test instructions answered per batch of generation.
+const RESPONSE_BATCH: usize = 16;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -203,23 +206,33 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
 
     let out = ctx.out.clone();
     let mut lines = String::new();
-    for (i, record) in parts[2].iter().map(|&i| &records[i]).enumerate() {
+    // Generated in batches that stop at <|endoftext|>; each prompt keeps its
+    // last tokens so that it and the answer fit the context.
+    let context = gpt.config().context as usize;
+    let max_tokens = params.responses.max_tokens.min(context - 1);
+    let test: Vec<&Record> = parts[2].iter().map(|&i| &records[i]).collect();
+    for (b, batch) in test.chunks(RESPONSE_BATCH).enumerate() {
+        let prompts = batch
+            .iter()
+            .map(|r| encoder.prompt(r).map(|p| p[p.len().saturating_sub(context - max_tokens)..].to_vec()))
+            .collect::<Result<Vec<_>>>()?;
         let sampling = Sampling {
-            max_tokens: params.responses.max_tokens,
+            max_tokens,
             temperature: params.responses.temperature,
             top_k: params.responses.top_k,
             top_p: None,
-            seed: hyper.seed.wrapping_add(i as u64),
+            seed: hyper.seed.wrapping_add((b * RESPONSE_BATCH) as u64),
         };
-        let prompt = encoder.prompt(record)?;
-        let new = tch::no_grad(|| generate(gpt, &prompt, &sampling));
-        let row = json!({
-            "instruction": record.instruction,
-            "input": record.input,
-            "reference": record.output,
-            "response": encoder.decode(&new)?,
-        });
-        lines += &format!("{row}\n");
+        let news = tch::no_grad(|| generate_batch(gpt, &prompts, &sampling, Some(encoder.eot)));
+        for (record, new) in batch.iter().zip(news) {
+            let row = json!({
+                "instruction": record.instruction,
+                "input": record.input,
+                "reference": record.output,
+                "response": encoder.decode(&new)?,
+            });
+            lines += &format!("{row}\n");
+        }
     }
     std::fs::write(out.join("responses.jsonl"), lines)?;
     trained.write(&out, "val_loss")?;
@@ -280,7 +293,6 @@ mod tests {
     use super::*;
     use crate::finetune::tests::{instruct_data, model_artifact};
     use crate::generate::Loaded;
-    use crate::instruct::Record;
     use crate::model::tests::{tiny, torch_rng};
     use crate::model::IGNORE_INDEX;
     use crate::pretrain::tests::ctx;
