@@ -33,7 +33,21 @@ fn default_pipeline() -> Project {
     for rel in ["data/corpora/tinyshakespeare.txt", "scripts/corpus_stats.sh"] {
         p.write(rel, &fs::read_to_string(Path::new(ROOT).join(rel)).unwrap());
     }
+    copy_dir(&Path::new(ROOT).join("data/eval"), &p.path().join("data/eval"));
     p
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            fs::copy(&path, &target).unwrap();
+        }
+    }
 }
 
 fn metric(p: &Project, stage: &str, name: &str) -> serde_json::Value {
@@ -45,11 +59,15 @@ fn metric(p: &Project, stage: &str, name: &str) -> serde_json::Value {
 #[test]
 fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     let p = default_pipeline();
+    let report = p.llmflow(&["report"]);
+    assert_eq!(report.code, 2, "{}", report.all());
+    assert!(report.stderr.contains("no report of `eval` is built yet: run `llmflow run eval` first"), "{}", report.stderr);
+
     let first = p.llmflow(&["run"]);
     assert_eq!(first.code, 0, "{}", first.all());
     let mut built = first.built();
     built.sort();
-    assert_eq!(built, ["clean", "corpus", "dedup", "pretrain", "stats", "tok", "tokens"]);
+    assert_eq!(built, ["clean", "corpus", "dedup", "eval", "pretrain", "stats", "tok", "tokens"]);
 
     for (stage, file) in [
         ("corpus", "docs.parquet"),
@@ -118,19 +136,47 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert_eq!(fs::read(export.join("model.safetensors")).unwrap(), fs::read(p.out_dir("pretrain").join("model.safetensors")).unwrap());
     assert!(export.join("tokenizer.json").is_file());
 
+    // The report card of the trained model, in the terminal and as JSON.
+    let report = p.llmflow(&["report"]);
+    assert_eq!(report.code, 0, "{}", report.all());
+    for line in [
+        "| pretrain | blue |",
+        "| task | metric | pretrain |",
+        "| arc_easy (multiple_choice, 200 examples) | acc_norm |",
+        "| blimp (minimal_pairs, 670 examples) | acc |",
+        "| **CORE** |",
+        "![centered score per task](centered.png)",
+        "[loss.png](loss_pretrain.png)",
+    ] {
+        assert!(report.stdout.contains(line), "{line:?} not in\n{}", report.stdout);
+    }
+    assert!(report.stderr.contains("report.md"), "the path of the report: {}", report.stderr);
+    let json = p.llmflow(&["report", "eval", "--json"]);
+    let results: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(results["models"][0]["training_tokens"], 1536);
+    assert_eq!(results["models"][0]["params"], metric(&p, "pretrain", "params"));
+    let blimp = results["results"]["pretrain"]["blimp"]["metrics"]["acc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&blimp), "{blimp}");
+    assert!(results["results"]["pretrain"]["humaneval"]["examples_per_s"].as_f64().unwrap() > 0.0);
+    for file in ["centered.png", "bits_per_byte.png", "loss_pretrain.png"] {
+        assert!(p.out_dir("eval").join(file).is_file(), "eval lacks {file}");
+    }
+    let named = p.llmflow(&["report", "pretrain"]);
+    assert!(named.stderr.contains("wrote no report.md"), "{}", named.all());
+
     let second = p.llmflow(&["run"]);
     assert!(second.built().is_empty(), "{}", second.all());
     assert!(second.stderr.contains("nothing to do"), "{}", second.stderr);
 
-    // A tokenizer change rebuilds the tokenizer, the shards and the model,
-    // nothing else; status says so first.
+    // A tokenizer change rebuilds the tokenizer, the shards, the model and
+    // its evaluation, nothing else; status says so first.
     p.edit("vocab_size = 4096", "vocab_size = 2048");
     let status = p.llmflow(&["status"]);
     assert!(status.stdout.contains("param `vocab_size`: 4096 → 2048"), "{}", status.stdout);
     let stale: Vec<String> = p.states().into_iter().filter(|(_, s)| s != "fresh").map(|(n, _)| n).collect();
-    assert_eq!(stale, ["tok", "tokens", "pretrain"]);
+    assert_eq!(stale, ["tok", "tokens", "pretrain", "eval"]);
     let third = p.llmflow(&["run"]);
-    assert_eq!(third.built(), ["tok", "tokens", "pretrain"], "{}", third.all());
+    assert_eq!(third.built(), ["tok", "tokens", "pretrain", "eval"], "{}", third.all());
     assert_eq!(metric(&p, "tok", "vocab_size"), 2048);
 
     // Volatile params (how long to wait on the network) change nothing.

@@ -5,7 +5,7 @@
 //! [stages.eval]
 //! kind = "eval"
 //! inputs = { pretrained = "pretrain", sft = "sft" }    # each input is a model
-//! batch_size = 32
+//! batch_tokens = 8192
 //!
 //! [[stages.eval.tasks]]
 //! name = "arc_easy"
@@ -30,7 +30,10 @@
 //! * `tasks`: at least one; each has a `name` (unique), a `type`, a `file`
 //!   relative to the pipeline (part of the stage's key) and a `limit`: the
 //!   first N items, 0 for all. New files of a known type need no code.
-//! * `batch_size` (32): sequences per forward pass when scoring.
+//! * `batch_tokens` (8192): padded positions per forward pass when scoring:
+//!   hundreds of short sentences or dozens of long texts at once. The logits
+//!   take batch_tokens × vocabulary × 4 bytes, about three times over at the
+//!   peak (400 MB with a 4096-token vocabulary).
 //! * `seed` (1234): few-shot draws and code sampling.
 //!
 //! Task types (details in [`tasks`]):
@@ -77,10 +80,13 @@
 //! Training tokens are the last `tokens` that the model's `metrics.jsonl`
 //! logs (pretrain logs the tokens trained on so far in every step's row).
 //!
-//! Scoring runs on the pipeline's device in fp32, sorted by length into
-//! batches; padded rows score as they do alone (tested). The default
-//! pipeline's suite (about 1,700 scored sequences a model) takes about 15 s per
-//! 1.3 M-parameter model on 2 CPU cores; see the README.
+//! Scoring runs on the pipeline's device in fp32, requests sorted by length
+//! into batches of `batch_tokens`; padded rows score as they do alone
+//! (tested). Code generation runs on one thread: a step of one token is too
+//! little work to share. The default pipeline's suite (about 2,500 scored
+//! sequences and 10 programs a model) takes 35–40 s per 1.33 M-parameter
+//! model on 2 CPU cores that other jobs keep busy (16 s of CPU time), 150 s
+//! for four models.
 
 pub mod code;
 pub mod report;
@@ -105,13 +111,13 @@ pub struct Eval;
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     pub tasks: Vec<Task>,
-    pub batch_size: usize,
+    pub batch_tokens: usize,
     pub seed: u64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { tasks: Vec::new(), batch_size: 32, seed: 1234 }
+        Params { tasks: Vec::new(), batch_tokens: 8192, seed: 1234 }
     }
 }
 
@@ -129,8 +135,8 @@ impl Stage for Eval {
         if params.tasks.is_empty() {
             return Err(ParamError::new(&["tasks"], "no tasks: add `[[stages.NAME.tasks]]` tables with a name, type and file"));
         }
-        if params.batch_size == 0 {
-            return Err(ParamError::new(&["batch_size"], "`batch_size` must be at least 1"));
+        if params.batch_tokens == 0 {
+            return Err(ParamError::new(&["batch_tokens"], "`batch_tokens` must be at least 1"));
         }
         let mut names = BTreeSet::new();
         for (i, task) in params.tasks.iter().enumerate() {
@@ -183,7 +189,7 @@ impl Stage for Eval {
             let eot = loaded.tokenizer.token_to_id(END_OF_TEXT).with_context(|| format!("input `{label}`: the tokenizer has no {END_OF_TEXT}"))?;
             let info = ModelInfo::read(label, dir, loaded.gpt.config().clone(), &ctx.out)?;
             eprintln!("eval: {label}: {} parameters on {device:?}, {} threads", info.config.num_params(), ctx.threads);
-            let model = Model { gpt: &loaded.gpt, tokenizer: &loaded.tokenizer, eot: i64::from(eot), batch_size: params.batch_size };
+            let model = Model { gpt: &loaded.gpt, tokenizer: &loaded.tokenizer, eot: i64::from(eot), batch_tokens: params.batch_tokens };
             let items_dir = ctx.out.join("items").join(label);
             std::fs::create_dir_all(&items_dir)?;
             let mut row = Vec::new();
@@ -291,7 +297,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let models = models(dir);
-        let params = Params { tasks: suite(), batch_size: 5, ..Params::default() };
+        let params = Params { tasks: suite(), batch_tokens: 100, ..Params::default() };
         assert!(Eval::check(&params, &["base".into()]).is_ok());
         let ctx = run_eval(dir, &models, &params);
         let out = &ctx.out;

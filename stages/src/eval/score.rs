@@ -70,10 +70,13 @@ pub fn rolling_windows(tokens: &[i64], prefix: i64, max_len: usize) -> Vec<Seque
     windows
 }
 
-/// Scores requests with a model, `batch_size` sequences per forward pass.
+/// Scores requests with a model, as many sequences per forward pass as fit
+/// in `batch_tokens` padded positions (at least one): many short sentences or
+/// a few long texts, so that each pass has enough work to share among threads
+/// while the logits, batch_tokens × vocabulary floats, stay bounded.
 pub struct Scorer<'a> {
     pub gpt: &'a Gpt,
-    pub batch_size: usize,
+    pub batch_tokens: usize,
     pub pad_id: i64,
 }
 
@@ -87,11 +90,16 @@ impl Scorer<'_> {
         order.sort_by_key(|&i| std::cmp::Reverse(requests[i].ids.len()));
         let mut scores = vec![Score { logprob: 0.0, greedy: true, tokens: 0 }; requests.len()];
         tch::no_grad(|| {
-            for chunk in order.chunks(self.batch_size.max(1)) {
+            let mut rest = order.as_slice();
+            while !rest.is_empty() {
+                // The longest comes first, so it sets the batch's width.
+                let width = requests[rest[0]].ids.len().min(max);
+                let (chunk, tail) = rest.split_at((self.batch_tokens / width).clamp(1, rest.len()));
                 let batch: Vec<Sequence> = chunk.iter().map(|&i| requests[i].clone().fit(max)).collect();
                 for (&i, score) in chunk.iter().zip(self.score_batch(&batch)) {
                     scores[i] = score;
                 }
+                rest = tail;
             }
         });
         scores
@@ -161,11 +169,12 @@ mod tests {
             Sequence::new(&[9, 9, 9, 9], &[1, 2, 3, 4, 5, 6]),
             Sequence::new(&[2], &[2, 2]),
         ];
-        let scores = |batch_size| Scorer { gpt: &gpt, batch_size, pad_id: 0 }.score(&requests);
+        let scores = |batch_tokens| Scorer { gpt: &gpt, batch_tokens, pad_id: 0 }.score(&requests);
         let alone = scores(1);
-        for batch_size in [3, 8] {
-            for (a, b) in alone.iter().zip(scores(batch_size)) {
-                assert!((a.logprob - b.logprob).abs() < 1e-5, "batch {batch_size}: {a:?} vs {b:?}");
+        // The two longest rows, then the other three; all at once.
+        for batch_tokens in [26, 1000] {
+            for (a, b) in alone.iter().zip(scores(batch_tokens)) {
+                assert!((a.logprob - b.logprob).abs() < 1e-5, "{batch_tokens} tokens: {a:?} vs {b:?}");
                 assert_eq!((a.greedy, a.tokens), (b.greedy, b.tokens));
             }
         }
@@ -173,7 +182,7 @@ mod tests {
 
         // The long request is cut to its last 13 tokens, as lm-eval does.
         let cut = Sequence::new(&(5..15).collect::<Vec<_>>(), &[3, 4, 5]);
-        let direct = Scorer { gpt: &gpt, batch_size: 1, pad_id: 0 }.score(&[cut]);
+        let direct = Scorer { gpt: &gpt, batch_tokens: 1, pad_id: 0 }.score(&[cut]);
         assert!((direct[0].logprob - alone[2].logprob).abs() < 1e-6);
 
         // A continuation made of the model's own greedy picks is greedy.
@@ -185,7 +194,7 @@ mod tests {
         let greedy = Sequence { ids: ids.clone(), start: 1 };
         let mut other = greedy.clone();
         other.ids[3] = (other.ids[3] + 1) % config.vocab_size;
-        let s = Scorer { gpt: &gpt, batch_size: 2, pad_id: 0 }.score(&[greedy, other]);
+        let s = Scorer { gpt: &gpt, batch_tokens: 100, pad_id: 0 }.score(&[greedy, other]);
         assert!(s[0].greedy && !s[1].greedy, "{s:?}");
     }
 }

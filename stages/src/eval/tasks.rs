@@ -154,12 +154,13 @@ pub struct Model<'a> {
     pub tokenizer: &'a Tokenizer,
     /// `<|endoftext|>`: the context of a request without one, the padding.
     pub eot: i64,
-    pub batch_size: usize,
+    /// Padded positions per forward pass; see [`Scorer`].
+    pub batch_tokens: usize,
 }
 
 impl Model<'_> {
     fn score(&self, requests: &[Sequence]) -> Vec<Score> {
-        Scorer { gpt: self.gpt, batch_size: self.batch_size, pad_id: self.eot }.score(requests)
+        Scorer { gpt: self.gpt, batch_tokens: self.batch_tokens, pad_id: self.eot }.score(requests)
     }
 
     fn pair(&self, context: &str, continuation: &str) -> Result<Sequence> {
@@ -223,12 +224,17 @@ pub fn evaluate(task: &Task, model: &Model, env: &Env) -> Result<Outcomes> {
         Kind::MinimalPairs(_) => minimal_pairs(&files, task.limit, model),
         Kind::Code(p) => {
             let problems = take(records::read::<Problem>(single()?)?, task.limit);
+            // A step of one token is too little work to share: threads would
+            // spend it waiting on each other (ten times slower on a busy machine).
+            let threads = tch::get_num_threads();
+            tch::set_num_threads(1);
             let completions = problems
                 .iter()
                 .enumerate()
                 .map(|(i, problem)| complete_code(model, problem, p, env.seed.wrapping_add(1000 * i as u64)))
-                .collect::<Result<Vec<_>>>()?;
-            code_outcomes(&problems, &completions, p, env)
+                .collect::<Result<Vec<_>>>();
+            tch::set_num_threads(threads);
+            code_outcomes(&problems, &completions?, p, env)
         }
     }
 }
