@@ -1,8 +1,6 @@
 //! A training stage stopped mid-run and run again resumes from its last
 //! checkpoint and ends bitwise equal to an uninterrupted run, through the
-//! real binaries and the artifact store. Without dropout, as the default
-//! pipeline trains, batches are split across the CPU cores (see
-//! `train::parallel`); the stage's unit test covers the dropout path.
+//! real binaries and the artifact store.
 
 mod common;
 
@@ -30,7 +28,7 @@ inputs = { docs = "corpus", tokenizer = "tok" }
 [stages.pretrain]
 kind = "pretrain"
 inputs = { data = "tokens", tokenizer = "tok" }
-model = { n_layer = 2, n_head = 2, d_model = 32, context = 32, dropout = 0.0 }
+model = { n_layer = 2, n_head = 2, d_model = 32, context = 32, dropout = 0.1 }
 train = { steps = 16, batch_size = 4, grad_accum = 2, lr = 3e-3, warmup = 4 }
 eval_every = 8
 eval_batches = 2

@@ -73,7 +73,6 @@ use crate::loader::{Batch, Loader, Order, Position, Split};
 use crate::model::{self, Gpt, ModelConfig};
 use crate::generate::save_model;
 use crate::train::trainer::{self, Every, Outcome, Task, Trainer};
-use crate::train::parallel::Replicas;
 use crate::train::Hyper;
 use crate::train_tokenizer;
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
@@ -249,8 +248,7 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
         tokens_per_step: Some(hyper.tokens_per_step(config.context)),
         stop_after,
     };
-    let replicas = Replicas::new(&vs, &config, ctx.threads)?;
-    let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val, replicas })? {
+    let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val })? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
@@ -276,16 +274,11 @@ struct Pretraining<'a> {
     gpt: &'a Gpt,
     loader: Loader,
     val: Evaluator,
-    /// Splits each batch across the CPU cores when that applies.
-    replicas: Option<Replicas>,
 }
 
 impl Task for Pretraining<'_> {
     fn backward(&mut self, _step: u64, _micro: usize, scale: f64) -> Result<f64> {
         let (x, y) = tensors(&self.loader.next_batch(), self.gpt.device());
-        if let Some(replicas) = &mut self.replicas {
-            return Ok(replicas.backward(self.gpt, &x, &y, |m, h, y| model::loss(&m.logits(h), y) * scale));
-        }
         let cuda = self.gpt.device().is_cuda();
         let loss = tch::autocast(cuda, || self.gpt.backward(&x, true, |h| model::loss(&self.gpt.logits(h), &y) * scale));
         Ok(loss.double_value(&[]))

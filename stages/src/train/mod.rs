@@ -20,7 +20,6 @@
 mod adamw;
 mod checkpoint;
 mod metrics;
-pub mod parallel;
 pub mod plot;
 pub mod trainer;
 
