@@ -18,13 +18,21 @@ fn default_pipeline() -> Project {
     let url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
     assert!(text.contains(url), "the default pipeline names the corpus's public URL");
     let mut text = text.replace(url, "http://127.0.0.1:9/input.txt");
-    // Pretraining scaled down to seconds; every other stage runs as shipped.
+    // The model and every training stage scaled down to seconds; the data
+    // stages run as shipped.
     for (from, to) in [
         ("n_layer = 4, n_head = 4, d_model = 128, context = 128", "n_layer = 1, n_head = 2, d_model = 32, context = 32"),
         ("steps = 500, batch_size = 16", "steps = 12, batch_size = 4"),
         ("eval_every = 100", "eval_every = 6"),
         ("checkpoint_every = 100", "checkpoint_every = 6"),
         ("max_tokens = 120", "max_tokens = 8"),
+        ("steps = 300, batch_size = 16", "steps = 8, batch_size = 4"),
+        ("max_tokens = 64, temperature = 0.0", "max_tokens = 8, temperature = 0.0"),
+        ("steps = 150, batch_size = 16", "steps = 4, batch_size = 4"),
+        ("steps = 30, batch_size = 16", "steps = 2, batch_size = 2"),
+        ("max_new_tokens = 32", "max_new_tokens = 6"),
+        ("steps = 100, batch_size = 8", "steps = 4, batch_size = 4"),
+        ("max_tokens = 128", "max_tokens = 32"),
     ] {
         assert!(text.contains(from), "pipeline.toml lacks {from:?}");
         text = text.replace(from, to);
@@ -33,7 +41,9 @@ fn default_pipeline() -> Project {
     for rel in ["data/corpora/tinyshakespeare.txt", "scripts/corpus_stats.sh"] {
         p.write(rel, &fs::read_to_string(Path::new(ROOT).join(rel)).unwrap());
     }
-    copy_dir(&Path::new(ROOT).join("data/eval"), &p.path().join("data/eval"));
+    for dir in ["data/eval", "data/instruct"] {
+        copy_dir(&Path::new(ROOT).join(dir), &p.path().join(dir));
+    }
     p
 }
 
@@ -67,7 +77,10 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert_eq!(first.code, 0, "{}", first.all());
     let mut built = first.built();
     built.sort();
-    assert_eq!(built, ["clean", "corpus", "dedup", "eval", "pretrain", "stats", "tok", "tokens"]);
+    assert_eq!(
+        built,
+        ["clean", "corpus", "dedup", "dpo", "eval", "ppo", "pretrain", "reward", "sft", "spam", "stats", "tok", "tokens"]
+    );
 
     for (stage, file) in [
         ("corpus", "docs.parquet"),
@@ -86,6 +99,17 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
         ("pretrain", "metrics.jsonl"),
         ("pretrain", "loss.png"),
         ("pretrain", "samples.txt"),
+        ("sft", "model.safetensors"),
+        ("sft", "responses.jsonl"),
+        ("sft", "loss.png"),
+        ("reward", "head.json"),
+        ("reward", "model.safetensors"),
+        ("ppo", "model.safetensors"),
+        ("ppo", "metrics.png"),
+        ("ppo", "samples.jsonl"),
+        ("dpo", "model.safetensors"),
+        ("spam", "results.json"),
+        ("eval", "report.md"),
     ] {
         assert!(p.out_dir(stage).join(file).is_file(), "{stage} lacks {file}");
     }
@@ -136,12 +160,25 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert_eq!(fs::read(export.join("model.safetensors")).unwrap(), fs::read(p.out_dir("pretrain").join("model.safetensors")).unwrap());
     assert!(export.join("tokenizer.json").is_file());
 
-    // The report card of the trained model, in the terminal and as JSON.
+    // Post-training: SFT learns the responses, each test instruction gets an
+    // answer, and the preference stages report before and after.
+    let (before, after) = (metric(&p, "sft", "val_loss_before"), metric(&p, "sft", "val_loss"));
+    assert!(after.as_f64().unwrap() < before.as_f64().unwrap(), "sft val loss {before} → {after}");
+    let responses = fs::read_to_string(p.out_dir("sft").join("responses.jsonl")).unwrap();
+    assert_eq!(responses.lines().count() as u64, metric(&p, "sft", "examples")[2].as_u64().unwrap());
+    for (stage, name) in [("reward", "val_accuracy"), ("ppo", "reward_before"), ("ppo", "reward_after"), ("ppo", "kl_after"), ("dpo", "val_reward_accuracy")] {
+        assert!(metric(&p, stage, name).as_f64().is_some_and(f64::is_finite), "{stage} {name}");
+    }
+    let accuracy = metric(&p, "spam", "test_accuracy").as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy) && metric(&p, "spam", "baseline_accuracy") == 0.5, "{accuracy}");
+    let generated = p.llmflow(&["generate", "--stage", "ppo", "--prompt", "Name a color.", "--max-tokens", "4"]);
+    assert_eq!(generated.code, 0, "the RLHF model is a model artifact: {}", generated.all());
+
+    // The report card of the trained models, in the terminal and as JSON.
     let report = p.llmflow(&["report"]);
     assert_eq!(report.code, 0, "{}", report.all());
     for line in [
-        "| pretrain | blue |",
-        "| task | metric | pretrain |",
+        "| task | metric | dpo | ppo | pretrain | sft |",
         "| arc_easy (multiple_choice, 200 examples) | acc_norm |",
         "| blimp (minimal_pairs, 670 examples) | acc |",
         "| **CORE** |",
@@ -153,8 +190,9 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert!(report.stderr.contains("report.md"), "the path of the report: {}", report.stderr);
     let json = p.llmflow(&["report", "eval", "--json"]);
     let results: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
-    assert_eq!(results["models"][0]["training_tokens"], 1536);
-    assert_eq!(results["models"][0]["params"], metric(&p, "pretrain", "params"));
+    let pretrain = results["models"].as_array().unwrap().iter().find(|m| m["label"] == "pretrain").unwrap();
+    assert_eq!(pretrain["training_tokens"], 1536);
+    assert_eq!(pretrain["params"], metric(&p, "pretrain", "params"));
     let blimp = results["results"]["pretrain"]["blimp"]["metrics"]["acc"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&blimp), "{blimp}");
     assert!(results["results"]["pretrain"]["humaneval"]["examples_per_s"].as_f64().unwrap() > 0.0);
@@ -168,15 +206,29 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert!(second.built().is_empty(), "{}", second.all());
     assert!(second.stderr.contains("nothing to do"), "{}", second.stderr);
 
-    // A tokenizer change rebuilds the tokenizer, the shards, the model and
-    // its evaluation, nothing else; status says so first.
+    // A new SFT learning rate rebuilds SFT and what was tuned from it or
+    // evaluates it, nothing else; status says so first.
+    p.edit("lr = 1e-3, min_lr = 1e-4, warmup = 20", "lr = 5e-4, min_lr = 1e-4, warmup = 20");
+    let status = p.llmflow(&["status"]);
+    assert!(status.stdout.contains("5e-4") || status.stdout.contains("0.0005"), "{}", status.stdout);
+    let stale: Vec<String> = p.states().into_iter().filter(|(_, s)| s != "fresh").map(|(n, _)| n).collect();
+    assert_eq!(stale, ["sft", "reward", "ppo", "dpo", "eval"]);
+    let rebuilt = p.llmflow(&["run"]);
+    let mut built = rebuilt.built();
+    built.sort();
+    assert_eq!(built, ["dpo", "eval", "ppo", "reward", "sft"], "{}", rebuilt.all());
+
+    // A tokenizer change rebuilds the tokenizer, the shards and every model;
+    // the corpus stages stay.
     p.edit("vocab_size = 4096", "vocab_size = 2048");
     let status = p.llmflow(&["status"]);
     assert!(status.stdout.contains("param `vocab_size`: 4096 → 2048"), "{}", status.stdout);
     let stale: Vec<String> = p.states().into_iter().filter(|(_, s)| s != "fresh").map(|(n, _)| n).collect();
-    assert_eq!(stale, ["tok", "tokens", "pretrain", "eval"]);
+    assert_eq!(stale, ["tok", "tokens", "pretrain", "sft", "reward", "ppo", "dpo", "spam", "eval"]);
     let third = p.llmflow(&["run"]);
-    assert_eq!(third.built(), ["tok", "tokens", "pretrain", "eval"], "{}", third.all());
+    let mut built = third.built();
+    built.sort();
+    assert_eq!(built, ["dpo", "eval", "ppo", "pretrain", "reward", "sft", "spam", "tok", "tokens"], "{}", third.all());
     assert_eq!(metric(&p, "tok", "vocab_size"), 2048);
 
     // Volatile params (how long to wait on the network) change nothing.

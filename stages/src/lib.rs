@@ -157,12 +157,39 @@ pub fn kinds() -> Vec<KindInfo> {
     c.0
 }
 
-/// Deserializes and checks params, applying defaults.
-fn resolve_one<S: Stage>(params: serde_json::Value, inputs: &[String]) -> Result<Resolved, ParamError> {
-    let typed: S::Params = serde_path_to_error::deserialize(params).map_err(|e| {
+/// The params of kind `S` from what the user wrote, laid over the kind's
+/// defaults table by table: keys left out of a partly written table
+/// (`train = { lr = 1e-4 }`) keep the kind's own defaults, not those of the
+/// table's type (a fine-tuning stage's `train` is not pretraining's).
+pub fn params<S: Stage>(given: serde_json::Value) -> Result<S::Params, ParamError> {
+    let mut full = serde_json::to_value(S::Params::default()).expect("params serialize to JSON");
+    overlay(&mut full, given);
+    serde_path_to_error::deserialize(full).map_err(|e| {
         let path = e.path().iter().filter_map(segment_name).collect();
         ParamError { path, message: e.into_inner().to_string() }
-    })?;
+    })
+}
+
+/// Writes `given` over `base`, merging tables and replacing everything else.
+fn overlay(base: &mut serde_json::Value, given: serde_json::Value) {
+    match (base, given) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(given)) => {
+            for (key, value) in given {
+                match base.get_mut(&key) {
+                    Some(slot) => overlay(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, given) => *slot = given,
+    }
+}
+
+/// Deserializes and checks params, applying defaults.
+fn resolve_one<S: Stage>(params: serde_json::Value, inputs: &[String]) -> Result<Resolved, ParamError> {
+    let typed: S::Params = crate::params::<S>(params)?;
     S::check(&typed, inputs)?;
     let params = serde_json::to_value(&typed).expect("params serialize to JSON");
     let mut key_params = params.clone();
@@ -251,3 +278,21 @@ fn dispatch(kind: &str, params: serde_json::Value, ctx: &mut StageCtx, action: A
     visitor.result.unwrap_or_else(|| anyhow::bail!("unknown stage kind `{kind}`"))
 }
 
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::train::Hyper;
+
+    #[test]
+    fn partly_written_tables_keep_the_kinds_own_defaults() {
+        let p = params::<sft::Sft>(json!({"train": {"lr": 5e-4}})).unwrap();
+        assert_eq!(p.train, Hyper { lr: 5e-4, ..sft::Params::default().train });
+        assert_ne!(sft::Params::default().train.steps, Hyper::default().steps, "sft's defaults differ from pretraining's");
+        let err = params::<sft::Sft>(json!({"train": {"stpes": 1}})).unwrap_err();
+        assert_eq!(err.path, ["train"]);
+        assert!(err.message.contains("stpes"), "{}", err.message);
+    }
+}

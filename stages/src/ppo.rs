@@ -95,7 +95,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::{nn, Tensor};
 
@@ -121,7 +121,6 @@ pub struct Params {
     pub split_seed: u64,
     /// Held-out prompts scored before and after; all of them if unset.
     pub eval_prompts: Option<usize>,
-    #[serde(deserialize_with = "train_table")]
     pub train: Hyper,
     pub minibatches: usize,
     pub ppo_epochs: usize,
@@ -176,11 +175,6 @@ impl Default for Params {
             log_every: 5,
         }
     }
-}
-
-/// `train` over PPO's defaults rather than pretraining's.
-fn train_table<'de, D: Deserializer<'de>>(d: D) -> Result<Hyper, D::Error> {
-    Hyper::over(&Params::default().train, Value::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
 impl Params {
@@ -592,7 +586,7 @@ mod tests {
 
     #[test]
     fn params_take_ppo_defaults_and_are_checked() {
-        let p: Params = serde_json::from_value(json!({"train": {"lr": 1e-4}})).unwrap();
+        let p: Params = crate::params::<Ppo>(json!({"train": {"lr": 1e-4}})).unwrap();
         assert_eq!(p.train, Hyper { lr: 1e-4, ..Params::default().train });
         assert_eq!(p.rollout_size(), 32);
         assert!(serde_json::from_value::<Params>(json!({"train": {"stpes": 3}})).is_err());

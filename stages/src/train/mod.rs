@@ -110,19 +110,6 @@ impl Hyper {
         self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (self.lr - self.min_lr)
     }
 
-    /// A `train` table over a stage's own defaults: keys the user wrote
-    /// replace those of `defaults`, the others keep them. For stages whose
-    /// defaults differ from [`Hyper::default`] (pretraining's): plain serde
-    /// defaults would fill a partly written table with pretraining's values.
-    pub fn over(defaults: &Hyper, given: serde_json::Value) -> Result<Hyper, serde_json::Error> {
-        let mut table = serde_json::to_value(defaults)?;
-        match (&mut table, given) {
-            (serde_json::Value::Object(table), serde_json::Value::Object(given)) => table.extend(given),
-            _ => return Err(serde::de::Error::custom("`train` must be a table, e.g. train = { lr = 1e-4 }")),
-        }
-        serde_json::from_value(table)
-    }
-
     /// Tokens one update trains on.
     pub fn tokens_per_step(&self, context: i64) -> u64 {
         (self.batch_size * self.grad_accum) as u64 * context as u64
@@ -193,15 +180,6 @@ mod tests {
         assert!(h.lr_at(50) < h.lr_at(40) && h.lr_at(50) > 0.1);
         assert!(h.check("train").is_ok());
         assert_eq!(Hyper { min_lr: 2.0, lr: 1.0, ..Default::default() }.check("train").unwrap_err().path, ["train", "lr"]);
-    }
-
-    #[test]
-    fn a_partial_table_keeps_the_stage_defaults() {
-        let defaults = Hyper { steps: 30, lr: 1e-5, min_lr: 1e-6, ..Default::default() };
-        let h = Hyper::over(&defaults, serde_json::json!({"lr": 2e-5})).unwrap();
-        assert_eq!(h, Hyper { lr: 2e-5, ..defaults.clone() });
-        assert!(Hyper::over(&defaults, serde_json::json!({"stpes": 1})).unwrap_err().to_string().contains("stpes"));
-        assert!(Hyper::over(&defaults, serde_json::json!(3)).is_err());
     }
 
     #[test]
