@@ -77,7 +77,7 @@ use crate::records;
 use crate::reward_model::check_split;
 use crate::sequences::{pad, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Task, Trainer};
-use crate::train::Hyper;
+use crate::train::{Hyper, TrainDefaults};
 use crate::train_tokenizer::END_OF_TEXT;
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
@@ -92,6 +92,7 @@ pub struct Params {
     pub max_tokens: usize,
     pub positive: String,
     pub trainable: Trainable,
+    #[serde(deserialize_with = "crate::train::own_defaults::<_, Params>")]
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
@@ -117,6 +118,12 @@ impl Default for Params {
             },
             every: Every { eval_every: 50, spike_factor: 0.0, ..Every::default() },
         }
+    }
+}
+
+impl TrainDefaults for Params {
+    fn train_defaults() -> Hyper {
+        Params::default().train
     }
 }
 

@@ -87,7 +87,7 @@ use crate::instruct::{Encoder, Template};
 use crate::model::{Gpt, Lora};
 use crate::sequences::{pad, score, sequence_logprobs, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Outcome, Task, Trainer};
-use crate::train::Hyper;
+use crate::train::{Hyper, TrainDefaults};
 use crate::{device, records, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Dpo;
@@ -101,6 +101,7 @@ pub struct Params {
     pub beta: f64,
     pub loss: Loss,
     pub lora: Option<Lora>,
+    #[serde(deserialize_with = "crate::train::own_defaults::<_, Params>")]
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
@@ -135,6 +136,12 @@ impl Default for Params {
             },
             every: Every { eval_every: 50, ..Every::default() },
         }
+    }
+}
+
+impl TrainDefaults for Params {
+    fn train_defaults() -> Hyper {
+        Params::default().train
     }
 }
 

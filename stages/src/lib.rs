@@ -157,34 +157,13 @@ pub fn kinds() -> Vec<KindInfo> {
     c.0
 }
 
-/// The params of kind `S` from what the user wrote, laid over the kind's
-/// defaults table by table: keys left out of a partly written table
-/// (`train = { lr = 1e-4 }`) keep the kind's own defaults, not those of the
-/// table's type (a fine-tuning stage's `train` is not pretraining's).
+/// The params of kind `S` from what the user wrote, defaults applied;
+/// errors name the offending param.
 pub fn params<S: Stage>(given: serde_json::Value) -> Result<S::Params, ParamError> {
-    let mut full = serde_json::to_value(S::Params::default()).expect("params serialize to JSON");
-    overlay(&mut full, given);
-    serde_path_to_error::deserialize(full).map_err(|e| {
+    serde_path_to_error::deserialize(given).map_err(|e| {
         let path = e.path().iter().filter_map(segment_name).collect();
         ParamError { path, message: e.into_inner().to_string() }
     })
-}
-
-/// Writes `given` over `base`, merging tables and replacing everything else.
-fn overlay(base: &mut serde_json::Value, given: serde_json::Value) {
-    match (base, given) {
-        (serde_json::Value::Object(base), serde_json::Value::Object(given)) => {
-            for (key, value) in given {
-                match base.get_mut(&key) {
-                    Some(slot) => overlay(slot, value),
-                    None => {
-                        base.insert(key, value);
-                    }
-                }
-            }
-        }
-        (slot, given) => *slot = given,
-    }
 }
 
 /// Deserializes and checks params, applying defaults.

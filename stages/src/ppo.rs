@@ -107,7 +107,7 @@ use crate::instruct::{Encoder, Record, Template};
 use crate::model::Gpt;
 use crate::sequences::token_logprobs;
 use crate::train::trainer::{self, batch_indices, METRICS_FILE};
-use crate::train::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog};
+use crate::train::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, TrainDefaults};
 use crate::{device, records, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Ppo;
@@ -121,6 +121,7 @@ pub struct Params {
     pub split_seed: u64,
     /// Held-out prompts scored before and after; all of them if unset.
     pub eval_prompts: Option<usize>,
+    #[serde(deserialize_with = "crate::train::own_defaults::<_, Params>")]
     pub train: Hyper,
     pub minibatches: usize,
     pub ppo_epochs: usize,
@@ -174,6 +175,12 @@ impl Default for Params {
             keep_checkpoints: 2,
             log_every: 5,
         }
+    }
+}
+
+impl TrainDefaults for Params {
+    fn train_defaults() -> Hyper {
+        Params::default().train
     }
 }
 
@@ -471,7 +478,7 @@ fn mean(x: &[f64]) -> f64 {
 mod tests {
     use std::path::PathBuf;
 
-    use tch::Device;
+    use tch::{Device, Kind};
 
     use super::*;
     use crate::model::tests::{build, tiny, torch_rng};
@@ -586,7 +593,7 @@ mod tests {
 
     #[test]
     fn params_take_ppo_defaults_and_are_checked() {
-        let p: Params = crate::params::<Ppo>(json!({"train": {"lr": 1e-4}})).unwrap();
+        let p: Params = serde_json::from_value(json!({"train": {"lr": 1e-4}})).unwrap();
         assert_eq!(p.train, Hyper { lr: 1e-4, ..Params::default().train });
         assert_eq!(p.rollout_size(), 32);
         assert!(serde_json::from_value::<Params>(json!({"train": {"stpes": 3}})).is_err());

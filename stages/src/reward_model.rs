@@ -78,7 +78,7 @@ use crate::instruct::{Encoder, Record, Template};
 use crate::records;
 use crate::sequences::{pad, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Task, Trainer};
-use crate::train::Hyper;
+use crate::train::{Hyper, TrainDefaults};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct RewardModel;
@@ -92,6 +92,7 @@ pub struct Params {
     pub margin: f64,
     pub center_coef: f64,
     pub trainable: Trainable,
+    #[serde(deserialize_with = "crate::train::own_defaults::<_, Params>")]
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
@@ -117,6 +118,12 @@ impl Default for Params {
             },
             every: Every { eval_every: 50, ..Every::default() },
         }
+    }
+}
+
+impl TrainDefaults for Params {
+    fn train_defaults() -> Hyper {
+        Params::default().train
     }
 }
 

@@ -72,7 +72,7 @@ use crate::instruct::{Encoder, Record, Template};
 use crate::model::{self, Gpt, Lora};
 use crate::sequences::{pad, score, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Outcome, Task, Trainer};
-use crate::train::Hyper;
+use crate::train::{Hyper, TrainDefaults};
 use crate::{device, records, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Sft;
@@ -87,6 +87,7 @@ pub struct Params {
     pub template: Template,
     pub split: Vec<f64>,
     pub lora: Option<Lora>,
+    #[serde(deserialize_with = "crate::train::own_defaults::<_, Params>")]
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
@@ -119,6 +120,12 @@ impl Default for Params {
             every: Every { eval_every: 100, ..Every::default() },
             responses: Responses::default(),
         }
+    }
+}
+
+impl TrainDefaults for Params {
+    fn train_defaults() -> Hyper {
+        Params::default().train
     }
 }
 

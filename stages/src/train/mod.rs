@@ -116,6 +116,26 @@ impl Hyper {
     }
 }
 
+/// A stage whose `train` table has defaults of its own (see [`own_defaults`]).
+pub trait TrainDefaults {
+    fn train_defaults() -> Hyper;
+}
+
+/// For a stage's `train` field, as
+/// `#[serde(deserialize_with = "crate::train::own_defaults::<_, Params>")]`:
+/// the keys the user wrote replace the stage's own defaults, the others keep
+/// them. Plain serde defaults would fill a partly written table
+/// (`train = { lr = 1e-4 }`) with pretraining's values.
+pub fn own_defaults<'de, D: serde::Deserializer<'de>, P: TrainDefaults>(d: D) -> Result<Hyper, D::Error> {
+    use serde::de::Error;
+    let mut table = serde_json::to_value(P::train_defaults()).map_err(D::Error::custom)?;
+    match (&mut table, serde_json::Value::deserialize(d)?) {
+        (serde_json::Value::Object(table), serde_json::Value::Object(given)) => table.extend(given),
+        _ => return Err(D::Error::custom("`train` must be a table, e.g. train = { lr = 1e-4 }")),
+    }
+    serde_json::from_value(table).map_err(D::Error::custom)
+}
+
 /// The libtorch seed for micro-batch `micro` of update `step`: a function of
 /// the run's seed and the position only, so a resumed run draws the dropout
 /// masks the uninterrupted one would have.
