@@ -158,9 +158,18 @@ pub fn kinds() -> Vec<KindInfo> {
 }
 
 /// The params of kind `S` from what the user wrote, defaults applied;
-/// errors name the offending param.
+/// errors name the offending param. Top-level keys left out take the kind's
+/// `Params::default()`: serde's own defaulting would give the fields of a
+/// flattened table (a training stage's `eval_every`, `spike_factor`, …) their
+/// type's defaults instead of the kind's. A table the user writes replaces
+/// the default one; its own missing keys are its type's business.
 pub fn params<S: Stage>(given: serde_json::Value) -> Result<S::Params, ParamError> {
-    serde_path_to_error::deserialize(given).map_err(|e| {
+    let mut full = serde_json::to_value(S::Params::default()).expect("params serialize to JSON");
+    match (&mut full, given) {
+        (serde_json::Value::Object(full), serde_json::Value::Object(given)) => full.extend(given),
+        (full, given) => *full = given,
+    }
+    serde_path_to_error::deserialize(full).map_err(|e| {
         let path = e.path().iter().filter_map(segment_name).collect();
         ParamError { path, message: e.into_inner().to_string() }
     })
@@ -263,10 +272,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::train::Hyper;
+    use crate::train::{trainer, Hyper};
 
     #[test]
-    fn partly_written_tables_keep_the_kinds_own_defaults() {
+    fn left_out_params_take_the_kinds_own_defaults() {
+        let p = params::<classify::Classify>(json!({"max_tokens": 64})).unwrap();
+        assert_eq!(p.every, classify::Params::default().every, "flattened fields");
+        assert_ne!(p.every, trainer::Every::default(), "classify's defaults differ from the loop's");
         let p = params::<sft::Sft>(json!({"train": {"lr": 5e-4}})).unwrap();
         assert_eq!(p.train, Hyper { lr: 5e-4, ..sft::Params::default().train });
         assert_ne!(sft::Params::default().train.steps, Hyper::default().steps, "sft's defaults differ from pretraining's");
