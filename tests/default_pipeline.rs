@@ -210,7 +210,7 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     // evaluates it, nothing else; status says so first.
     p.edit("lr = 1e-3, min_lr = 1e-4, warmup = 20", "lr = 5e-4, min_lr = 1e-4, warmup = 20");
     let status = p.llmflow(&["status"]);
-    assert!(status.stdout.contains("5e-4") || status.stdout.contains("0.0005"), "{}", status.stdout);
+    assert!(status.stdout.contains("param `train.lr`: 0.001 → 0.0005"), "{}", status.stdout);
     let stale: Vec<String> = p.states().into_iter().filter(|(_, s)| s != "fresh").map(|(n, _)| n).collect();
     assert_eq!(stale, ["sft", "reward", "ppo", "dpo", "eval"]);
     let rebuilt = p.llmflow(&["run"]);
