@@ -74,7 +74,6 @@ use tokenizers::Tokenizer;
 
 use crate::head::{Head, Scorer, Trainable};
 use crate::records;
-use crate::reward_model::check_split;
 use crate::sequences::{pad, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Task, Trainer};
 use crate::train::{Hyper, TrainDefaults};
@@ -145,7 +144,7 @@ impl Stage for Classify {
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
         params.train.check("train")?;
         params.every.check()?;
-        check_split(&params.split, 3, "[train, validation, test]")?;
+        records::check_split(&params.split, &["train", "validation", "test"])?;
         if params.data.is_empty() {
             return Err(ParamError::new(&["data"], "`data` must name a labeled file"));
         }
@@ -443,7 +442,6 @@ impl Task for Classification<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use super::*;
     use crate::head::tests::tiny_model;
@@ -503,18 +501,19 @@ mod tests {
         assert_eq!(leading_ids(&tokenizer, "Hark", 50).unwrap().len(), tokenizer.encode("Hark", false).unwrap().len());
     }
 
-    /// Test accuracy at the defaults from the default pipeline's pretrained
-    /// model (`MODEL` overrides it, `PARAMS` the params as JSON): `cargo
+    /// Test accuracy at the defaults from a pretrained model artifact such as
+    /// the default pipeline's (`MODEL=path/to/out`; `PARAMS` overrides the
+    /// params as JSON): `cargo
     /// test --release --workspace --lib spam_quality -- --ignored
     /// --nocapture`.
     #[test]
-    #[ignore = "a minute of training on /work/base-model"]
+    #[ignore = "a minute of training on a model artifact named by MODEL"]
     fn spam_quality() {
-        let model = std::env::var("MODEL").unwrap_or("/work/base-model".into());
+        let model = std::env::var("MODEL").expect("MODEL: a pretrained model artifact, e.g. artifacts/pretrain/KEY/out");
         let params: Params = std::env::var("PARAMS").map_or(Params::default(), |p| serde_json::from_str(&p).unwrap());
         let tmp = tempfile::tempdir().unwrap();
-        let mut c = ctx(tmp.path(), "spam", &[("model", Path::new(&model))]);
-        c.project_dir = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let mut c = ctx(tmp.path(), "spam", &[("model", std::path::Path::new(&model))]);
+        c.project_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
         train(&params, &mut c, None).unwrap();
         eprintln!("metrics: {}", Value::Object(c.metrics().clone()));
         let (accuracy, baseline) = (c.metrics()["test_accuracy"].as_f64().unwrap(), c.metrics()["baseline_accuracy"].as_f64().unwrap());

@@ -77,13 +77,13 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
-use crate::finetune::{check_split, read_records, Tuning};
-use crate::instruct::{Encoder, Template};
+use crate::finetune::{read_records, Tuning};
+use crate::instruct::{self, Encoder, Template};
 use crate::model::{Gpt, Lora};
 use crate::sequences::{pad, score, sequence_logprobs, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Outcome, Task, Trainer};
@@ -158,7 +158,7 @@ impl Stage for Dpo {
             return Err(ParamError::new(&["data"], "`data` must name a preference file (JSON or JSON Lines)"));
         }
         params.template.check("template")?;
-        check_split(&params.split, &["train", "validation"])?;
+        records::check_split(&params.split, &["train", "validation"])?;
         if !(params.beta > 0.0) {
             return Err(ParamError::new(&["beta"], "`beta` must be positive"));
         }
@@ -197,8 +197,7 @@ pub fn preference_loss(loss: Loss, beta: f64, chosen: &Tensor, rejected: &Tensor
 
 /// A preference pair, tokenized, with the reference's log-probabilities.
 struct Pair {
-    chosen: Sequence,
-    rejected: Sequence,
+    answers: instruct::Pair,
     ref_chosen: f64,
     ref_rejected: f64,
 }
@@ -218,29 +217,17 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let encoder = Encoder::new(&tokenizer, &params.template)?;
     let context = tuning.model.gpt.config().context as usize;
     let objective = Objective { loss: params.loss, beta: params.beta, pad_id: encoder.eot, batch_size: hyper.batch_size };
-    let pairs = |part: &[usize]| -> Result<Vec<Pair>> {
-        let mut sequences = Vec::with_capacity(2 * part.len());
-        for &i in part {
-            let r = &records[i];
-            let field = |value: &Option<String>, name: &str| {
-                value.clone().with_context(|| format!("{}: record {} has no `{name}`", params.data, i + 1))
-            };
-            sequences.push(encoder.sequence(r, &field(&r.chosen, "chosen")?, context)?);
-            sequences.push(encoder.sequence(r, &field(&r.rejected, "rejected")?, context)?);
-        }
+    let all = encoder.pairs(&records, context, &params.data)?;
+    let pairs = |part: &[usize]| -> Vec<Pair> {
+        let sequences: Vec<Sequence> =
+            part.iter().flat_map(|&i| [all[i].chosen.clone(), all[i].rejected.clone()]).collect();
         let logps = objective.logps(&tuning.model.gpt, &sequences);
-        let mut sequences = sequences.into_iter();
-        Ok(logps
-            .chunks(2)
-            .map(|l| Pair {
-                chosen: sequences.next().expect("two a pair"),
-                rejected: sequences.next().expect("two a pair"),
-                ref_chosen: l[0],
-                ref_rejected: l[1],
-            })
-            .collect())
+        part.iter()
+            .zip(logps.chunks(2))
+            .map(|(&i, l)| Pair { answers: all[i].clone(), ref_chosen: l[0], ref_rejected: l[1] })
+            .collect()
     };
-    let (train, val) = (pairs(&parts[0])?, pairs(&parts[1])?);
+    let (train, val) = (pairs(&parts[0]), pairs(&parts[1]));
     ensure!(
         !train.is_empty() && !val.is_empty(),
         "{}: {} records leave {} pairs for training and {} for validation; `split` needs more data",
@@ -338,7 +325,7 @@ impl Task for Preferences<'_> {
         let b = pairs.len() as i64;
         // Chosen then rejected responses, in one batch.
         let sequences: Vec<Sequence> =
-            pairs.iter().map(|p| p.chosen.clone()).chain(pairs.iter().map(|p| p.rejected.clone())).collect();
+            pairs.iter().map(|p| p.answers.chosen.clone()).chain(pairs.iter().map(|p| p.answers.rejected.clone())).collect();
         let batch = pad(&sequences, self.objective.pad_id, self.gpt.device());
         let device = self.gpt.device();
         let reference = |f: fn(&Pair) -> f64| Tensor::from_slice(&pairs.iter().map(|p| f(p) as f32).collect::<Vec<_>>()).to_device(device);
@@ -355,7 +342,7 @@ impl Task for Preferences<'_> {
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<Map<String, Value>> {
-        let sequences: Vec<Sequence> = self.val.iter().flat_map(|p| [p.chosen.clone(), p.rejected.clone()]).collect();
+        let sequences: Vec<Sequence> = self.val.iter().flat_map(|p| [p.answers.chosen.clone(), p.answers.rejected.clone()]).collect();
         let logps = self.objective.logps(self.gpt, &sequences);
         let (chosen, rejected): (Vec<f64>, Vec<f64>) = logps.chunks(2).map(|l| (l[0], l[1])).unzip();
         let h: Vec<f64> =

@@ -18,7 +18,7 @@ use tch::{nn, Device};
 use crate::generate::{save_model, Loaded};
 use crate::instruct::Record;
 use crate::model::{Gpt, Lora};
-use crate::{records, ParamError, StageCtx};
+use crate::{records, StageCtx};
 
 /// An input model being fine-tuned.
 pub struct Tuning {
@@ -73,21 +73,6 @@ pub fn read_records(ctx: &StageCtx, path: &str) -> Result<Vec<Record>> {
     records::read(&ctx.project_path(path))
 }
 
-/// Errors unless `split` has one fraction in (0, 1] per name in `names`
-/// (e.g. `["train", "validation"]`), summing to at most 1.
-pub fn check_split(split: &[f64], names: &[&str]) -> Result<(), ParamError> {
-    let ok = split.len() == names.len()
-        && split.iter().all(|f| *f > 0.0 && *f <= 1.0)
-        && split.iter().sum::<f64>() <= 1.0 + 1e-9;
-    if ok {
-        return Ok(());
-    }
-    Err(ParamError::new(
-        &["split"],
-        format!("`split` must be {} fractions [{}], each above 0, summing to at most 1", names.len(), names.join(", ")),
-    ))
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use std::path::PathBuf;
@@ -127,9 +112,5 @@ pub(crate) mod tests {
 
     #[test]
     fn splits_are_checked() {
-        assert!(check_split(&[0.85, 0.1, 0.05], &["train", "validation", "test"]).is_ok());
-        assert_eq!(check_split(&[0.9, 0.2], &["train", "validation"]).unwrap_err().path, ["split"]);
-        assert!(check_split(&[0.9], &["train", "validation"]).is_err());
-        assert!(check_split(&[0.9, 0.0], &["train", "validation"]).is_err());
     }
 }

@@ -105,6 +105,13 @@ impl Template {
     }
 }
 
+/// A preference record's two answers, formatted and tokenized.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub chosen: Sequence,
+    pub rejected: Sequence,
+}
+
 /// Tokenizes prompts and responses for one model.
 pub struct Encoder<'a> {
     pub tokenizer: &'a Tokenizer,
@@ -137,6 +144,22 @@ impl<'a> Encoder<'a> {
         let mut counted = self.ids(response.trim())?;
         counted.push(self.eot);
         Ok(Sequence::new(&self.prompt(record)?, &counted).fit(context))
+    }
+
+    /// The chosen and rejected answers of every preference record, each
+    /// after its prompt and cut to `context` tokens; errors name `source`
+    /// and the record that lacks one.
+    pub fn pairs(&self, records: &[Record], context: usize, source: &str) -> Result<Vec<Pair>> {
+        records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (Some(chosen), Some(rejected)) = (&r.chosen, &r.rejected) else {
+                    anyhow::bail!("{source}: record {} needs both `chosen` and `rejected`", i + 1);
+                };
+                Ok(Pair { chosen: self.sequence(r, chosen, context)?, rejected: self.sequence(r, rejected, context)? })
+            })
+            .collect()
     }
 
     /// Text of generated ids, stopping before the first `<|endoftext|>`.

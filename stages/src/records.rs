@@ -96,6 +96,21 @@ pub fn balanced_split(classes: &[usize], n_classes: usize, fractions: &[f64], se
     parts
 }
 
+/// Errors unless `split` has one fraction in (0, 1] per name in `names`
+/// (e.g. `["train", "validation"]`), summing to at most 1.
+pub fn check_split(split: &[f64], names: &[&str]) -> Result<(), crate::ParamError> {
+    let ok = split.len() == names.len()
+        && split.iter().all(|f| *f > 0.0 && *f <= 1.0)
+        && split.iter().sum::<f64>() <= 1.0 + 1e-9;
+    if ok {
+        return Ok(());
+    }
+    Err(crate::ParamError::new(
+        &["split"],
+        format!("`split` must be {} fractions [{}], each above 0, summing to at most 1", names.len(), names.join(", ")),
+    ))
+}
+
 /// `0..n` in an order that depends only on `seed` (Fisher–Yates over
 /// SplitMix64).
 pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
@@ -154,6 +169,10 @@ mod tests {
         assert_eq!(split(100, &[0.85, 0.1, 0.05], 7), parts);
         assert_ne!(split(100, &[0.85, 0.1, 0.05], 8), parts);
         assert_eq!(split(10, &[0.5], 1)[0].len(), 5);
+        assert!(check_split(&[0.85, 0.1, 0.05], &["train", "validation", "test"]).is_ok());
+        assert_eq!(check_split(&[0.9, 0.2], &["train", "validation"]).unwrap_err().path, ["split"]);
+        assert!(check_split(&[0.9], &["train", "validation"]).is_err());
+        assert!(check_split(&[0.9, 0.0], &["train", "validation"]).is_err());
     }
 
     #[test]

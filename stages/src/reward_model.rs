@@ -65,7 +65,6 @@
 //! shipped preference set from the default pipeline's pretrained model, in
 //! about 50 s on 2 CPU cores (see the test `preference_quality`).
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
@@ -74,7 +73,7 @@ use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
 use crate::head::{Head, Scorer, Trainable};
-use crate::instruct::{Encoder, Record, Template};
+use crate::instruct::{Encoder, Pair, Record, Template};
 use crate::records;
 use crate::sequences::{pad, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Task, Trainer};
@@ -139,7 +138,7 @@ impl Stage for RewardModel {
         params.train.check("train")?;
         params.every.check()?;
         params.template.check("template")?;
-        check_split(&params.split, 2, "[train, validation]")?;
+        records::check_split(&params.split, &["train", "validation"])?;
         if params.data.is_empty() {
             return Err(ParamError::new(&["data"], "`data` must name a preference file"));
         }
@@ -160,40 +159,6 @@ impl Stage for RewardModel {
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
         train(params, ctx, trainer::stop_after_env()?)
     }
-}
-
-/// Errors unless `split` has `parts` fractions in (0, 1] summing to at most
-/// 1; `names` says what they are.
-pub fn check_split(split: &[f64], parts: usize, names: &str) -> Result<(), ParamError> {
-    let sum: f64 = split.iter().sum();
-    if split.len() != parts || split.iter().any(|f| !(*f > 0.0)) || sum > 1.0 + 1e-9 {
-        return Err(ParamError::new(
-            &["split"],
-            format!("`split` must be {parts} positive fractions {names} summing to at most 1"),
-        ));
-    }
-    Ok(())
-}
-
-/// A preference pair, formatted and tokenized.
-#[derive(Clone)]
-pub struct Pair {
-    pub chosen: Sequence,
-    pub rejected: Sequence,
-}
-
-/// The pairs of `records`, each response cut to `context` tokens.
-pub fn pairs(records: &[Record], encoder: &Encoder, context: usize, path: &Path) -> Result<Vec<Pair>> {
-    records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let (Some(chosen), Some(rejected)) = (&r.chosen, &r.rejected) else {
-                anyhow::bail!("{}: record {} needs both `chosen` and `rejected`", path.display(), i + 1);
-            };
-            Ok(Pair { chosen: encoder.sequence(r, chosen, context)?, rejected: encoder.sequence(r, rejected, context)? })
-        })
-        .collect()
 }
 
 /// The loss of the module docs, averaged over pairs: rewards [B] of the
@@ -217,7 +182,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let mut scorer = Scorer::from_model(&model_dir, vec!["reward".into()], device)?;
     scorer.freeze(&params.trainable)?;
     let encoder = Encoder::new(&scorer.tokenizer, &params.template)?;
-    let all = pairs(&records, &encoder, scorer.gpt.config().context as usize, &data)?;
+    let all = encoder.pairs(&records, scorer.gpt.config().context as usize, &data.display().to_string())?;
     let parts = records::split(all.len(), &params.split, params.train.seed);
     let take = |part: &[usize]| -> Vec<Pair> { part.iter().map(|&i| all[i].clone()).collect() };
     let (train_pairs, val_pairs) = (take(&parts[0]), take(&parts[1]));
@@ -401,18 +366,18 @@ mod tests {
         assert!(err.contains("p.jsonl: record 2 needs both `chosen` and `rejected`"), "{err}");
     }
 
-    /// Held-out accuracy at the defaults from the default pipeline's
-    /// pretrained model (`MODEL` overrides it, `PARAMS` the params as
-    /// JSON): `cargo test --release --workspace --lib preference_quality --
+    /// Held-out accuracy at the defaults from a pretrained model artifact
+    /// such as the default pipeline's (`MODEL=path/to/out`; `PARAMS` overrides
+    /// the params as JSON): `cargo test --release --workspace --lib preference_quality --
     /// --ignored --nocapture`.
     #[test]
-    #[ignore = "a minute of training on /work/base-model"]
+    #[ignore = "a minute of training on a model artifact named by MODEL"]
     fn preference_quality() {
-        let model = std::env::var("MODEL").unwrap_or("/work/base-model".into());
+        let model = std::env::var("MODEL").expect("MODEL: a pretrained model artifact, e.g. artifacts/pretrain/KEY/out");
         let params: Params = std::env::var("PARAMS").map_or(Params::default(), |p| serde_json::from_str(&p).unwrap());
         let tmp = tempfile::tempdir().unwrap();
-        let mut c = ctx(tmp.path(), "reward", &[("model", Path::new(&model))]);
-        c.project_dir = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let mut c = ctx(tmp.path(), "reward", &[("model", std::path::Path::new(&model))]);
+        c.project_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
         train(&params, &mut c, None).unwrap();
         eprintln!("metrics: {}", Value::Object(c.metrics().clone()));
         let accuracy = c.metrics()["val_accuracy"].as_f64().unwrap();

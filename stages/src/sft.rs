@@ -66,7 +66,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::finetune::{check_split, read_records, Tuning};
+use crate::finetune::{read_records, Tuning};
 use crate::generate::{generate_batch, Sampling};
 use crate::instruct::{Encoder, Record, Template};
 use crate::model::{self, Gpt, Lora};
@@ -142,7 +142,7 @@ impl Stage for Sft {
             return Err(ParamError::new(&["data"], "`data` must name an instruction file (JSON or JSON Lines)"));
         }
         params.template.check("template")?;
-        check_split(&params.split, &["train", "validation", "test"])?;
+        records::check_split(&params.split, &["train", "validation", "test"])?;
         if let Some(lora) = &params.lora {
             lora.check("lora")?;
         }
