@@ -59,11 +59,28 @@ fn resolve() -> Result<()> {
 }
 
 fn run(spec_path: &Path) -> Result<()> {
+    keep_freed_memory();
     let spec: Spec = serde_json::from_slice(&fs::read(spec_path).context("reading the stage spec")?)?;
     let mut ctx = spec.ctx;
     llmflow_stages::run(&spec.kind, spec.params, &mut ctx)?;
     fs::write(spec_path.with_file_name("metrics.json"), serde_json::to_vec_pretty(ctx.metrics())?)?;
     Ok(())
+}
+
+/// Training allocates and frees the same large tensors (activations, logits)
+/// every step, and libtorch's CPU allocator is plain `malloc`. By default
+/// glibc serves blocks above 128 KiB with fresh `mmap`s and unmaps them on
+/// `free`, so every step page-faults its memory in again, and each unmap
+/// interrupts the other cores of the process to flush their TLBs. Serving
+/// blocks up to glibc's limit (32 MiB) from the heap and not trimming it
+/// keeps that memory mapped for reuse.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator parameters; called before the
+    // stage starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }
 
 /// Reads a JSON list of specs on stdin; prints a JSON list of estimates (null

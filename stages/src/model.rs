@@ -663,12 +663,16 @@ impl SelfAttention {
         let dropout = if train { self.dropout } else { 0.0 };
         match self.kind {
             Attention::Explicit => {
-                let scale = 1.0 / (self.head_dim as f64).sqrt();
-                let scores = q.matmul(&k.transpose(-2, -1)) * scale; // [B, n_head, T, T_k]
-                let scores = scores.masked_fill(&causal_mask(t, t_k, q.device()).logical_not(), f64::NEG_INFINITY);
+                let (b, n_head, _, head_dim) = q.size4().unwrap();
+                // Heads as one batch of matrices: [B·n_head, T, head_dim].
+                let rows = |x: &Tensor| x.reshape([b * n_head, -1, head_dim]);
+                let scale = 1.0 / (head_dim as f64).sqrt();
+                // q·kᵀ·scale plus 0 where a query may attend and −∞ where it
+                // may not, in one op: [B·n_head, T, T_k].
+                let scores = Tensor::baddbmm(&causal_bias(t, t_k, q.kind(), q.device()), &rows(q), &rows(k).transpose(1, 2), 1.0, scale);
                 // Softmax in fp32 whatever the model's precision.
                 let weights = scores.softmax(-1, Kind::Float).to_kind(q.kind()).dropout(dropout, train);
-                weights.matmul(v)
+                weights.bmm(&rows(v)).view([b, n_head, t, head_dim])
             }
             // Without cached keys the mask is the plain lower triangle,
             // which lets libtorch pick its fused causal kernels.
@@ -689,6 +693,12 @@ impl SelfAttention {
 /// attend to key j.
 fn causal_mask(t: i64, t_k: i64, device: Device) -> Tensor {
     Tensor::ones([t, t_k], (Kind::Bool, device)).tril(t_k - t)
+}
+
+/// The same as an additive bias: 0 where [`causal_mask`] is true, −∞ where
+/// it is false.
+fn causal_bias(t: i64, t_k: i64, kind: Kind, device: Device) -> Tensor {
+    Tensor::full([t, t_k], f64::NEG_INFINITY, (kind, device)).triu(t_k - t + 1)
 }
 
 /// Grouped-query attention shares each key/value head among n_rep query
@@ -937,6 +947,40 @@ impl Gpt {
         loss.detach()
     }
 
+    /// Forward and backward passes of next-token prediction, the training
+    /// step of language modelling: `scale` × the mean cross-entropy of
+    /// `targets` [B, T] (int64; [`IGNORE_INDEX`] positions take no part),
+    /// gradients accumulated into the variables; returns that loss, detached.
+    ///
+    /// On the CPU in fp32 the output head and the loss are computed by hand
+    /// as one step, [`head_loss`], rather than by autograd through logits,
+    /// log-softmax and NLL: that passes over the [N, V] logits fewer times and
+    /// skips the head at ignored positions. Elsewhere (CUDA, activation
+    /// checkpointing) it is [`Gpt::backward`] with [`loss`]; the two agree to
+    /// rounding (a test checks).
+    pub fn backward_lm(&self, idx: &Tensor, targets: &Tensor, scale: f64) -> Tensor {
+        if self.config.checkpoint_activations || self.device() != Device::Cpu || self.wte.kind() != Kind::Float {
+            return self.backward(idx, true, |h| loss(&self.logits(h), targets) * scale);
+        }
+        let hidden = self.hidden_states(idx, true);
+        let Some(head) = tch::no_grad(|| head_loss(&hidden, &self.lm_head, targets, scale)) else {
+            // No counted target: the mean is NaN, as cross_entropy's, and
+            // there is no gradient.
+            return Tensor::from(f32::NAN);
+        };
+        backward_from(&hidden, &head.d_hidden);
+        if self.lm_head.requires_grad() {
+            let mut grad = self.lm_head.grad();
+            if grad.defined() {
+                // Tied to the embedding, whose backward pass defined it.
+                let _ = tch::no_grad(|| grad.g_add_(&head.d_weight));
+            } else {
+                backward_from(&self.lm_head, &head.d_weight);
+            }
+        }
+        head.loss
+    }
+
     /// An empty cache for `batch` sequences.
     pub fn kv_cache(&self, batch: i64) -> KvCache {
         let dims = [batch, self.config.n_kv_head, 0, self.config.head_dim()];
@@ -994,6 +1038,51 @@ impl Gpt {
 /// with respect to `output` is exactly `grad`.
 fn backward_from(output: &Tensor, grad: &Tensor) {
     (output * grad).sum(output.kind()).backward();
+}
+
+/// What [`head_loss`] computes.
+struct HeadLoss {
+    /// scale · the mean cross-entropy, a scalar.
+    loss: Tensor,
+    /// Its gradient with respect to the hidden states, [B, T, C].
+    d_hidden: Tensor,
+    /// Its gradient with respect to the head, [V, C].
+    d_weight: Tensor,
+}
+
+/// The output head W [V, C] and the cross-entropy on hidden states h
+/// [B, T, C], with their gradients, without autograd. Over the N counted
+/// positions i (target yᵢ ≠ [`IGNORE_INDEX`]), with P = softmax(h·Wᵀ) [N, V]:
+///
+/// loss = −(scale/N) Σᵢ log Pᵢ,yᵢ
+/// G = (scale/N) · (P − onehot(y))
+/// d_hidden = G·W (0 at ignored positions), d_weight = Gᵀ·h
+///
+/// G is built in P's memory and the scale applied to the smaller operands,
+/// so the logits are written once and read by the two products. (log Pᵢ,yᵢ
+/// of a probability below f32's smallest normal, a loss above 87 nats,
+/// counts as that smallest normal's log.) `None` when no position counts.
+fn head_loss(hidden: &Tensor, weight: &Tensor, targets: &Tensor, scale: f64) -> Option<HeadLoss> {
+    let c = hidden.size()[2];
+    let h = hidden.detach().reshape([-1, c]); // [N_all, C]
+    let y = targets.reshape([-1]); // [N_all]
+    let counted = y.ne(IGNORE_INDEX).nonzero().squeeze_dim(1); // [N]
+    let n = counted.size()[0];
+    if n == 0 {
+        return None;
+    }
+    let every = n == y.size()[0];
+    let (h, y_counted) = if every { (h, y) } else { (h.index_select(0, &counted), y.index_select(0, &counted)) };
+    let y_counted = y_counted.unsqueeze(1); // [N, 1]
+    let s = scale / n as f64;
+    let mut g = h.mm(&weight.tr()).softmax(-1, Kind::Float); // P [N, V]
+    let loss = g.gather(1, &y_counted, false).clamp_min(f32::MIN_POSITIVE as f64).log().sum(Kind::Float) * -s;
+    let minus_one = Tensor::full([n, 1], -1.0, (Kind::Float, g.device()));
+    let _ = g.scatter_add_(1, &y_counted, &minus_one); // P − onehot
+    let d_counted = g.mm(weight) * s; // [N, C]
+    let d_weight = g.tr().mm(&(&h * s)); // [V, C]
+    let d_hidden = if every { d_counted } else { hidden.zeros_like().reshape([-1, c]).index_copy(0, &counted, &d_counted) };
+    Some(HeadLoss { loss, d_hidden: d_hidden.view_as(hidden), d_weight })
 }
 
 /// Mean cross-entropy of logits [B, T, V] against targets [B, T] (int64),
@@ -1198,6 +1287,14 @@ pub(crate) mod tests {
             let idx = random_tokens(&sdpa, 3, 12);
             let diff = max_diff(&sdpa_model.forward(&idx, false), &explicit_model.forward(&idx, false));
             assert!(diff < 1e-5, "{arch}: {diff}");
+            // With cached keys: 5 tokens, then the other 7 attending to them.
+            let cached = |model: &Gpt| {
+                let mut cache = model.kv_cache(3);
+                let _ = model.forward_cached(&idx.narrow(1, 0, 5), &mut cache);
+                model.forward_cached(&idx.narrow(1, 5, 7), &mut cache)
+            };
+            let diff = max_diff(&cached(&sdpa_model), &cached(&explicit_model));
+            assert!(diff < 1e-5, "{arch}, cached: {diff}");
         }
     }
 
@@ -1225,6 +1322,41 @@ pub(crate) mod tests {
                 let diff = max_diff(grad, &grads[name]);
                 assert!(diff < 1e-6, "{arch}: {name} differs by {diff}");
             }
+        }
+    }
+
+    /// The hand-written head and loss of `backward_lm` give autograd's loss
+    /// and gradients, with and without ignored targets, tied or not.
+    #[test]
+    fn fused_head_matches_autograd() {
+        let _rng = torch_rng();
+        for (arch, extra) in [("gpt2", json!({})), ("llama", json!({"n_kv_head": 2})), ("llama", json!({"tie_embeddings": true}))] {
+            let config = tiny(arch, extra);
+            let idx = random_tokens(&config, 3, 12);
+            let all = random_tokens(&config, 3, 12);
+            let some = all.where_scalarother(&Tensor::rand([3, 12], (Kind::Float, Device::Cpu)).gt(0.3), IGNORE_INDEX);
+            for targets in [&all, &some] {
+                let run = |fused: bool| {
+                    let (vs, model) = build(&config, 3);
+                    let loss = if fused {
+                        model.backward_lm(&idx, targets, 0.5)
+                    } else {
+                        model.backward(&idx, true, |h| loss(&model.logits(h), targets) * 0.5)
+                    };
+                    let grads: BTreeMap<String, Tensor> = vs.variables().into_iter().map(|(n, t)| (n, t.grad())).collect();
+                    (loss.double_value(&[]), grads)
+                };
+                let ((fused_loss, fused), (loss, plain)) = (run(true), run(false));
+                assert!((fused_loss - loss).abs() < 1e-6, "{arch}: loss {fused_loss} vs {loss}");
+                for (name, grad) in &plain {
+                    let diff = max_diff(grad, &fused[name]);
+                    assert!(diff < 1e-6, "{arch}: {name} differs by {diff}");
+                }
+            }
+            let (vs, model) = build(&config, 3);
+            let none = Tensor::full([3, 12], IGNORE_INDEX, (Kind::Int64, Device::Cpu));
+            assert!(model.backward_lm(&idx, &none, 1.0).double_value(&[]).is_nan(), "no counted target: NaN, as cross_entropy");
+            assert!(vs.variables().values().all(|t| !t.grad().defined()), "and no gradient");
         }
     }
 

@@ -193,7 +193,7 @@ impl Params {
 
 impl Stage for Ppo {
     const KIND: &'static str = "ppo";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "RLHF: PPO against a reward model with a KL penalty to the starting policy";
     const INPUTS: Inputs = Inputs::Fixed(&["policy", "reward"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;

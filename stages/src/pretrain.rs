@@ -72,6 +72,7 @@ use crate::generate::{complete, Sampling};
 use crate::loader::{Batch, Loader, Order, Position, Split};
 use crate::model::{self, Gpt, ModelConfig};
 use crate::generate::save_model;
+use crate::train::parallel::Replicas;
 use crate::train::trainer::{self, Every, Outcome, Task, Trainer};
 use crate::train::Hyper;
 use crate::train_tokenizer;
@@ -120,7 +121,7 @@ impl Default for Params {
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
@@ -248,7 +249,11 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
         tokens_per_step: Some(hyper.tokens_per_step(config.context)),
         stop_after,
     };
-    let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val })? {
+    let replicas = Replicas::new(&vs, &config, ctx.threads)?;
+    if replicas.is_some() {
+        eprintln!("pretrain: each batch split across {} cores, one single-threaded model replica each", ctx.threads);
+    }
+    let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val, replicas })? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
@@ -274,13 +279,20 @@ struct Pretraining<'a> {
     gpt: &'a Gpt,
     loader: Loader,
     val: Evaluator,
+    /// Splits each batch across the CPU cores where that applies.
+    replicas: Option<Replicas>,
 }
 
 impl Task for Pretraining<'_> {
     fn backward(&mut self, _step: u64, _micro: usize, scale: f64) -> Result<f64> {
         let (x, y) = tensors(&self.loader.next_batch(), self.gpt.device());
+        if let Some(replicas) = &mut self.replicas {
+            return replicas.backward(self.gpt, &x, &y, scale, |gpt, x, y, weight| {
+                gpt.backward_lm(x, y, weight).double_value(&[])
+            });
+        }
         let cuda = self.gpt.device().is_cuda();
-        let loss = tch::autocast(cuda, || self.gpt.backward(&x, true, |h| model::loss(&self.gpt.logits(h), &y) * scale));
+        let loss = tch::autocast(cuda, || self.gpt.backward_lm(&x, &y, scale));
         Ok(loss.double_value(&[]))
     }
 

@@ -69,7 +69,7 @@ use serde_json::json;
 use crate::finetune::{read_records, Tuning};
 use crate::generate::{generate_batch, Sampling};
 use crate::instruct::{Encoder, Record, Template};
-use crate::model::{self, Gpt, Lora};
+use crate::model::{Gpt, Lora};
 use crate::sequences::{pad, score, Sequence};
 use crate::train::trainer::{self, batch_indices, Every, Outcome, Task, Trainer};
 use crate::train::{Hyper, TrainDefaults};
@@ -131,7 +131,7 @@ impl TrainDefaults for Params {
 
 impl Stage for Sft {
     const KIND: &'static str = "sft";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "instruction fine-tuning on response tokens, in full or with LoRA adapters";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
@@ -281,8 +281,7 @@ impl Task for Instructions<'_> {
             batch_indices(self.train.len(), self.hyper, step, micro).into_iter().map(|i| self.train[i].clone()).collect();
         let batch = pad(&batch, self.pad_id, self.gpt.device());
         let cuda = self.gpt.device().is_cuda();
-        let loss =
-            tch::autocast(cuda, || self.gpt.backward(&batch.x, true, |h| model::loss(&self.gpt.logits(h), &batch.y) * scale));
+        let loss = tch::autocast(cuda, || self.gpt.backward_lm(&batch.x, &batch.y, scale));
         Ok(loss.double_value(&[]))
     }
 
@@ -298,6 +297,7 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
+    use crate::model;
     use crate::finetune::tests::{instruct_data, model_artifact};
     use crate::generate::Loaded;
     use crate::model::tests::{tiny, torch_rng};
@@ -328,7 +328,8 @@ mod tests {
         model
     }
 
-    /// The loss a training step takes (pad, then `model::loss`) counts the
+    /// The loss a training step takes (pad, then `model::loss`, which
+    /// `Gpt::backward_lm` computes with its gradients) counts the
     /// response tokens only: it is their mean negative log-likelihood, and
     /// changing a prompt token's target leaves it as it was, while changing a
     /// response token's does not.

@@ -3,8 +3,10 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use tch::{nn, Kind, Tensor};
 
+use super::floats::{self, cpu_floats, CHUNK};
 use super::Hyper;
 
 /// Whether weight decay applies to a variable: matrices, but not embedding
@@ -82,45 +84,65 @@ impl AdamW {
         if grads.is_empty() {
             return 0.0;
         }
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.square().sum(Kind::Float)).collect();
-        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
-        if max > 0.0 && norm > max {
-            tch::no_grad(|| {
-                for mut g in grads {
-                    let _ = g.g_mul_scalar_(max / (norm + 1e-6));
+        // SAFETY: the gradients are distinct tensors, viewed once each, and
+        // nothing else runs meanwhile.
+        let on_cpu: Option<Vec<&mut [f32]>> = grads.iter().map(|g| unsafe { cpu_floats(g) }).collect();
+        match on_cpu {
+            Some(mut slices) => {
+                let norm = floats::sum_of_squares(&slices).sqrt();
+                if max > 0.0 && norm > max {
+                    floats::scale(&mut slices, (max / (norm + 1e-6)) as f32);
                 }
-            });
+                norm
+            }
+            None => {
+                let squares: Vec<Tensor> = grads.iter().map(|g| g.square().sum(Kind::Float)).collect();
+                let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
+                if max > 0.0 && norm > max {
+                    tch::no_grad(|| {
+                        for mut g in grads {
+                            let _ = g.g_mul_scalar_(max / (norm + 1e-6));
+                        }
+                    });
+                }
+                norm
+            }
         }
-        norm
     }
 
     /// One update at learning rate `lr` from the accumulated gradients.
     pub fn step(&mut self, lr: f64) {
         self.t += 1;
-        let bias1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bias2_sqrt = (1.0 - self.beta2.powi(self.t as i32)).sqrt();
-        // In place, two temporaries a tensor: the update is memory-bound, and
-        // every extra pass over the weights shows in the step time.
+        let rule = Rule {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            bias1: 1.0 - self.beta1.powi(self.t as i32),
+            bias2_sqrt: (1.0 - self.beta2.powi(self.t as i32)).sqrt(),
+        };
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.value.grad()).collect();
+        // Work for rayon: CPU variables in chunks, each (value, g, m, v, decay).
+        let mut chunks = Vec::new();
         tch::no_grad(|| {
-            for p in &mut self.params {
-                let g = p.value.grad();
+            for (p, g) in self.params.iter().zip(&grads) {
                 if !g.defined() {
                     continue;
                 }
-                let _ = p.m.lerp_(&g, 1.0 - self.beta1); // β1·m + (1−β1)·g
-                let _ = p.v.lerp_(&g.square(), 1.0 - self.beta2); // β2·v + (1−β2)·g²
-                if p.decay && self.weight_decay > 0.0 {
-                    let _ = p.value.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
+                // SAFETY: a variable, its gradient and its two moments are four
+                // distinct tensors, viewed once each, and nothing else runs
+                // during the update.
+                match unsafe { (cpu_floats(&p.value), cpu_floats(g), cpu_floats(&p.m), cpu_floats(&p.v)) } {
+                    (Some(value), Some(g), Some(m), Some(v)) => chunks.extend(
+                        value.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).zip(m.chunks_mut(CHUNK)).zip(v.chunks_mut(CHUNK))
+                            .map(|(((value, g), m), v)| (value, g, m, v, decay)),
+                    ),
+                    _ => rule.apply_tensors(p, g, decay),
                 }
-                if lr == 0.0 {
-                    continue;
-                }
-                // value −= lr/bias1 · m / (√v/bias2_sqrt + eps), as value += m / denom.
-                let mut denom = p.v.sqrt();
-                let _ = denom.g_div_scalar_(bias2_sqrt).g_add_scalar_(self.eps).g_mul_scalar_(-bias1 / lr);
-                let _ = p.value.addcdiv_(&p.m, &denom);
             }
         });
+        chunks.into_par_iter().for_each(|(value, g, m, v, decay)| rule.apply(value, g, m, v, decay));
     }
 
     /// Writes the moments and the update count (safetensors: `m.NAME`,
@@ -154,12 +176,60 @@ impl AdamW {
     }
 }
 
+/// The update rule of one step, for each element:
+/// m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², then
+/// value ← value·decay − lr · (m / bias1) / (√v / bias2_sqrt + eps).
+struct Rule {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// 1 − β1ᵗ
+    bias1: f64,
+    /// √(1 − β2ᵗ)
+    bias2_sqrt: f64,
+}
+
+impl Rule {
+    /// In one pass over the elements of a variable on the CPU: the update is
+    /// memory-bound, and a tensor op per term would read and write the
+    /// weights and moments several times over.
+    fn apply(&self, value: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: f64) {
+        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        let (step, inv_bias2_sqrt, eps, decay) =
+            ((self.lr / self.bias1) as f32, (1.0 / self.bias2_sqrt) as f32, self.eps as f32, decay as f32);
+        for (((x, &g), m), v) in value.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *x = *x * decay - step * *m / (v.sqrt() * inv_bias2_sqrt + eps);
+        }
+    }
+
+    /// The same with tensor ops, for any device and dtype; in place, two
+    /// temporaries a variable.
+    fn apply_tensors(&self, p: &Param, g: &Tensor, decay: f64) {
+        let (mut value, mut m, mut v) = (p.value.shallow_clone(), p.m.shallow_clone(), p.v.shallow_clone());
+        let _ = m.lerp_(g, 1.0 - self.beta1); // β1·m + (1−β1)·g
+        let _ = v.lerp_(&g.square(), 1.0 - self.beta2); // β2·v + (1−β2)·g²
+        if decay != 1.0 {
+            let _ = value.g_mul_scalar_(decay);
+        }
+        if self.lr == 0.0 {
+            return;
+        }
+        // value −= lr/bias1 · m / (√v/bias2_sqrt + eps), as value += m / denom.
+        let mut denom = v.sqrt();
+        let _ = denom.g_div_scalar_(self.bias2_sqrt).g_add_scalar_(self.eps).g_mul_scalar_(-self.bias1 / self.lr);
+        let _ = value.addcdiv_(&m, &denom);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::tests::{build, tiny, torch_rng};
+    use crate::model::tests::{build, max_diff, tiny, torch_rng};
 
     #[test]
     fn decay_skips_embeddings_norms_and_biases() {
@@ -202,6 +272,27 @@ mod tests {
             assert!((b.double_value(&[0]) - expected[1].0).abs() < 1e-6, "step {t}");
         }
         assert_eq!(opt.updates(), 3);
+    }
+
+    /// The one-pass CPU update and the tensor-op update (the one other
+    /// devices take) agree.
+    #[test]
+    fn cpu_loop_matches_tensor_ops() {
+        let _rng = torch_rng();
+        tch::manual_seed(7);
+        let rule = Rule { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, bias1: 1.0 - 0.9f64.powi(3), bias2_sqrt: (1.0 - 0.95f64.powi(3)).sqrt() };
+        let randn = || Tensor::randn([1000], (Kind::Float, tch::Device::Cpu));
+        let (value, g, m, v) = (randn(), randn(), randn() * 0.1, randn().square() * 0.01);
+        let by_ops = Param { name: "w".into(), value: value.copy(), m: m.copy(), v: v.copy(), decay: true };
+        tch::no_grad(|| rule.apply_tensors(&by_ops, &g, 0.999));
+        let (value, m, v) = (value.copy(), m.copy(), v.copy());
+        // SAFETY: four distinct tensors, used by nothing else here.
+        let slices = unsafe { (cpu_floats(&value), cpu_floats(&g), cpu_floats(&m), cpu_floats(&v)) };
+        let (Some(x), Some(gs), Some(ms), Some(vs)) = slices else { panic!("CPU f32 tensors") };
+        rule.apply(x, gs, ms, vs, 0.999);
+        for (name, a, b) in [("value", &value, &by_ops.value), ("m", &m, &by_ops.m), ("v", &v, &by_ops.v)] {
+            assert!(a.allclose(b, 1e-6, 1e-7, false), "{name}: {}", max_diff(a, b));
+        }
     }
 
     #[test]

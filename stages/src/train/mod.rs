@@ -13,13 +13,17 @@
 //! * [`MetricsLog`] and [`plot::loss_curve`]: `metrics.jsonl` that survives a
 //!   resume, and its picture.
 //! * [`trainer`]: the loop itself, over a stage's [`trainer::Task`].
+//! * [`parallel`]: a micro-batch split across the CPU cores, one
+//!   single-threaded model replica each.
 //! * [`step_seed`]: the libtorch seed for each micro-batch, which makes
 //!   dropout reproducible across a resume without saving libtorch's generator
 //!   (tch cannot read it back).
 
 mod adamw;
 mod checkpoint;
+pub mod floats;
 mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod trainer;
 
