@@ -63,7 +63,7 @@
 //!
 //! The defaults (the model's 4 layers × 128 wide, context 128; 500 steps of
 //! 16 sequences, lr 2e-3 → 2e-4) train in about 75 s on 2 CPU cores and
-//! reach 2.56 bits per byte on tiny Shakespeare's last tenth with a 1024-token
+//! reach 2.54 bits per byte on tiny Shakespeare's last tenth with a 1024-token
 //! vocabulary (nanoGPT's character-level CPU model: 2.71); see the test
 //! `shakespeare_quality`.
 
