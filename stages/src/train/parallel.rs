@@ -140,7 +140,8 @@ impl Replicas {
         // Each replica's gradients into the main model's, replica by replica.
         for w in &busy {
             let mut pairs = Vec::with_capacity(self.main.len());
-            let (totals, parts): (Vec<Tensor>, Vec<Tensor>) = self.main.iter().zip(&w.vars).map(|(m, r)| (m.grad(), r.grad())).unzip();
+            let (totals, parts): (Vec<Tensor>, Vec<Tensor>) =
+                self.main.iter().zip(&w.vars).map(|(main, replica)| (main.grad(), replica.grad())).unzip();
             for (total, part) in totals.iter().zip(&parts) {
                 if !part.defined() {
                     continue;
