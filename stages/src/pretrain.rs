@@ -305,7 +305,7 @@ impl Task for Pretraining<'_> {
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<serde_json::Map<String, serde_json::Value>> {
-        let (val_loss, bpb) = self.val.evaluate(self.gpt, self.gpt.device().is_cuda());
+        let (val_loss, bpb) = self.val.evaluate(self.gpt, self.replicas.as_mut())?;
         Ok(serde_json::Map::from_iter([("val_loss".into(), json!(val_loss)), ("val_bpb".into(), json!(bpb))]))
     }
 
@@ -363,19 +363,27 @@ impl Evaluator {
         Ok(Evaluator { batches, bytes })
     }
 
-    /// (mean loss in nats per token, bits per byte).
-    fn evaluate(&self, gpt: &Gpt, cuda: bool) -> (f64, f64) {
+    /// (mean loss in nats per token, bits per byte); each batch split across
+    /// the cores when training is.
+    fn evaluate(&self, gpt: &Gpt, mut replicas: Option<&mut Replicas>) -> Result<(f64, f64)> {
+        let cuda = gpt.device().is_cuda();
+        let mean_loss = |gpt: &Gpt, x: &Tensor, y: &Tensor| {
+            tch::no_grad(|| tch::autocast(cuda, || model::loss(&gpt.forward(x, false), y)).double_value(&[]))
+        };
         let mut nats = 0.0;
         let mut tokens = 0.0;
-        tch::no_grad(|| {
-            for batch in &self.batches {
-                let (x, y) = tensors(batch, gpt.device());
-                let loss = tch::autocast(cuda, || model::loss(&gpt.forward(&x, false), &y)).double_value(&[]);
-                nats += loss * batch.y.len() as f64;
-                tokens += batch.y.len() as f64;
-            }
-        });
-        (nats / tokens, nats / std::f64::consts::LN_2 / self.bytes.max(1.0))
+        for batch in &self.batches {
+            let (x, y) = tensors(batch, gpt.device());
+            let loss = match replicas.as_deref_mut() {
+                Some(r) => r.map(gpt, &x, &y, 1.0, |gpt, x, y, weight| {
+                    tch::no_grad(|| model::loss(&gpt.forward(x, false), y).double_value(&[])) * weight
+                })?,
+                None => mean_loss(gpt, &x, &y),
+            };
+            nats += loss * batch.y.len() as f64;
+            tokens += batch.y.len() as f64;
+        }
+        Ok((nats / tokens, nats / std::f64::consts::LN_2 / self.bytes.max(1.0)))
     }
 }
 

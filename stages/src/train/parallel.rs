@@ -117,28 +117,44 @@ impl Replicas {
     /// gradients into the main model's; returns the summed loss: the mean
     /// over the batch times `scale`.
     pub fn backward(&mut self, gpt: &Gpt, x: &Tensor, y: &Tensor, scale: f64, pass: Pass) -> Result<f64> {
+        let (loss, busy) = self.split(gpt, x, y, scale, pass)?;
+        self.add_gradients(busy)?;
+        Ok(loss)
+    }
+
+    /// [`Replicas::backward`] for a pass that computes no gradients (an
+    /// evaluation): the sum of what the slices' passes return.
+    pub fn map(&mut self, gpt: &Gpt, x: &Tensor, y: &Tensor, scale: f64, pass: Pass) -> Result<f64> {
+        Ok(self.split(gpt, x, y, scale, pass)?.0)
+    }
+
+    /// Runs the slices; returns the sum of their passes and how many workers
+    /// took part.
+    fn split(&mut self, gpt: &Gpt, x: &Tensor, y: &Tensor, scale: f64, pass: Pass) -> Result<(f64, usize)> {
         let rows = x.size()[0];
         let parts = (self.workers.len() + 1) as i64;
         let weight = |t: &Tensor| scale * t.size()[0] as f64 / rows as f64;
         let mut slices = x.chunk(parts, 0).into_iter().zip(y.chunk(parts, 0));
         let (x0, y0) = slices.next().expect("at least one row");
         // A batch of fewer rows than cores leaves the last workers idle.
-        let busy: Vec<&Worker> = self
-            .workers
-            .iter()
-            .zip(slices)
-            .map(|(w, (x, y))| {
-                let job = Job { weight: weight(&x), x, y, pass };
-                w.jobs.as_ref().expect("running").send(job).map(|()| w)
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|_| anyhow!("a model replica's thread has stopped"))?;
-        let mut loss = pass(gpt, &x0, &y0, weight(&x0));
-        for w in &busy {
-            loss += w.losses.recv().map_err(|_| anyhow!("a model replica's pass panicked; its message is above"))?;
+        let mut busy = 0;
+        for (w, (x, y)) in self.workers.iter().zip(slices) {
+            let job = Job { weight: weight(&x), x, y, pass };
+            w.jobs.as_ref().expect("running").send(job).map_err(|_| anyhow!("a model replica's thread has stopped"))?;
+            busy += 1;
         }
+        let mut sum = pass(gpt, &x0, &y0, weight(&x0));
+        for w in &self.workers[..busy] {
+            sum += w.losses.recv().map_err(|_| anyhow!("a model replica's pass panicked; its message is above"))?;
+        }
+        Ok((sum, busy))
+    }
+
+    /// Adds the gradients of the first `busy` replicas into the main model's
+    /// and resets theirs.
+    fn add_gradients(&self, busy: usize) -> Result<()> {
         // Each replica's gradients into the main model's, replica by replica.
-        for w in &busy {
+        for w in &self.workers[..busy] {
             let mut pairs = Vec::with_capacity(self.main.len());
             let (totals, parts): (Vec<Tensor>, Vec<Tensor>) =
                 self.main.iter().zip(&w.vars).map(|(main, replica)| (main.grad(), replica.grad())).unzip();
@@ -158,7 +174,7 @@ impl Replicas {
             }
             floats::add_and_clear(&mut pairs);
         }
-        Ok(loss)
+        Ok(())
     }
 }
 
@@ -221,6 +237,13 @@ mod tests {
         let _ = tch::no_grad(|| sorted_vars(&vs)[0].g_mul_scalar_(0.5));
         let moved = gpt.backward_lm(&x, &y, 0.5).double_value(&[]);
         assert!((replicas.backward(&gpt, &x, &y, 0.5, pass).unwrap() - moved).abs() < 1e-6);
+        // An evaluation pass: the batch's mean loss, and no gradient moves.
+        let eval: Pass =
+            |gpt, x, y, weight| tch::no_grad(|| crate::model::loss(&gpt.forward(x, false), y).double_value(&[])) * weight;
+        let mean = tch::no_grad(|| crate::model::loss(&gpt.forward(&x, false), &y).double_value(&[]));
+        let _ = grads(&vs); // zeroes them
+        assert!((replicas.map(&gpt, &x, &y, 1.0, eval).unwrap() - mean).abs() < 1e-6);
+        assert!(grads(&vs).iter().all(|g| g.abs().max().double_value(&[]) == 0.0));
         drop(replicas);
         assert_eq!(tch::get_num_threads(), caller_threads, "threads given back");
 
