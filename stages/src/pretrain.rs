@@ -294,14 +294,10 @@ struct Pretraining<'a> {
 impl Task for Pretraining<'_> {
     fn backward(&mut self, _step: u64, _micro: usize, scale: f64) -> Result<f64> {
         let (x, y) = tensors(&self.loader.next_batch(), self.gpt.device());
-        if let Some(replicas) = &mut self.replicas {
-            return replicas.backward(self.gpt, &x, &y, scale, |gpt, x, y, weight| {
-                gpt.backward_lm(x, y, weight).double_value(&[])
-            });
+        match &mut self.replicas {
+            Some(replicas) => replicas.backward(self.gpt, &x, &y, scale, train_pass),
+            None => Ok(train_pass(self.gpt, &x, &y, scale)),
         }
-        let cuda = self.gpt.device().is_cuda();
-        let loss = tch::autocast(cuda, || self.gpt.backward_lm(&x, &y, scale));
-        Ok(loss.double_value(&[]))
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -317,6 +313,18 @@ impl Task for Pretraining<'_> {
         self.loader.seek(serde_json::from_value::<Position>(state).context("the checkpoint's loader position")?);
         Ok(())
     }
+}
+
+/// A training pass on a batch or a slice of one ([`crate::train::parallel::Pass`]):
+/// `weight` × the next-token loss, gradients accumulated; bf16 autocast on CUDA.
+fn train_pass(gpt: &Gpt, x: &Tensor, y: &Tensor, weight: f64) -> f64 {
+    tch::autocast(gpt.device().is_cuda(), || gpt.backward_lm(x, y, weight)).double_value(&[])
+}
+
+/// A validation pass: `weight` × the mean next-token loss, no gradients.
+fn val_pass(gpt: &Gpt, x: &Tensor, y: &Tensor, weight: f64) -> f64 {
+    let loss = tch::no_grad(|| tch::autocast(gpt.device().is_cuda(), || model::loss(&gpt.forward(x, false), y)));
+    loss.double_value(&[]) * weight
 }
 
 /// `model` with the tokenizer's vocabulary size filled in (or checked).
@@ -366,19 +374,13 @@ impl Evaluator {
     /// (mean loss in nats per token, bits per byte); each batch split across
     /// the cores when training is.
     fn evaluate(&self, gpt: &Gpt, mut replicas: Option<&mut Replicas>) -> Result<(f64, f64)> {
-        let cuda = gpt.device().is_cuda();
-        let mean_loss = |gpt: &Gpt, x: &Tensor, y: &Tensor| {
-            tch::no_grad(|| tch::autocast(cuda, || model::loss(&gpt.forward(x, false), y)).double_value(&[]))
-        };
         let mut nats = 0.0;
         let mut tokens = 0.0;
         for batch in &self.batches {
             let (x, y) = tensors(batch, gpt.device());
             let loss = match replicas.as_deref_mut() {
-                Some(r) => r.map(gpt, &x, &y, 1.0, |gpt, x, y, weight| {
-                    tch::no_grad(|| model::loss(&gpt.forward(x, false), y).double_value(&[])) * weight
-                })?,
-                None => mean_loss(gpt, &x, &y),
+                Some(r) => r.map(gpt, &x, &y, 1.0, val_pass)?,
+                None => val_pass(gpt, &x, &y, 1.0),
             };
             nats += loss * batch.y.len() as f64;
             tokens += batch.y.len() as f64;

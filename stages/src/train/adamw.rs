@@ -41,9 +41,7 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vs: &nn::VarStore, hyper: &Hyper) -> AdamW {
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = vars
+        let params = super::trainable(vs)
             .into_iter()
             .map(|(name, value)| Param {
                 decay: decays(&name, &value),

@@ -35,6 +35,15 @@ pub use metrics::MetricsLog;
 
 use crate::ParamError;
 
+/// The variables of `vs` that train (`requires_grad`), in name order: the
+/// order in which the optimizer and the model replicas take them, so that
+/// sums over them add up the same way on every run.
+pub fn trainable(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// Optimization settings: the `train` table of a training stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -68,9 +68,7 @@ struct Worker {
 
 /// The trainable variables of `vs`, in name order.
 fn sorted_vars(vs: &nn::VarStore) -> Vec<Tensor> {
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars.into_iter().map(|(_, t)| t).collect()
+    super::trainable(vs).into_iter().map(|(_, t)| t).collect()
 }
 
 impl Replicas {
