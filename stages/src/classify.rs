@@ -135,7 +135,7 @@ pub struct Labeled {
 
 impl Stage for Classify {
     const KIND: &'static str = "classify";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "fine-tune a GPT with a last-token head to classify texts (spam detection)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;

@@ -147,7 +147,7 @@ impl TrainDefaults for Params {
 
 impl Stage for Dpo {
     const KIND: &'static str = "dpo";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "direct preference optimization on chosen/rejected pairs (sigmoid, IPO or hinge loss)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;

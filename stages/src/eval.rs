@@ -123,7 +123,7 @@ impl Default for Params {
 
 impl Stage for Eval {
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "score models on benchmarks (perplexity, multiple choice, LAMBADA, BLiMP, HumanEval); report card";
     const INPUTS: Inputs = Inputs::Any;
     type Params = Params;

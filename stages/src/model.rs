@@ -103,6 +103,9 @@ use tch::{nn, Device, Kind, Reduction, Tensor};
 
 use crate::ParamError;
 
+mod gelu;
+mod onednn;
+
 /// Targets equal to this take no part in the loss (prompt tokens in SFT,
 /// padding), as in PyTorch's `cross_entropy`.
 pub const IGNORE_INDEX: i64 = -100;
@@ -739,8 +742,9 @@ impl Mlp {
     /// [B, T, C] → [B, T, F] → [B, T, C]
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         match self {
-            // GPT-2 was trained with the tanh approximation (HF's `gelu_new`).
-            Mlp::Gelu { c_fc, c_proj } => c_proj.forward(&c_fc.forward(x, train).gelu("tanh"), train),
+            // GPT-2 was trained with the tanh approximation (HF's `gelu_new`);
+            // see `gelu` for why it is computed by hand.
+            Mlp::Gelu { c_fc, c_proj } => c_proj.forward(&gelu::gelu(&c_fc.forward(x, train)), train),
             Mlp::SwiGlu { gate_proj, up_proj, down_proj } => {
                 down_proj.forward(&(gate_proj.forward(x, train).silu() * up_proj.forward(x, train)), train)
             }
@@ -1061,7 +1065,9 @@ struct HeadLoss {
 /// G is built in P's memory and the scale applied to the smaller operands,
 /// so the logits are written once and read by the two products. (log Pᵢ,yᵢ
 /// of a probability below f32's smallest normal, a loss above 87 nats,
-/// counts as that smallest normal's log.) `None` when no position counts.
+/// counts as that smallest normal's log.) h·Wᵀ and G·W run on oneDNN,
+/// faster than MKL for them on the CPU (see `onednn`); Gᵀ·h stays with MKL,
+/// which is faster for it. `None` when no position counts.
 fn head_loss(hidden: &Tensor, weight: &Tensor, targets: &Tensor, scale: f64) -> Option<HeadLoss> {
     let c = hidden.size()[2];
     let h = hidden.detach().reshape([-1, c]); // [N_all, C]
@@ -1075,11 +1081,11 @@ fn head_loss(hidden: &Tensor, weight: &Tensor, targets: &Tensor, scale: f64) -> 
     let (h, y_counted) = if every { (h, y) } else { (h.index_select(0, &counted), y.index_select(0, &counted)) };
     let y_counted = y_counted.unsqueeze(1); // [N, 1]
     let s = scale / n as f64;
-    let mut g = h.mm(&weight.tr()).softmax(-1, Kind::Float); // P [N, V]
+    let mut g = onednn::mm_t(&h, weight).softmax(-1, Kind::Float); // P [N, V]
     let loss = g.gather(1, &y_counted, false).clamp_min(f32::MIN_POSITIVE as f64).log().sum(Kind::Float) * -s;
     let minus_one = Tensor::full([n, 1], -1.0, (Kind::Float, g.device()));
     let _ = g.scatter_add_(1, &y_counted, &minus_one); // P − onehot
-    let d_counted = g.mm(weight) * s; // [N, C]
+    let d_counted = onednn::mm_t(&g, &weight.tr()) * s; // [N, C]
     let d_weight = g.tr().mm(&(&h * s)); // [V, C]
     let d_hidden = if every { d_counted } else { hidden.zeros_like().reshape([-1, c]).index_copy(0, &counted, &d_counted) };
     Some(HeadLoss { loss, d_hidden: d_hidden.view_as(hidden), d_weight })

@@ -129,7 +129,7 @@ impl Default for Params {
 
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
-    const VERSION: u32 = 4;
+    const VERSION: u32 = 5;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;

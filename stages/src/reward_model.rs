@@ -128,7 +128,7 @@ impl TrainDefaults for Params {
 
 impl Stage for RewardModel {
     const KIND: &'static str = "reward_model";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "train a scalar reward head on preference pairs (Bradley–Terry loss)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;

@@ -132,7 +132,7 @@ impl TrainDefaults for Params {
 
 impl Stage for Sft {
     const KIND: &'static str = "sft";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "instruction fine-tuning on response tokens, in full or with LoRA adapters";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
