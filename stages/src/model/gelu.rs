@@ -38,17 +38,15 @@ pub fn gelu(x: &Tensor) -> Tensor {
         let xs = cpu_floats(&x).expect("a contiguous f32 CPU tensor");
         let ys = cpu_floats(&y).expect("the same");
         let ds = slope.as_ref().map(|d| cpu_floats(d).expect("the same"));
-        // Spread over the cores only when libtorch would spread its own ops:
-        // a model replica running on one core keeps to it.
+        // Fixed chunks, spread over the cores only when libtorch would
+        // spread its own ops: a model replica running on one core keeps to it.
+        let mut ds = ds.map(|d| d.chunks_mut(CHUNK));
+        let chunks: Vec<_> =
+            xs.chunks(CHUNK).zip(ys.chunks_mut(CHUNK)).map(|(x, y)| (x, y, ds.as_mut().and_then(Iterator::next))).collect();
         if tch::get_num_threads() > 1 {
-            match ds {
-                Some(ds) => xs.par_chunks(CHUNK).zip(ys.par_chunks_mut(CHUNK)).zip(ds.par_chunks_mut(CHUNK)).for_each(
-                    |((x, y), d)| values_and_slopes(x, y, Some(d)),
-                ),
-                None => xs.par_chunks(CHUNK).zip(ys.par_chunks_mut(CHUNK)).for_each(|(x, y)| values_and_slopes(x, y, None)),
-            }
+            chunks.into_par_iter().for_each(|(x, y, d)| values_and_slopes(x, y, d));
         } else {
-            values_and_slopes(xs, ys, ds);
+            chunks.into_iter().for_each(|(x, y, d)| values_and_slopes(x, y, d));
         }
     }
     match slope {

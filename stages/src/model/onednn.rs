@@ -50,6 +50,7 @@ pub fn mm_t(x: &Tensor, w: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::tests::max_diff;
 
     /// The products agree with `mm`, for the head's three shapes and layouts.
     #[test]
@@ -60,8 +61,7 @@ mod tests {
         for (x, w) in [(&h, w.shallow_clone()), (&g, w.tr()), (&g.tr(), h.tr())] {
             let (ours, want) = (mm_t(x, &w), x.mm(&w.tr()));
             assert_eq!(ours.size(), want.size());
-            let diff = (&ours - &want).abs().max().double_value(&[]);
-            assert!(diff < 1e-4, "{diff}");
+            assert!(max_diff(&ours, &want) < 1e-4, "{}", max_diff(&ours, &want));
         }
     }
 }
