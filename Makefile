@@ -1,7 +1,7 @@
 # llmflow — build, test and run the default pipeline.
 #
 #   make run     install libtorch if missing, build (release), run pipeline.toml
-#   make test    the same setup, then the whole test suite
+#   make test    the same setup, lints (fmt, clippy), then the whole test suite
 #   make build   build only
 #
 # libtorch comes from the PyPI wheel torch==$(TORCH_VERSION) (the version tch
@@ -30,7 +30,7 @@ STAMP         := $(LIBTORCH_DIR)/.torch-$(TORCH_VERSION)$(if $(filter 1,$(CUDA))
 
 export LIBTORCH := $(LIBTORCH_DIR)/torch
 
-.PHONY: setup build run test clean
+.PHONY: setup build run lint test clean
 
 setup: $(STAMP)
 
@@ -52,8 +52,14 @@ $(PY_DEPS_STAMP):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(PY_TEST_DEPS)
 	@touch $@
 
-# The integration tests drive both binaries, so they are built first.
-test: build $(PY_DEPS_STAMP)
+# Formatting and clippy's lints, warnings as errors.
+lint:
+	cargo fmt --all --check
+	cargo clippy --release --locked --workspace --all-targets -- -D warnings
+
+# The integration tests drive both binaries, so they are built first. With
+# LLMFLOW_PYTHON set, a Python cross-check fails rather than skips.
+test: build $(PY_DEPS_STAMP) lint
 	LLMFLOW_PYTHON=$(VENV)/bin/python cargo test --release --locked --workspace
 
 clean:

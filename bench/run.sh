@@ -23,7 +23,7 @@ fi
 export LLMFLOW_BENCH_CORPUS="$PWD/$out/corpus"
 # --workspace, not -p: the same feature set as the workspace build, so the
 # dependency cache is reused.
-cargo test --release -q --workspace --lib bench_ -- --ignored --nocapture --test-threads 1 2>/dev/null | grep -o '{.*}' | tee "$out/llmflow.jsonl"
+cargo bench -q --workspace --bench data -- minhash filter 2>/dev/null | grep -o '{.*}' | tee "$out/llmflow.jsonl"
 .venv/bin/python bench/datatrove_minhash.py "$out/corpus" "$out/datatrove" "$workers" 2>/dev/null | tee "$out/datatrove.jsonl"
 
 # One table, side by side, with the ratio.

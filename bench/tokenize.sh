@@ -7,4 +7,4 @@
 # Needs LIBTORCH and, optionally, CARGO_TARGET_DIR as for any build.
 set -eu
 cd "$(dirname "$0")/.."
-exec cargo test --release -p llmflow-stages bench_ -- --ignored --nocapture --test-threads=1
+exec cargo bench -q --workspace --bench data -- tokenizer encode

@@ -2,11 +2,12 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use console::style;
 use serde_json::json;
 
@@ -14,7 +15,7 @@ use crate::config::Pipeline;
 use crate::exec::{self, RunOptions, StageFailed, INTERRUPTED};
 use crate::graph::{Dag, Format};
 use crate::plan::{self, State, Status};
-use crate::protocol::{Spec, StageCtx};
+use crate::protocol::{GenerateRequest, Sampling, Spec, StageCtx};
 use crate::store::{self, Integrity, Store};
 use crate::ui::Ui;
 
@@ -200,6 +201,10 @@ pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
     println!("log       {}", store.log_path(&m.stage, &m.key).display());
     println!("built     {} in {:.1}s on {} (llmflow {})", m.finished, m.duration_s, m.host, m.llmflow_version);
     println!("digest    {}", m.output_digest);
+    let out = store.out_dir(&m.stage, &m.key);
+    for file in s.kind.show.iter().filter(|f| m.files.iter().any(|mf| &mf.path == *f)) {
+        println!("see       {}", out.join(file).display());
+    }
     for (slot, input) in &m.inputs {
         println!("input     {slot} = {} ({})", input.stage, &input.digest[..12]);
     }
@@ -229,22 +234,22 @@ fn current_or_latest(store: &Store, st: &Status, name: &str) -> Option<store::Ma
     st.manifest.clone().or_else(|| store.state(name).latest.and_then(|k| store.read_manifest(name, &k)))
 }
 
-/// `report [STAGE]`: the report card an `eval` stage wrote (`report.md`, or
-/// `results.json` with `--json`); STAGE defaults to the pipeline's only eval
-/// stage.
+/// `report [STAGE]`: the report card STAGE's kind declares (an eval stage's
+/// `report.md`, or its `results.json` with `--json`); STAGE defaults to the
+/// pipeline's only stage whose kind writes one.
 pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
     let name = match stage {
         Some(name) => name.to_string(),
         None => {
-            let evals: Vec<&str> = p.stages.iter().filter(|s| s.kind.kind == "eval").map(|s| s.name.as_str()).collect();
-            match evals.as_slice() {
+            let reporting: Vec<&str> = p.stages.iter().filter(|s| s.kind.report.is_some()).map(|s| s.name.as_str()).collect();
+            match reporting.as_slice() {
                 [one] => one.to_string(),
                 [] => bail!(crate::config::ConfigError(
-                    "the pipeline has no stage of kind `eval`: add one (see the README), or name a stage: `llmflow report STAGE`".into()
+                    "no stage of the pipeline writes a report (see the README, \"Evaluation and the report card\")".into()
                 )),
                 many => bail!(crate::config::ConfigError(format!(
-                    "the pipeline has several eval stages ({}): name one, e.g. `llmflow report {}`",
+                    "several stages write a report ({}): name one, e.g. `llmflow report {}`",
                     many.join(", "),
                     many[0]
                 ))),
@@ -252,19 +257,18 @@ pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
         }
     };
     let i = p.index(&name)?;
+    let kind = &p.stages[i].kind;
+    let Some(report) = &kind.report else {
+        bail!(crate::config::ConfigError(format!("stage `{name}` ({}) writes no report", kind.kind)));
+    };
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
     let Some(m) = current_or_latest(&store, &statuses[i], &name) else {
         bail!(crate::config::ConfigError(format!("no report of `{name}` is built yet: run `llmflow run {name}` first")));
     };
     let out = store.out_dir(&m.stage, &m.key);
-    let wanted = if json { "results.json" } else { "report.md" };
-    let Ok(text) = fs::read_to_string(out.join(wanted)) else {
-        bail!(crate::config::ConfigError(format!(
-            "stage `{name}` ({}) wrote no {wanted}: `llmflow report` reads the output of `eval` stages",
-            p.stages[i].kind.kind
-        )));
-    };
+    let wanted = if json { &report.json } else { &report.text };
+    let text = fs::read_to_string(out.join(wanted)).with_context(|| format!("cannot read {}", out.join(wanted).display()))?;
     if !json {
         if statuses[i].state != State::Fresh {
             eprintln!(
@@ -376,18 +380,17 @@ fn fresh_out(file: &Path, name: &str) -> Result<PathBuf> {
     let statuses = plan::statuses(&p, &dag, &store)?;
     match &statuses[i].manifest {
         Some(m) if statuses[i].state == State::Fresh => Ok(store.out_dir(&m.stage, &m.key)),
-        _ => bail!(crate::config::ConfigError(format!(
-            "stage `{name}` is {}: run `llmflow run {name}` first",
-            statuses[i].state.as_str()
-        ))),
+        _ => bail!(crate::config::ConfigError(format!("stage `{name}` is {}: run `llmflow run {name}` first", statuses[i].state.as_str()))),
     }
 }
 
 /// `generate`: the stage runner loads the model and samples.
-pub fn generate(file: &Path, stage: &str, args: &[String]) -> Result<()> {
-    let out = fresh_out(file, stage)?;
-    let status = std::process::Command::new(crate::kinds::runner()?).arg("generate").arg(&out).args(args).status()?;
-    if !status.success() {
+pub fn generate(file: &Path, stage: &str, prompt: String, sampling: Sampling) -> Result<()> {
+    let model = fresh_out(file, stage)?;
+    let request = serde_json::to_vec(&GenerateRequest { model, prompt, sampling })?;
+    let mut child = std::process::Command::new(crate::kinds::runner()?).arg("generate").stdin(std::process::Stdio::piped()).spawn()?;
+    child.stdin.take().expect("piped").write_all(&request)?;
+    if !child.wait()?.success() {
         bail!(StageFailed(format!("generation from `{stage}` failed")));
     }
     Ok(())
@@ -404,9 +407,24 @@ pub fn export(file: &Path, stage: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn kinds() -> Result<()> {
-    for k in crate::kinds::list()? {
-        println!("{:<18} v{}  {}", k.kind, k.version, k.summary);
+/// `kinds [KIND]`: every kind in a line, or KIND's params as TOML (what
+/// the stage runner generates from the kind's code and doc comments).
+pub fn kinds(kind: Option<&str>) -> Result<()> {
+    let known = crate::kinds::list()?;
+    let Some(kind) = kind else {
+        for k in known {
+            println!("{:<18} v{}  {}", k.kind, k.version, k.summary);
+        }
+        return Ok(());
+    };
+    if !known.iter().any(|k| k.kind == kind) {
+        let names: Vec<&str> = known.iter().map(|k| k.kind.as_str()).collect();
+        let hint = crate::config::suggest(kind, &names);
+        bail!(crate::config::ConfigError(format!("unknown stage kind `{kind}`{hint} (`llmflow kinds` lists them)")));
+    }
+    let status = std::process::Command::new(crate::kinds::runner()?).args(["describe", kind]).status()?;
+    if !status.success() {
+        bail!("`llmflow-stage describe {kind}` failed");
     }
     Ok(())
 }

@@ -20,9 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use crate::protocol::{Resources, Spec, StageCtx};
-
+use anyhow::{Context, Result};
 
 use crate::config::{ConfigError, Pipeline};
 use crate::graph::Dag;
@@ -207,11 +206,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     if failed > 0 {
         let not_run = wanted.len() - outcomes.len();
-        return Err(StageFailed(format!(
-            "{failed} stage(s) failed; {built} built, {fresh} fresh, {} not run",
-            skipped + not_run
-        ))
-        .into());
+        return Err(StageFailed(format!("{failed} stage(s) failed; {built} built, {fresh} fresh, {} not run", skipped + not_run)).into());
     }
     if built == 0 {
         ui.status("Fresh", &format!("nothing to do: all {fresh} stage(s) are up to date ({secs:.2}s)"));
@@ -326,21 +321,14 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
             };
             let message = last_error_line(&log_path).unwrap_or_else(|| why.clone());
             store.update_state(&job.stage, |s| {
-                s.last_failure = Some(store::Failure {
-                    key: job.key.clone(),
-                    log: log_path.clone(),
-                    at: store::now_rfc3339(),
-                    message: message.clone(),
-                })
+                s.last_failure =
+                    Some(store::Failure { key: job.key.clone(), log: log_path.clone(), at: store::now_rfc3339(), message: message.clone() })
             })?;
             ui.failure(&job.stage, &why, &log_path);
             Ok(Outcome::Failed)
         }
         Some(_) => {
-            let metrics = fs::read(tmp.join("metrics.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
+            let metrics = fs::read(tmp.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
             for extra in ["spec.json", "metrics.json", "progress"] {
                 let _ = fs::remove_file(tmp.join(extra));
             }

@@ -27,6 +27,6 @@ pub mod graph;
 pub mod hash;
 pub mod kinds;
 pub mod plan;
-pub mod protocol;
+pub use llmflow_protocol as protocol;
 pub mod store;
 pub mod ui;

@@ -6,6 +6,7 @@ use llmflow::commands;
 use llmflow::config::ConfigError;
 use llmflow::exec::{Interrupted, StageFailed};
 use llmflow::graph::Format;
+use llmflow::protocol::Sampling;
 
 /// Train a language model from scratch as a declarative, content-hashed pipeline.
 ///
@@ -20,8 +21,9 @@ use llmflow::graph::Format;
   llmflow run tokens                   build `tokens` and what it needs
   llmflow status                       what is fresh, and why the rest is not
   llmflow run --dry-run                what a run would build, why, and what it costs
-  llmflow generate -s pretrain -p \"ROMEO:\"
-  llmflow report                       the scores of the models the eval stage compares
+  llmflow generate pretrain -p \"ROMEO:\"
+  llmflow report                       the report card (of the pipeline's eval stage)
+  llmflow kinds pretrain               pretrain's params, their defaults and what each does
 
 Exit codes: 0 success, 1 a stage failed (or verify found damage), 2 a mistake in pipeline.toml or the command line, 130 interrupted.")]
 struct Cli {
@@ -68,11 +70,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print the report card of an eval stage: scores, centered scores, throughput.
+    /// Print the report card a stage wrote (an eval stage's scores, centered scores, throughput).
     Report {
-        /// The eval stage [default: the pipeline's only stage of kind `eval`].
+        /// The stage [default: the pipeline's only stage whose kind writes a report].
         stage: Option<String>,
-        /// Print results.json (every metric, per model and task) instead.
+        /// Print the report for scripts (an eval stage's results.json) instead.
         #[arg(long)]
         json: bool,
     },
@@ -87,7 +89,6 @@ enum Cmd {
     /// Sample text from a trained model: the artifact of STAGE (pretrain, sft, …).
     Generate {
         /// The stage whose model to sample from; it must be built and fresh.
-        #[arg(long, short)]
         stage: String,
         #[arg(long, short)]
         prompt: String,
@@ -115,8 +116,11 @@ enum Cmd {
     },
     /// Size, FLOPs, memory and expected time of building STAGE (training stages).
     Estimate { stage: String },
-    /// List the stage kinds llmflow knows.
-    Kinds,
+    /// List the stage kinds llmflow knows, or print KIND's params with their defaults as TOML.
+    Kinds {
+        /// A kind, e.g. `pretrain`.
+        kind: Option<String>,
+    },
     /// Print the BLAKE3 digest of files, as `b3sum` does, with llmflow's hasher.
     #[command(hide = true)]
     Hash { files: Vec<PathBuf> },
@@ -131,9 +135,7 @@ enum ExportFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run { targets, dry_run, force, jobs, keep_going } => {
-            commands::run(&cli.file, targets, dry_run, force, jobs, keep_going)
-        }
+        Cmd::Run { targets, dry_run, force, jobs, keep_going } => commands::run(&cli.file, targets, dry_run, force, jobs, keep_going),
         Cmd::Status { json } => commands::status(&cli.file, json),
         Cmd::Dag { format } => commands::dag(&cli.file, format),
         Cmd::Show { stage, json } => commands::show(&cli.file, &stage, json),
@@ -141,23 +143,11 @@ fn main() -> ExitCode {
         Cmd::Verify => commands::verify(&cli.file),
         Cmd::Gc { dry_run } => commands::gc(&cli.file, dry_run),
         Cmd::Generate { stage, prompt, max_tokens, temperature, top_k, top_p, seed } => {
-            let mut args = vec![
-                "--prompt".to_string(),
-                prompt,
-                "--max-tokens".into(),
-                max_tokens.to_string(),
-                "--temperature".into(),
-                temperature.to_string(),
-                "--seed".into(),
-                seed.to_string(),
-            ];
-            args.extend(top_k.map(|k| ["--top-k".to_string(), k.to_string()]).into_iter().flatten());
-            args.extend(top_p.map(|p| ["--top-p".to_string(), p.to_string()]).into_iter().flatten());
-            commands::generate(&cli.file, &stage, &args)
+            commands::generate(&cli.file, &stage, prompt, Sampling { max_tokens, temperature, top_k, top_p, seed })
         }
         Cmd::Export { stage, format: ExportFormat::Hf, out } => commands::export(&cli.file, &stage, &out),
         Cmd::Estimate { stage } => commands::estimate(&cli.file, &stage),
-        Cmd::Kinds => commands::kinds(),
+        Cmd::Kinds { kind } => commands::kinds(kind.as_deref()),
         Cmd::Hash { files } => commands::hash(&files),
     };
     match result {

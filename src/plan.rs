@@ -39,9 +39,8 @@ impl KeyParts<'_> {
 pub fn dep_digests(p: &Pipeline, s: &StageDef, cache: &mut StatCache) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut deps = BTreeMap::new();
     for file in &s.resolved.files {
-        let digest = cache.hash(&p.root.join(file)).map_err(|e| {
-            ConfigError(format!("{}: stage `{}` reads `{file}`: {e:#}", s.location, s.name))
-        })?;
+        let digest =
+            cache.hash(&p.root.join(file)).map_err(|e| ConfigError(format!("{}: stage `{}` reads `{file}`: {e:#}", s.location, s.name)))?;
         deps.insert(file.clone(), digest);
     }
     Ok(deps)
@@ -161,12 +160,7 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
 
 /// Why the current fingerprint differs from the last artifact built (empty
 /// when nothing the stage itself declares has changed).
-pub fn explain(
-    s: &StageDef,
-    prev: &Manifest,
-    inputs: &BTreeMap<String, InputRef>,
-    deps: &BTreeMap<String, String>,
-) -> Vec<String> {
+pub fn explain(s: &StageDef, prev: &Manifest, inputs: &BTreeMap<String, InputRef>, deps: &BTreeMap<String, String>) -> Vec<String> {
     let mut reasons = Vec::new();
     if prev.kind != s.kind.kind {
         reasons.push(format!("kind changed: {} → {}", prev.kind, s.kind.kind));
@@ -226,7 +220,12 @@ mod tests {
     #[test]
     fn param_diff_names_nested_fields() {
         let mut out = Vec::new();
-        diff_values("", &json!({"train": {"lr": 0.001, "steps": 10}, "a": 1}), &json!({"train": {"lr": 0.0003, "steps": 10}, "b": 2}), &mut out);
+        diff_values(
+            "",
+            &json!({"train": {"lr": 0.001, "steps": 10}, "a": 1}),
+            &json!({"train": {"lr": 0.0003, "steps": 10}, "b": 2}),
+            &mut out,
+        );
         assert_eq!(out, ["param `a` removed (was 1)", "param `b` added: 2", "param `train.lr`: 0.001 → 0.0003"]);
     }
 }

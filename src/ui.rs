@@ -75,8 +75,7 @@ impl Ui {
     /// Applies a stage's progress report (`done total unit`) to its bar.
     pub fn progress(&self, bar: &ProgressBar, report: &str) {
         let mut parts = report.split_whitespace();
-        let (Some(done), Some(total)) = (parts.next().and_then(|d| d.parse().ok()), parts.next().and_then(|t| t.parse().ok()))
-        else {
+        let (Some(done), Some(total)) = (parts.next().and_then(|d| d.parse().ok()), parts.next().and_then(|t| t.parse().ok())) else {
             return;
         };
         let unit = parts.next().unwrap_or("");

@@ -51,7 +51,10 @@ fn cycle_is_printed() {
 #[test]
 fn missing_reference_is_named() {
     let e = error_of("[stages.b]\nkind = \"command\"\ninputs = { docs = \"clen\" }\ncmd = \"true\"\n[stages.clean]\nkind = \"command\"\ncmd = \"true\"\n");
-    assert!(e.contains("pipeline.toml:3:12: stage `b`: input `docs` names stage `clen`, which does not exist, did you mean `clean`?"), "{e}");
+    assert!(
+        e.contains("pipeline.toml:3:12: stage `b`: input `docs` names stage `clen`, which does not exist, did you mean `clean`?"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -92,4 +95,33 @@ fn missing_file_and_unknown_target() {
 fn dependency_file_missing_is_a_config_error() {
     let e = error_of("[stages.s]\nkind = \"command\"\ndeps = [\"gone.py\"]\ncmd = \"true\"\n");
     assert!(e.contains("stage `s` reads `gone.py`"), "{e}");
+}
+
+#[test]
+fn a_moved_param_says_what_to_write_instead() {
+    let e = error_of(
+        "[stages.s]\nkind = \"sft\"\ninputs = { model = \"m\" }\nlora = { rank = 4 }\n[stages.m]\nkind = \"command\"\ncmd = \"true\"\n",
+    );
+    assert!(e.contains("pipeline.toml:4:1: stage `s` (sft): `lora` is no longer a param of `sft`"), "{e}");
+    assert!(e.contains("write `trainable = { lora = {"), "{e}");
+    let e = error_of("[stages.s]\nkind = \"dpo\"\ninputs = { model = \"m\" }\ntrainable = { last_block = 2 }\n[stages.m]\nkind = \"command\"\ncmd = \"true\"\n");
+    assert!(e.contains("stage `s` (dpo)") && e.contains("unknown variant `last_block`"), "{e}");
+}
+
+#[test]
+fn kinds_kind_prints_every_param_with_its_default_and_doc() {
+    let p = common::Project::new("");
+    let r = p.llmflow(&["kinds", "shard"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("[stages.NAME]\nkind = \"shard\"\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("# The share of documents held out for validation; 0 writes no validation shards.\nval_fraction = 0.1\n"),
+        "{}",
+        r.stdout
+    );
+    let sft = p.llmflow(&["kinds", "sft"]);
+    assert!(sft.stdout.contains("trainable = \"all\"") && sft.stdout.contains("[stages.NAME.train]\n"), "{}", sft.stdout);
+    let typo = p.llmflow(&["kinds", "shrad"]);
+    assert_eq!(typo.code, 2, "{}", typo.all());
+    assert!(typo.stderr.contains("unknown stage kind `shrad`, did you mean `shard`?"), "{}", typo.stderr);
 }

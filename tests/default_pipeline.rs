@@ -77,10 +77,7 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert_eq!(first.code, 0, "{}", first.all());
     let mut built = first.built();
     built.sort();
-    assert_eq!(
-        built,
-        ["clean", "corpus", "dedup", "dpo", "eval", "ppo", "pretrain", "reward", "sft", "spam", "stats", "tok", "tokens"]
-    );
+    assert_eq!(built, ["clean", "corpus", "dedup", "dpo", "eval", "ppo", "pretrain", "reward", "sft", "spam", "stats", "tok", "tokens"]);
 
     for (stage, file) in [
         ("corpus", "docs.parquet"),
@@ -131,13 +128,10 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     let val_bpb = metric(&p, "pretrain", "val_bpb").as_f64().unwrap();
     assert!(val_bpb > 1.0 && val_bpb < 12.0, "{val_bpb}");
     let rows = fs::read_to_string(p.out_dir("pretrain").join("metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = rows
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-        .collect();
+    let losses: Vec<f64> = rows.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 12);
     assert!(losses[11] < losses[0], "{losses:?}");
-    let args = ["generate", "--stage", "pretrain", "--prompt", "ROMEO:", "--max-tokens", "5", "--seed", "7"];
+    let args = ["generate", "pretrain", "--prompt", "ROMEO:", "--max-tokens", "5", "--seed", "7"];
     let g1 = p.llmflow(&args);
     assert_eq!(g1.code, 0, "{}", g1.all());
     assert!(g1.stdout.starts_with("ROMEO:") && g1.stdout.len() > "ROMEO:\n".len(), "{}", g1.stdout);
@@ -166,12 +160,14 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert!(after.as_f64().unwrap() < before.as_f64().unwrap(), "sft val loss {before} → {after}");
     let responses = fs::read_to_string(p.out_dir("sft").join("responses.jsonl")).unwrap();
     assert_eq!(responses.lines().count() as u64, metric(&p, "sft", "examples")[2].as_u64().unwrap());
-    for (stage, name) in [("reward", "val_accuracy"), ("ppo", "reward_before"), ("ppo", "reward_after"), ("ppo", "kl_after"), ("dpo", "val_reward_accuracy")] {
+    for (stage, name) in
+        [("reward", "val_accuracy"), ("ppo", "reward_before"), ("ppo", "reward_after"), ("ppo", "kl_after"), ("dpo", "val_reward_accuracy")]
+    {
         assert!(metric(&p, stage, name).as_f64().is_some_and(f64::is_finite), "{stage} {name}");
     }
     let accuracy = metric(&p, "spam", "test_accuracy").as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy) && metric(&p, "spam", "baseline_accuracy") == 0.5, "{accuracy}");
-    let generated = p.llmflow(&["generate", "--stage", "ppo", "--prompt", "Name a color.", "--max-tokens", "4"]);
+    let generated = p.llmflow(&["generate", "ppo", "--prompt", "Name a color.", "--max-tokens", "4"]);
     assert_eq!(generated.code, 0, "the RLHF model is a model artifact: {}", generated.all());
 
     // The report card of the trained models, in the terminal and as JSON.
@@ -200,7 +196,7 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
         assert!(p.out_dir("eval").join(file).is_file(), "eval lacks {file}");
     }
     let named = p.llmflow(&["report", "pretrain"]);
-    assert!(named.stderr.contains("wrote no report.md"), "{}", named.all());
+    assert!(named.stderr.contains("stage `pretrain` (pretrain) writes no report"), "{}", named.all());
 
     let second = p.llmflow(&["run"]);
     assert!(second.built().is_empty(), "{}", second.all());

@@ -243,9 +243,7 @@ cmd = "touch {out}/x"
 #[test]
 fn independent_stages_run_in_parallel_within_jobs() {
     let stage = |n: &str| {
-        format!(
-            "[stages.{n}]\nkind = \"command\"\ncmd = \"date +%s.%N > {{out}}/start && sleep 0.5 && date +%s.%N > {{out}}/end\"\n\n"
-        )
+        format!("[stages.{n}]\nkind = \"command\"\ncmd = \"date +%s.%N > {{out}}/start && sleep 0.5 && date +%s.%N > {{out}}/end\"\n\n")
     };
     let p = Project::new(&format!("{}{}", stage("x"), stage("y")));
     let interval = |s: &str| {

@@ -13,6 +13,15 @@ use std::ffi::CString;
 use anyhow::{bail, Result};
 use tch::Device;
 
+use crate::StageCtx;
+
+/// What every stage that runs a model does first: libtorch's intra-op
+/// threads set to the stage's share, and its device resolved.
+pub fn prepare(ctx: &StageCtx) -> Result<Device> {
+    tch::set_num_threads(ctx.threads as i32);
+    resolve(&ctx.device)
+}
+
 /// Resolves `auto`, `cpu`, `cuda` or `cuda:N`.
 pub fn resolve(spec: &str) -> Result<Device> {
     match spec {

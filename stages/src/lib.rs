@@ -1,17 +1,19 @@
-//! The llmflow stage library: one module per stage kind.
+//! The llmflow stage library: the stage kinds (`kinds/`, one module each, each
+//! a leaf) over the shared layers they use (`train`, `sample`, `data`,
+//! `formats`, `model`, `fast`; see the README's "Layout").
 //!
 //! A stage is a function from `(params, input directories)` to an output
 //! directory. This crate knows nothing about DAGs, caching or scheduling; the
 //! engine (the `llmflow` binary) knows nothing about language models. The two
-//! meet through the [`Stage`] trait, the [`each_kind`] list and a process
-//! boundary (see `llmflow::protocol`):
+//! meet through the [`Stage`] trait, the [`kinds::each_kind`] list and a process
+//! boundary (see the `llmflow-protocol` crate):
 //!
 //! * [`Stage`] is what a stage kind implements: its `KIND` name, a `VERSION`
 //!   to bump when the output for the same inputs changes, a `Params` struct
 //!   deserialized from the stage's table in `pipeline.toml` (unknown keys are an
 //!   error, missing keys take their defaults), and `run`.
-//! * [`each_kind`] lists every kind once. Adding a stage kind is one module
-//!   here and one line in that list; the engine needs no change.
+//! * [`kinds::each_kind`] lists every kind once. Adding a stage kind is one
+//!   module in `kinds/` and one line in that list; the engine needs no change.
 //! * The `llmflow-stage` binary (this crate's `src/main.rs`) answers the
 //!   engine: it lists [`kinds`], [`resolve`]s params and [`run`]s a stage.
 //!   Only it links libtorch, so the engine starts in milliseconds.
@@ -21,40 +23,27 @@
 //! [`Stage::VOLATILE`] (log intervals, progress, thread counts) are left out of
 //! the hash because they cannot change the output.
 
-
 use anyhow::{Context, Result};
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use llmflow::protocol::{KindInfo, ParamError, Resolved, Resources, StageCtx};
-use llmflow::protocol::{ResolveRequest, ResolveResponse};
+pub use llmflow_protocol::{KindInfo, ParamError, Report, Resolved, Resources, StageCtx};
+use llmflow_protocol::{ResolveRequest, ResolveResponse};
 
-pub mod classify;
-pub mod command;
-pub mod dedup;
+pub mod data;
+pub mod describe;
 pub mod device;
-pub mod docs;
-pub mod dpo;
-pub mod download;
-pub mod eval;
-pub mod export;
-pub mod filter;
-pub mod finetune;
-pub mod generate;
-pub mod head;
-pub mod instruct;
-pub mod loader;
+pub mod fast;
+pub mod formats;
+pub mod kinds;
+#[cfg(test)]
+mod layers;
 pub mod model;
-pub mod ppo;
-pub mod pretrain;
-pub mod records;
-pub mod reward_model;
-pub mod sequences;
-pub mod sft;
-pub mod shard;
-pub mod shards;
+pub mod sample;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod train;
-pub mod train_tokenizer;
 
 /// A stage kind.
 pub trait Stage {
@@ -68,8 +57,20 @@ pub trait Stage {
     const INPUTS: Inputs;
     /// Top-level params that cannot change the output; excluded from the key.
     const VOLATILE: &'static [&'static str] = &[];
+    /// The report card (`text`, `json`) `llmflow report` prints, if the kind
+    /// writes one.
+    const REPORT: Option<(&'static str, &'static str)> = None;
+    /// Files of the output a person looks at first; `llmflow show` names them.
+    const SHOW: &'static [&'static str] = &[];
+    /// Tables of params that take the kind's own defaults key by key (see
+    /// [`params`]): a fine-tuning stage's `train`.
+    const MERGED: &'static [&'static str] = &[];
+    /// Params an older llmflow took, each with what to write instead; a
+    /// pipeline that still uses one gets that as its error.
+    const MOVED: &'static [(&'static str, &'static str)] = &[];
 
-    type Params: Serialize + DeserializeOwned + Default;
+    /// Each field's doc comment is its line in `llmflow kinds KIND`.
+    type Params: Serialize + DeserializeOwned + Default + JsonSchema;
 
     /// Checks params beyond what serde can (non-empty strings, ranges, input
     /// references). `inputs` are the slot names the user wired up.
@@ -108,27 +109,9 @@ pub enum Inputs {
     Any,
 }
 
-/// Something done once per stage kind; see [`each_kind`].
+/// Something done once per stage kind; see [`kinds::each_kind`].
 pub trait KindVisitor {
     fn visit<S: Stage + 'static>(&mut self);
-}
-
-/// Every stage kind llmflow knows, in the order `llmflow kinds` lists them.
-/// Adding a kind is one line here.
-pub fn each_kind(v: &mut impl KindVisitor) {
-    v.visit::<command::Command>();
-    v.visit::<download::Download>();
-    v.visit::<filter::Filter>();
-    v.visit::<dedup::Dedup>();
-    v.visit::<train_tokenizer::TrainTokenizer>();
-    v.visit::<shard::Shard>();
-    v.visit::<pretrain::Pretrain>();
-    v.visit::<sft::Sft>();
-    v.visit::<reward_model::RewardModel>();
-    v.visit::<ppo::Ppo>();
-    v.visit::<dpo::Dpo>();
-    v.visit::<classify::Classify>();
-    v.visit::<eval::Eval>();
 }
 
 fn info<S: Stage>() -> KindInfo {
@@ -141,6 +124,8 @@ fn info<S: Stage>() -> KindInfo {
             Inputs::Any => None,
         },
         volatile: S::VOLATILE.iter().map(|s| s.to_string()).collect(),
+        report: S::REPORT.map(|(text, json)| Report { text: text.into(), json: json.into() }),
+        show: S::SHOW.iter().map(|s| s.to_string()).collect(),
     }
 }
 
@@ -153,20 +138,39 @@ pub fn kinds() -> Vec<KindInfo> {
         }
     }
     let mut c = Collect(Vec::new());
-    each_kind(&mut c);
+    kinds::each_kind(&mut c);
     c.0
 }
 
 /// The params of kind `S` from what the user wrote, defaults applied;
-/// errors name the offending param. Top-level keys left out take the kind's
-/// `Params::default()`: serde's own defaulting would give the fields of a
-/// flattened table (a training stage's `eval_every`, `spike_factor`, …) their
-/// type's defaults instead of the kind's. A table the user writes replaces
-/// the default one; its own missing keys are its type's business.
+/// errors name the offending param. Each key the user wrote replaces the
+/// kind's default (`Params::default()`), so a key left out keeps the kind's
+/// own value: a training stage's flattened loop settings keep the stage's
+/// values, not the loop's. The tables in [`Stage::MERGED`] are laid over
+/// the kind's default table key by key, so a fine-tuning stage's partly
+/// written `train = { lr = 5e-4 }` keeps that stage's step count, not
+/// pretraining's. Any other table replaces the default one whole (a model
+/// config resolves its own defaults from its `arch`).
 pub fn params<S: Stage>(given: serde_json::Value) -> Result<S::Params, ParamError> {
+    for (old, instead) in S::MOVED {
+        if given.get(old).is_some() {
+            return Err(ParamError::new(&[old], format!("`{old}` is no longer a param of `{}`: write `{instead}`", S::KIND)));
+        }
+    }
     let mut full = serde_json::to_value(S::Params::default()).expect("params serialize to JSON");
     match (&mut full, given) {
-        (serde_json::Value::Object(full), serde_json::Value::Object(given)) => full.extend(given),
+        (serde_json::Value::Object(full), serde_json::Value::Object(given)) => {
+            for (key, value) in given {
+                match (full.get_mut(&key), value) {
+                    (Some(serde_json::Value::Object(table)), serde_json::Value::Object(value)) if S::MERGED.contains(&key.as_str()) => {
+                        table.extend(value)
+                    }
+                    (_, value) => {
+                        full.insert(key, value);
+                    }
+                }
+            }
+        }
         (full, given) => *full = given,
     }
     serde_path_to_error::deserialize(full).map_err(|e| {
@@ -202,7 +206,7 @@ fn segment_name(seg: &serde_path_to_error::Segment) -> Option<String> {
 /// Resolves every stage of a pipeline (`llmflow-stage resolve`).
 pub fn resolve(request: &ResolveRequest) -> ResolveResponse {
     struct One<'a> {
-        stage: &'a llmflow::protocol::StageRequest,
+        stage: &'a llmflow_protocol::StageRequest,
         result: Option<Result<Resolved, ParamError>>,
     }
     impl KindVisitor for One<'_> {
@@ -217,11 +221,29 @@ pub fn resolve(request: &ResolveRequest) -> ResolveResponse {
         .iter()
         .map(|stage| {
             let mut one = One { stage, result: None };
-            each_kind(&mut one);
+            kinds::each_kind(&mut one);
             one.result
         })
         .collect();
     ResolveResponse { kinds: kinds(), stages }
+}
+
+/// The params of kind `kind` with their defaults, as TOML with a comment
+/// line each (`llmflow kinds KIND`).
+pub fn describe(kind: &str) -> Result<String> {
+    struct Describe<'a>(&'a str, Option<String>);
+    impl KindVisitor for Describe<'_> {
+        fn visit<S: Stage + 'static>(&mut self) {
+            if S::KIND == self.0 {
+                let defaults = serde_json::to_value(S::Params::default()).expect("params serialize to JSON");
+                let schema = schemars::schema_for!(S::Params).to_value();
+                self.1 = Some(describe::params_toml(S::KIND, S::SUMMARY, &defaults, &schema));
+            }
+        }
+    }
+    let mut d = Describe(kind, None);
+    kinds::each_kind(&mut d);
+    d.1.with_context(|| format!("unknown stage kind `{kind}`"))
 }
 
 /// Runs a stage of kind `kind` (in the stage process).
@@ -252,38 +274,15 @@ fn dispatch(kind: &str, params: serde_json::Value, ctx: &mut StageCtx, action: A
         fn visit<S: Stage + 'static>(&mut self) {
             if S::KIND == self.kind {
                 let params = self.params.take().expect("one kind matches");
-                self.result = Some(serde_json::from_value::<S::Params>(params).context("decoding stage params").and_then(|p| {
-                    match self.action {
+                self.result =
+                    Some(serde_json::from_value::<S::Params>(params).context("decoding stage params").and_then(|p| match self.action {
                         Action::Run => S::run(&p, self.ctx).map(|()| None),
                         Action::Estimate => S::estimate(&p, self.ctx),
-                    }
-                }));
+                    }));
             }
         }
     }
     let mut visitor = Dispatch { kind, params: Some(params), ctx, action, result: None };
-    each_kind(&mut visitor);
+    kinds::each_kind(&mut visitor);
     visitor.result.unwrap_or_else(|| anyhow::bail!("unknown stage kind `{kind}`"))
-}
-
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-    use crate::train::{trainer, Hyper};
-
-    #[test]
-    fn left_out_params_take_the_kinds_own_defaults() {
-        let p = params::<classify::Classify>(json!({"max_tokens": 64})).unwrap();
-        assert_eq!(p.every, classify::Params::default().every, "flattened fields");
-        assert_ne!(p.every, trainer::Every::default(), "classify's defaults differ from the loop's");
-        let p = params::<sft::Sft>(json!({"train": {"lr": 5e-4}})).unwrap();
-        assert_eq!(p.train, Hyper { lr: 5e-4, ..sft::Params::default().train });
-        assert_ne!(sft::Params::default().train.steps, Hyper::default().steps, "sft's defaults differ from pretraining's");
-        let err = params::<sft::Sft>(json!({"train": {"stpes": 1}})).unwrap_err();
-        assert_eq!(err.path, ["train"]);
-        assert!(err.message.contains("stpes"), "{}", err.message);
-    }
 }

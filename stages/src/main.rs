@@ -13,17 +13,19 @@
 //!   (what `llmflow estimate` and `llmflow run --dry-run` show).
 //! * `llmflow-stage export DIR OUT` writes the Hugging Face export of the
 //!   model artifact in DIR (what `llmflow export` runs).
-//! * `llmflow-stage generate DIR --prompt TEXT [--max-tokens N] [--temperature T]
-//!   [--top-k K] [--top-p P] [--seed S]` samples from the model artifact in
-//!   DIR (what `llmflow generate` runs).
+//! * `llmflow-stage generate` reads a generate request (JSON) on stdin and
+//!   samples from the model artifact it names (what `llmflow generate` runs).
+//! * `llmflow-stage describe KIND` prints the kind's params with their
+//!   defaults as TOML, one comment line each (`llmflow kinds KIND`).
 
 use std::fs;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use llmflow::protocol::{ResolveRequest, Spec};
-use llmflow_stages::generate::{complete, Loaded, Sampling};
+use llmflow_protocol::{GenerateRequest, ResolveRequest, Spec};
+use llmflow_stages::formats::model::ModelArtifact;
+use llmflow_stages::sample::complete;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,10 +34,11 @@ fn main() -> ExitCode {
         ["resolve"] => resolve(),
         ["run", spec] => run(Path::new(spec)),
         ["estimate"] => estimate(),
-        ["generate", dir, options @ ..] => generate(Path::new(dir), options),
-        ["export", dir, out] => llmflow_stages::export::hugging_face(Path::new(dir), Path::new(out)),
+        ["describe", kind] => llmflow_stages::describe(kind).map(|toml| print!("{toml}")),
+        ["generate"] => generate(),
+        ["export", dir, out] => llmflow_stages::formats::hf::hugging_face(Path::new(dir), Path::new(out)),
         _ => {
-            eprintln!("usage: llmflow-stage kinds | resolve | run SPEC | estimate | generate DIR [OPTIONS] | export DIR OUT  (started by `llmflow`)");
+            eprintln!("usage: llmflow-stage kinds | describe KIND | resolve | run SPEC | estimate | generate | export DIR OUT  (started by `llmflow`)");
             return ExitCode::from(2);
         }
     };
@@ -95,24 +98,12 @@ fn estimate() -> Result<()> {
     print_json(&estimates)
 }
 
-fn generate(dir: &Path, options: &[&str]) -> Result<()> {
-    let mut prompt = String::new();
-    let mut sampling = Sampling { max_tokens: 200, temperature: 0.8, top_k: None, top_p: None, seed: 0 };
-    for pair in options.chunks(2) {
-        let [flag, value] = pair else { anyhow::bail!("option {} needs a value", pair[0]) };
-        let bad = || format!("bad value for {flag}: {value}");
-        match *flag {
-            "--prompt" => prompt = value.to_string(),
-            "--max-tokens" => sampling.max_tokens = value.parse().with_context(bad)?,
-            "--temperature" => sampling.temperature = value.parse().with_context(bad)?,
-            "--top-k" => sampling.top_k = Some(value.parse().with_context(bad)?),
-            "--top-p" => sampling.top_p = Some(value.parse().with_context(bad)?),
-            "--seed" => sampling.seed = value.parse().with_context(bad)?,
-            _ => anyhow::bail!("unknown option {flag}"),
-        }
-    }
+/// Reads a [`GenerateRequest`] on stdin; prints the prompt and its
+/// continuation.
+fn generate() -> Result<()> {
+    let request: GenerateRequest = serde_json::from_reader(std::io::stdin().lock()).context("reading the generate request")?;
     let device = llmflow_stages::device::resolve("auto")?;
-    let model = Loaded::open(dir, device)?;
-    println!("{}", complete(&model.gpt, &model.tokenizer, &prompt, &sampling)?);
+    let model = ModelArtifact::open(&request.model, device)?;
+    println!("{}", complete(&model.gpt, &model.tokenizer, &request.prompt, &request.sampling)?);
     Ok(())
 }

@@ -121,11 +121,7 @@ impl Project {
 
 /// A command stage that counts its runs and writes `text` to out/data.txt.
 pub fn counting_stage(name: &str, inputs: &str, text: &str) -> String {
-    let read_inputs = if inputs.is_empty() {
-        String::new()
-    } else {
-        format!("inputs = {{ {inputs} }}\n")
-    };
+    let read_inputs = if inputs.is_empty() { String::new() } else { format!("inputs = {{ {inputs} }}\n") };
     format!(
         "[stages.{name}]\nkind = \"command\"\n{read_inputs}cmd = \"mkdir -p runs && echo run >> runs/{name} && echo '{text}' > {{out}}/data.txt\"\n\n"
     )

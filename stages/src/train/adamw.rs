@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use tch::{nn, Kind, Tensor};
 
-use super::floats::{self, cpu_floats, CHUNK};
 use super::Hyper;
+use crate::fast::floats::{self, cpu_floats, CHUNK};
 
 /// Whether weight decay applies to a variable: matrices, but not embedding
 /// tables (a row is only trained when its token occurs, so decay would shrink
@@ -51,14 +51,7 @@ impl AdamW {
                 value,
             })
             .collect();
-        AdamW {
-            params,
-            beta1: hyper.beta1,
-            beta2: hyper.beta2,
-            eps: hyper.eps,
-            weight_decay: hyper.weight_decay,
-            t: 0,
-        }
+        AdamW { params, beta1: hyper.beta1, beta2: hyper.beta2, eps: hyper.eps, weight_decay: hyper.weight_decay, t: 0 }
     }
 
     /// Updates applied so far.
@@ -133,7 +126,11 @@ impl AdamW {
                 // during the update.
                 match unsafe { (cpu_floats(&p.value), cpu_floats(g), cpu_floats(&p.m), cpu_floats(&p.v)) } {
                     (Some(value), Some(g), Some(m), Some(v)) => chunks.extend(
-                        value.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).zip(m.chunks_mut(CHUNK)).zip(v.chunks_mut(CHUNK))
+                        value
+                            .chunks_mut(CHUNK)
+                            .zip(g.chunks(CHUNK))
+                            .zip(m.chunks_mut(CHUNK))
+                            .zip(v.chunks_mut(CHUNK))
                             .map(|(((value, g), m), v)| (value, g, m, v, decay)),
                     ),
                     _ => rule.apply_tensors(p, g, decay),
@@ -227,7 +224,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::model::tests::{build, max_diff, tiny, torch_rng};
+    use crate::testing::{build, max_diff, tiny, torch_rng};
 
     #[test]
     fn decay_skips_embeddings_norms_and_biases() {
@@ -278,7 +275,8 @@ mod tests {
     fn cpu_loop_matches_tensor_ops() {
         let _rng = torch_rng();
         tch::manual_seed(7);
-        let rule = Rule { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, bias1: 1.0 - 0.9f64.powi(3), bias2_sqrt: (1.0 - 0.95f64.powi(3)).sqrt() };
+        let rule =
+            Rule { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, bias1: 1.0 - 0.9f64.powi(3), bias2_sqrt: (1.0 - 0.95f64.powi(3)).sqrt() };
         let randn = || Tensor::randn([1000], (Kind::Float, tch::Device::Cpu));
         let (value, g, m, v) = (randn(), randn(), randn() * 0.1, randn().square() * 0.01);
         let by_ops = Param { name: "w".into(), value: value.copy(), m: m.copy(), v: v.copy(), decay: true };

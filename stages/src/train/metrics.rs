@@ -20,9 +20,7 @@ impl MetricsLog {
         let kept: String = match fs::read_to_string(path) {
             Ok(text) => text
                 .lines()
-                .filter(|line| {
-                    serde_json::from_str::<Value>(line).ok().and_then(|row| row["step"].as_u64()).is_some_and(|s| s <= through)
-                })
+                .filter(|line| serde_json::from_str::<Value>(line).ok().and_then(|row| row["step"].as_u64()).is_some_and(|s| s <= through))
                 .map(|line| format!("{line}\n"))
                 .collect(),
             Err(_) => String::new(),

@@ -12,7 +12,7 @@
 //!   written atomically, the last K kept.
 //! * [`MetricsLog`] and [`plot::loss_curve`]: `metrics.jsonl` that survives a
 //!   resume, and its picture.
-//! * [`trainer`]: the loop itself, over a stage's [`trainer::Task`].
+//! * [`trainer`]: the loop itself, over a stage's [`trainer::Objective`].
 //! * [`parallel`]: a micro-batch split across the CPU cores, one
 //!   single-threaded model replica each.
 //! * [`step_seed`]: the libtorch seed for each micro-batch, which makes
@@ -21,12 +21,14 @@
 
 mod adamw;
 mod checkpoint;
-pub mod floats;
+pub mod finetune;
+pub mod head;
 mod metrics;
-pub mod parallel;
 pub mod plot;
+pub mod replicas;
 pub mod trainer;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use adamw::{decays, AdamW};
@@ -45,7 +47,7 @@ pub fn trainable(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
 }
 
 /// Optimization settings: the `train` table of a training stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Hyper {
     /// Optimizer updates.
@@ -62,8 +64,11 @@ pub struct Hyper {
     pub warmup: u64,
     /// Decoupled weight decay, applied to the weights [`decays`] picks.
     pub weight_decay: f64,
+    /// AdamW's β1, the decay of the gradient mean.
     pub beta1: f64,
+    /// AdamW's β2, the decay of the squared-gradient mean.
     pub beta2: f64,
+    /// AdamW's ε, added to the root of the squared-gradient mean.
     pub eps: f64,
     /// Largest global gradient norm; 0 disables clipping.
     pub grad_clip: f64,
@@ -127,26 +132,6 @@ impl Hyper {
     pub fn tokens_per_step(&self, context: i64) -> u64 {
         (self.batch_size * self.grad_accum) as u64 * context as u64
     }
-}
-
-/// A stage whose `train` table has defaults of its own (see [`own_defaults`]).
-pub trait TrainDefaults {
-    fn train_defaults() -> Hyper;
-}
-
-/// For a stage's `train` field, as
-/// `#[serde(deserialize_with = "crate::train::own_defaults::<_, Params>")]`:
-/// the keys the user wrote replace the stage's own defaults, the others keep
-/// them. Plain serde defaults would fill a partly written table
-/// (`train = { lr = 1e-4 }`) with pretraining's values.
-pub fn own_defaults<'de, D: serde::Deserializer<'de>, P: TrainDefaults>(d: D) -> Result<Hyper, D::Error> {
-    use serde::de::Error;
-    let mut table = serde_json::to_value(P::train_defaults()).map_err(D::Error::custom)?;
-    match (&mut table, serde_json::Value::deserialize(d)?) {
-        (serde_json::Value::Object(table), serde_json::Value::Object(given)) => table.extend(given),
-        _ => return Err(D::Error::custom("`train` must be a table, e.g. train = { lr = 1e-4 }")),
-    }
-    serde_json::from_value(table).map_err(D::Error::custom)
 }
 
 /// The libtorch seed for micro-batch `micro` of update `step`: a function of

@@ -13,9 +13,7 @@ type Points<'a> = &'a [(f64, f64)];
 /// Training loss (light blue) and validation loss (red) against the step, on
 /// a white background; the y axis spans the values' range.
 pub fn loss_curve(path: &Path, train: Points, val: Points) -> Result<()> {
-    draw(path, (800, 500), |root| {
-        chart(root, &[(train, RGBColor(120, 160, 230).stroke_width(1)), (val, RED.stroke_width(3))])
-    })
+    draw(path, (800, 500), |root| chart(root, &[(train, RGBColor(120, 160, 230).stroke_width(1)), (val, RED.stroke_width(3))]))
 }
 
 /// One small chart per series, in reading order, `columns` to a row; each

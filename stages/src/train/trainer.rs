@@ -1,7 +1,14 @@
 //! The training loop every training stage runs: learning-rate schedule,
 //! gradient accumulation, spike guard, clipping, AdamW, periodic evaluation,
-//! metrics, checkpoints and resume. A stage supplies only what differs, as a
-//! [`Task`]: the loss of a micro-batch and its evaluation.
+//! metrics, checkpoints and resume. A stage supplies only what differs, as an
+//! [`Objective`]: the loss of a micro-batch and its evaluation.
+//!
+//! A step of the loop is one optimizer update by default. Reinforcement
+//! learning extends it by overriding [`Objective::step`]: collect a rollout,
+//! then make as many updates as the method asks through [`Update::apply`]
+//! (PPO: epochs × minibatches), each with the same accumulation, guard,
+//! clipping and AdamW as a supervised update. Everything else (schedule per
+//! step, checkpoints, resume, metrics, stopping) stays the loop's.
 //!
 //! Resume is exact on the CPU: a checkpoint holds every variable of the
 //! VarStore, the AdamW moments, the step, the spike guard and the task's own
@@ -12,19 +19,32 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::nn;
 
 use super::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard};
+use crate::data::rng::shuffled;
 use crate::{ParamError, StageCtx};
 
 /// What a stage trains: the part of the loop that is not shared.
-pub trait Task {
+pub trait Objective {
     /// Runs forward and backward on micro-batch `micro` of update `step`
     /// (0-based) with the loss multiplied by `scale` (1 / grad_accum), so the
     /// gradients add up to the update's mean; returns the scaled loss.
-    fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64>;
+    /// An objective that makes its updates in its own [`Objective::step`]
+    /// needs no `backward`.
+    fn backward(&mut self, _step: u64, _micro: usize, _scale: f64) -> Result<f64> {
+        anyhow::bail!("this objective makes its updates in its own `step`")
+    }
+
+    /// Step `step` (0-based) of the loop; returns the columns it adds to the
+    /// step's row of `metrics.jsonl`. By default one update of `grad_accum`
+    /// micro-batches through [`Objective::backward`].
+    fn step(&mut self, step: u64, update: &mut Update) -> Result<Map<String, Value>> {
+        update.apply(update.grad_accum, |micro, scale| self.backward(step, micro, scale))
+    }
 
     /// Validation metrics after `step` updates, written as one row of
     /// `metrics.jsonl` (e.g. `val_loss`).
@@ -40,6 +60,54 @@ pub trait Task {
     }
 }
 
+/// Optimizer updates within a step of the loop; see [`Objective::step`].
+pub struct Update<'a> {
+    opt: &'a mut AdamW,
+    guard: &'a mut SpikeGuard,
+    skipped: &'a mut u64,
+    spike_factor: f64,
+    grad_clip: f64,
+    seed: u64,
+    /// The step being trained (0-based) and its learning rate.
+    pub step: u64,
+    pub lr: f64,
+    /// Micro-batches per update (`train.grad_accum`).
+    pub grad_accum: usize,
+    name: &'a str,
+}
+
+impl Update<'_> {
+    /// One optimizer update: `micro_batches` calls of `backward(micro,
+    /// scale)`, each returning its loss × `scale` (1 / `micro_batches`) after
+    /// adding its gradients; dropout is seeded from (seed, step, micro)
+    /// before each. Then the spike guard, clipping and AdamW. Returns `loss`
+    /// and `grad_norm`, or `skipped` for an update the guard refused.
+    pub fn apply(&mut self, micro_batches: usize, mut backward: impl FnMut(usize, f64) -> Result<f64>) -> Result<Map<String, Value>> {
+        self.opt.zero_grad();
+        let mut loss = 0.0;
+        for micro in 0..micro_batches {
+            tch::manual_seed(step_seed(self.seed, self.step, micro));
+            loss += backward(micro, 1.0 / micro_batches as f64)?;
+        }
+        let mut row = Map::from_iter([("loss".to_string(), json!(loss))]);
+        if self.guard.accept(loss, self.spike_factor) {
+            let norm = self.opt.clip_grad_norm(self.grad_clip);
+            self.opt.step(self.lr);
+            row.insert("grad_norm".into(), json!(norm));
+        } else {
+            *self.skipped += 1;
+            row.insert("skipped".into(), json!(true));
+            eprintln!(
+                "{}: step {}: loss {loss:.4} is a spike (running mean {:.4}); update skipped",
+                self.name,
+                self.step + 1,
+                self.guard.mean()
+            );
+        }
+        Ok(row)
+    }
+}
+
 /// The loop's settings: `train` plus the top-level params training stages
 /// share (see [`Every`]).
 pub struct Trainer<'a> {
@@ -52,11 +120,14 @@ pub struct Trainer<'a> {
     pub tokens_per_step: Option<u64>,
     /// End the run after this step as if killed there (see [`STOP_ENV`]).
     pub stop_after: Option<u64>,
+    /// Evaluate before the first step too (a fresh run), as the row of step
+    /// 0: where the curve starts.
+    pub evaluate_first: bool,
 }
 
 /// Intervals and guard of a training loop: top-level params of every
 /// training stage (`#[serde(flatten)]` them into the stage's params).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Every {
     /// Evaluate every so many updates, and after the last.
@@ -154,7 +225,7 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 impl Trainer<'_> {
     /// Trains the requires-grad variables of `vs` on `task`, resuming from the
     /// latest checkpoint in the stage's work dir.
-    pub fn run(&self, ctx: &mut StageCtx, vs: &mut nn::VarStore, task: &mut impl Task) -> Result<Outcome> {
+    pub fn run(&self, ctx: &mut StageCtx, vs: &mut nn::VarStore, task: &mut impl Objective) -> Result<Outcome> {
         let (hyper, every, name) = (self.hyper, self.every, self.name);
         let mut opt = AdamW::new(vs, hyper);
         let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), every.keep_checkpoints)?;
@@ -170,53 +241,45 @@ impl Trainer<'_> {
         let mut log = MetricsLog::open(&ctx.work.join(METRICS_FILE), state.step)?;
         let (mut timed_tokens, mut timed_seconds) = (0u64, 0.0);
         let mut last_eval = Map::new();
+        if self.evaluate_first && state.step == 0 {
+            let mut row = Map::from_iter([("step".to_string(), json!(0))]);
+            row.extend(task.evaluate(0)?);
+            log.write(&Value::Object(row))?;
+        }
         while state.step < hyper.steps {
             let started = Instant::now();
             let lr = hyper.lr_at(state.step);
-            opt.zero_grad();
-            let mut loss = 0.0;
-            for micro in 0..hyper.grad_accum {
-                tch::manual_seed(step_seed(hyper.seed, state.step, micro));
-                loss += task.backward(state.step, micro, 1.0 / hyper.grad_accum as f64)?;
-            }
-            let accepted = state.guard.accept(loss, every.spike_factor);
-            let mut row = json!({"step": state.step + 1, "loss": loss, "lr": lr});
-            let grad_norm = if accepted {
-                let norm = opt.clip_grad_norm(hyper.grad_clip);
-                opt.step(lr);
-                row["grad_norm"] = json!(norm);
-                norm
-            } else {
-                state.skipped += 1;
-                row["skipped"] = json!(true);
-                eprintln!(
-                    "{name}: step {}: loss {loss:.4} is a spike (running mean {:.4}); update skipped",
-                    state.step + 1,
-                    state.guard.mean()
-                );
-                f64::NAN
+            let mut update = Update {
+                opt: &mut opt,
+                guard: &mut state.guard,
+                skipped: &mut state.skipped,
+                spike_factor: every.spike_factor,
+                grad_clip: hyper.grad_clip,
+                seed: hyper.seed,
+                step: state.step,
+                lr,
+                grad_accum: hyper.grad_accum,
+                name,
             };
+            let columns = task.step(state.step, &mut update)?;
+            let mut row = Map::from_iter([("step".to_string(), json!(state.step + 1))]);
+            row.extend(columns);
+            row.insert("lr".into(), json!(lr));
             state.step += 1;
             let seconds = started.elapsed().as_secs_f64();
-            let mut rate = String::new();
             if let Some(tokens) = self.tokens_per_step {
                 (timed_tokens, timed_seconds) = (timed_tokens + tokens, timed_seconds + seconds);
-                row["tokens"] = json!(state.step * tokens);
-                row["tokens_per_s"] = json!(tokens as f64 / seconds);
-                rate = format!(" | {:.0} tok/s", tokens as f64 / seconds);
+                row.insert("tokens".into(), json!(state.step * tokens));
+                row.insert("tokens_per_s".into(), json!(tokens as f64 / seconds));
             }
-            log.write(&row)?;
             let last = state.step == hyper.steps;
             if state.step % every.log_every.max(1) == 0 || last {
-                eprintln!(
-                    "step {:>6}/{} | loss {loss:.4} | lr {lr:.2e} | grad norm {grad_norm:.3}{rate}",
-                    state.step, hyper.steps
-                );
+                eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&row));
             }
+            log.write(&Value::Object(row))?;
             if state.step % every.eval_every == 0 || last {
                 last_eval = task.evaluate(state.step)?;
-                let shown: Vec<String> = last_eval.iter().map(|(k, v)| format!("{k} {}", short(v))).collect();
-                eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown.join(" | "));
+                eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&last_eval));
                 let mut row = Map::from_iter([("step".to_string(), json!(state.step))]);
                 row.extend(last_eval.clone());
                 log.write(&Value::Object(row))?;
@@ -245,9 +308,7 @@ impl Trained {
     pub fn write(&self, out: &std::path::Path, val_key: &str) -> Result<()> {
         std::fs::copy(self.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
         let rows = self.log.rows()?;
-        let series = |key: &str| -> Vec<(f64, f64)> {
-            rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect()
-        };
+        let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
         plot::loss_curve(&out.join("loss.png"), &series("loss"), &series(val_key))
     }
 
@@ -257,11 +318,14 @@ impl Trained {
     }
 }
 
-fn short(v: &Value) -> String {
-    match v.as_f64() {
+/// A row's columns for the log, `step` left out: `loss 2.1034 | lr 1.00e-3 | …`.
+fn shown(row: &Map<String, Value>) -> String {
+    let short = |v: &Value| match v.as_f64() {
+        Some(x) if x != 0.0 && (x.abs() < 1e-2 || x.abs() >= 1e5) => format!("{x:.2e}"),
         Some(x) => format!("{x:.4}"),
         None => v.to_string(),
-    }
+    };
+    row.iter().filter(|(k, _)| *k != "step").map(|(k, v)| format!("{k} {}", short(v))).collect::<Vec<_>>().join(" | ")
 }
 
 /// Example indices of micro-batch `micro` of update `step` over `n` examples:
@@ -275,7 +339,7 @@ pub fn batch_indices(n: usize, hyper: &Hyper, step: u64, micro: usize) -> Vec<us
         .map(|i| {
             let epoch = i / n;
             if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                epoch_order = Some((epoch, crate::records::shuffled(n, hyper.seed ^ (epoch as u64).wrapping_mul(0x9E37))));
+                epoch_order = Some((epoch, shuffled(n, hyper.seed ^ (epoch as u64).wrapping_mul(0x9E37))));
             }
             epoch_order.as_ref().expect("set above").1[i % n]
         })

@@ -1,0 +1,164 @@
+//! `command`: run any shell command as a stage.
+//!
+//! This is how a user adds a stage without writing Rust:
+//!
+//! ```toml
+//! [stages.stats]
+//! kind = "command"
+//! inputs = { docs = "dedup" }
+//! deps = ["scripts/doc_stats.py"]          # contents are part of the key
+//! cmd = "python3 scripts/doc_stats.py {inputs.docs} {out}"
+//! env = { LC_ALL = "C" }
+//! ```
+//!
+//! `cmd` runs under `sh -c` in the pipeline's directory. Placeholders:
+//! `{out}` (the directory to write), `{inputs.NAME}` (an input's directory),
+//! `{work}` (a directory that survives an interrupted run) and `{threads}`.
+//! Other braces, such as `${HOME}`, are left for the shell. The same paths are
+//! also in the environment as `LLMFLOW_OUT`, `LLMFLOW_WORK`, `LLMFLOW_THREADS`
+//! and `LLMFLOW_INPUT_<NAME>`.
+//!
+//! Key: `cmd`, `deps` (their contents) and `env`. `threads` (how many CPU
+//! threads the scheduler reserves) is volatile.
+
+use std::collections::BTreeMap;
+use std::process::Command as Process;
+
+use anyhow::{bail, Context, Result};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Inputs, ParamError, Resources, Stage, StageCtx};
+
+pub struct Command;
+
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// The shell command.
+    pub cmd: String,
+    /// Files the command reads (scripts, configs), relative to the pipeline's
+    /// directory; editing one rebuilds the stage.
+    pub deps: Vec<String>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// CPU threads to reserve while it runs (default 1).
+    pub threads: Option<usize>,
+}
+
+impl Stage for Command {
+    const KIND: &'static str = "command";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "run a shell command: cmd with {inputs.NAME} and {out}";
+    const INPUTS: Inputs = Inputs::Any;
+    const VOLATILE: &'static [&'static str] = &["threads"];
+    type Params = Params;
+
+    fn check(params: &Params, inputs: &[String]) -> Result<(), ParamError> {
+        if params.cmd.trim().is_empty() {
+            return Err(ParamError::new(&["cmd"], "`cmd` is required: the shell command to run"));
+        }
+        for name in placeholders(&params.cmd).filter_map(|p| p.strip_prefix("inputs.")) {
+            if !inputs.iter().any(|i| i == name) {
+                let wired = if inputs.is_empty() { "none".to_string() } else { inputs.join(", ") };
+                return Err(ParamError::new(
+                    &["cmd"],
+                    format!("`{{inputs.{name}}}` names no input of this stage (inputs: {wired}); add it to `inputs`"),
+                ));
+            }
+        }
+        if params.threads == Some(0) {
+            return Err(ParamError::new(&["threads"], "`threads` must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn files(params: &Params) -> Vec<String> {
+        params.deps.clone()
+    }
+
+    fn resources(params: &Params) -> Resources {
+        Resources { threads: Some(params.threads.unwrap_or(1)), accelerator: false }
+    }
+
+    fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
+        let script = substitute(&params.cmd, ctx)?;
+        let mut child = Process::new("sh");
+        child.arg("-c").arg(&script).current_dir(&ctx.project_dir);
+        child.env("LLMFLOW_OUT", &ctx.out).env("LLMFLOW_WORK", &ctx.work);
+        child.env("LLMFLOW_THREADS", ctx.threads.to_string());
+        for (name, dir) in &ctx.inputs {
+            child.env(format!("LLMFLOW_INPUT_{}", name.to_uppercase()), dir);
+        }
+        child.envs(&params.env);
+        eprintln!("$ {script}");
+        let status = child.status().context("cannot start `sh`")?;
+        if !status.success() {
+            match status.code() {
+                Some(code) => bail!("command exited with status {code}: {script}"),
+                None => bail!("command was killed by a signal: {script}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `{...}` placeholders llmflow substitutes; other braces are the shell's.
+fn placeholders(cmd: &str) -> impl Iterator<Item = &str> {
+    cmd.match_indices('{').filter_map(move |(start, _)| {
+        let rest = &cmd[start + 1..];
+        let end = rest.find('}')?;
+        let name = &rest[..end];
+        let ours = matches!(name, "out" | "work" | "threads") || name.starts_with("inputs.");
+        ours.then_some(name)
+    })
+}
+
+fn substitute(cmd: &str, ctx: &StageCtx) -> Result<String> {
+    let mut script = cmd.to_string();
+    for name in placeholders(cmd) {
+        let value = match name {
+            "out" => shell_quote(&ctx.out.to_string_lossy()),
+            "work" => shell_quote(&ctx.work.to_string_lossy()),
+            "threads" => ctx.threads.to_string(),
+            input => shell_quote(&ctx.input(&input["inputs.".len()..])?.to_string_lossy()),
+        };
+        script = script.replace(&format!("{{{name}}}"), &value);
+    }
+    Ok(script)
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:=@".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_llmflow_placeholders_are_found() {
+        let found: Vec<_> = placeholders("cat {inputs.docs}/a ${HOME} {out} {x} {threads}").collect();
+        assert_eq!(found, ["inputs.docs", "out", "threads"]);
+    }
+
+    #[test]
+    fn substitutes_quoted_paths() {
+        let mut ctx = StageCtx::new("s", "/p".as_ref(), "/tmp/o ut".as_ref(), "/w".as_ref());
+        ctx.inputs.insert("docs".into(), "/a/docs".into());
+        let s = substitute("cp {inputs.docs}/x {out}/ && echo ${HOME}", &ctx).unwrap();
+        assert_eq!(s, "cp /a/docs/x '/tmp/o ut'/ && echo ${HOME}");
+    }
+
+    #[test]
+    fn unknown_input_placeholder_is_rejected() {
+        let p = Params { cmd: "cat {inputs.nope}".into(), ..Default::default() };
+        let err = Command::check(&p, &["docs".to_string()]).unwrap_err();
+        assert_eq!(err.path, ["cmd"]);
+        assert!(err.message.contains("inputs: docs"), "{}", err.message);
+    }
+}

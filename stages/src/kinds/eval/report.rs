@@ -1,0 +1,288 @@
+//! The report card: `results.json`, `report.md` and its charts, for every
+//! model evaluated by one stage side by side.
+//!
+//! Charts are drawn without text (plotters' fonts need system libraries):
+//! the bars of each task are the models in input order, in the colours the
+//! report names, and the numbers are in the tables next to them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::prelude::*;
+use serde_json::{json, Value};
+
+use super::tasks::{Outcomes, Task};
+use crate::model::ModelConfig;
+
+/// What the report says about a model besides its scores.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The input slot: the model's name in the report.
+    pub label: String,
+    pub config: ModelConfig,
+    /// Training steps and tokens, from the artifact's `metrics.jsonl` (the
+    /// last row's `step`, and its `tokens` where the stage logs them).
+    pub steps: Option<u64>,
+    pub tokens: Option<u64>,
+    /// The artifact's `loss.png`, copied into the report directory.
+    pub loss_curve: Option<String>,
+}
+
+impl ModelInfo {
+    /// Reads what the training stage left in `dir` and copies its loss curve
+    /// into `out`.
+    pub fn read(label: &str, dir: &Path, config: ModelConfig, out: &Path) -> Result<ModelInfo> {
+        let rows: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .map(|text| text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+            .unwrap_or_default();
+        let last = |key: &str| rows.iter().rev().find_map(|r| r[key].as_u64());
+        let loss_curve = if dir.join("loss.png").is_file() {
+            let name = format!("loss_{label}.png");
+            std::fs::copy(dir.join("loss.png"), out.join(&name)).with_context(|| format!("cannot copy {}/loss.png", dir.display()))?;
+            Some(name)
+        } else {
+            None
+        };
+        Ok(ModelInfo { label: label.to_string(), config, steps: last("step"), tokens: last("tokens"), loss_curve })
+    }
+}
+
+/// A task's outcomes on one model, timed.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub outcomes: Outcomes,
+    pub seconds: f64,
+}
+
+impl Scored {
+    pub fn examples_per_s(&self) -> f64 {
+        self.outcomes.examples as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// The mean centered score over the tasks that have a chance level.
+pub fn core(scores: &[Scored]) -> Option<f64> {
+    let centered: Vec<f64> = scores.iter().filter_map(|s| s.outcomes.centered()).collect();
+    (!centered.is_empty()).then(|| centered.iter().sum::<f64>() / centered.len() as f64)
+}
+
+/// The colours of the models, in input order (matplotlib's tab10).
+const PALETTE: [(&str, RGBColor); 8] = [
+    ("blue", RGBColor(31, 119, 180)),
+    ("orange", RGBColor(255, 127, 14)),
+    ("green", RGBColor(44, 160, 44)),
+    ("red", RGBColor(214, 39, 40)),
+    ("purple", RGBColor(148, 103, 189)),
+    ("brown", RGBColor(140, 86, 75)),
+    ("pink", RGBColor(227, 119, 194)),
+    ("grey", RGBColor(127, 127, 127)),
+];
+
+/// Writes `results.json`, `report.md`, `centered.png` and, with perplexity
+/// tasks, `bits_per_byte.png` into `out`; returns the JSON.
+/// `scores[m][t]` is task `t` on model `m`.
+pub fn write(out: &Path, tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>]) -> Result<Value> {
+    let results = results_json(tasks, models, scores);
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)? + "\n")?;
+    let colours: Vec<RGBColor> = (0..models.len()).map(|m| PALETTE[m % PALETTE.len()].1).collect();
+    let chart = |name: &str, pick: &dyn Fn(&Outcomes) -> Option<f64>| -> Result<Option<String>> {
+        let groups: Vec<Vec<Option<f64>>> = (0..tasks.len()).map(|t| scores.iter().map(|m| pick(&m[t].outcomes)).collect()).collect();
+        let groups: Vec<Vec<Option<f64>>> = groups.into_iter().filter(|g| g.iter().any(Option::is_some)).collect();
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        bars(&out.join(name), &groups, &colours)?;
+        Ok(Some(name.to_string()))
+    };
+    let centered = chart("centered.png", &|o| o.centered())?;
+    let bpb = chart("bits_per_byte.png", &|o| o.chance.is_none().then(|| o.metrics[&o.primary]))?;
+    std::fs::write(out.join("report.md"), markdown(tasks, models, scores, centered.as_deref(), bpb.as_deref()))?;
+    Ok(results)
+}
+
+fn results_json(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>]) -> Value {
+    let mut results = serde_json::Map::new();
+    let mut cores = serde_json::Map::new();
+    for (model, row) in models.iter().zip(scores) {
+        let per_task: serde_json::Map<String, Value> = tasks
+            .iter()
+            .zip(row)
+            .map(|(task, s)| {
+                let mut v = serde_json::to_value(&s.outcomes).expect("serializable");
+                v["centered"] = json!(s.outcomes.centered());
+                v["seconds"] = json!(s.seconds);
+                v["examples_per_s"] = json!(s.examples_per_s());
+                (task.name.clone(), v)
+            })
+            .collect();
+        results.insert(model.label.clone(), Value::Object(per_task));
+        cores.insert(model.label.clone(), json!(core(row)));
+    }
+    let models: Vec<Value> = models
+        .iter()
+        .map(|m| {
+            json!({
+                "label": m.label, "params": m.config.num_params(), "training_tokens": m.tokens, "steps": m.steps,
+                "loss_curve": m.loss_curve, "config": m.config,
+            })
+        })
+        .collect();
+    json!({"models": models, "tasks": tasks, "results": results, "core": cores})
+}
+
+/// A number in a table: enough digits to compare, not more.
+fn number(x: f64) -> String {
+    match x.abs() {
+        a if a >= 1000.0 => format!("{x:.0}"),
+        a if a >= 10.0 => format!("{x:.2}"),
+        _ => format!("{x:.4}"),
+    }
+}
+
+fn millions(n: f64) -> String {
+    format!("{:.2} M", n / 1e6)
+}
+
+fn markdown(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>], centered: Option<&str>, bpb: Option<&str>) -> String {
+    let mut md = String::from("# Evaluation report\n\n## Models\n\n");
+    md += "| model | colour | parameters | training steps | training tokens | loss curve |\n|---|---|---|---|---|---|\n";
+    for (m, info) in models.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            info.label,
+            PALETTE[m % PALETTE.len()].0,
+            millions(info.config.num_params() as f64),
+            info.steps.map_or("—".into(), |s| s.to_string()),
+            info.tokens.map_or("—".into(), |t| millions(t as f64)),
+            info.loss_curve.as_ref().map_or("—".into(), |f| format!("[loss.png]({f})")),
+        );
+    }
+    let header = |first: &str, second: &str| {
+        let names: Vec<&str> = models.iter().map(|m| m.label.as_str()).collect();
+        format!("| {first} | {second} | {} |\n|---|---|{}\n", names.join(" | "), "---|".repeat(names.len()))
+    };
+
+    md += "\n## Scores\n\nMean ± standard error over the items; ";
+    md += "the first metric of each task is the one its centered score uses.\n\n";
+    md += &header("task", "metric");
+    for (t, task) in tasks.iter().enumerate() {
+        let first = &scores[0][t].outcomes;
+        let mut names: Vec<&String> = first.metrics.keys().filter(|k| !k.ends_with("_stderr")).collect();
+        names.sort_by_key(|k| **k != first.primary);
+        for (i, name) in names.into_iter().enumerate() {
+            let cells: Vec<String> = scores
+                .iter()
+                .map(|row| {
+                    let metrics = &row[t].outcomes.metrics;
+                    match metrics.get(&format!("{name}_stderr")) {
+                        Some(se) => format!("{} ± {}", number(metrics[name]), number(*se)),
+                        None => number(metrics[name]),
+                    }
+                })
+                .collect();
+            let label =
+                if i == 0 { format!("{} ({}, {} examples)", task.name, task.kind.type_name(), first.examples) } else { String::new() };
+            let _ = writeln!(md, "| {label} | {name} | {} |", cells.join(" | "));
+        }
+    }
+
+    md += "\n## Centered scores\n\n(score − chance) / (1 − chance), as nanochat's CORE: 0 is guessing, 1 is perfect. ";
+    md += "CORE is their mean over the tasks that have a chance level.\n\n";
+    md += &header("task", "chance");
+    for (t, task) in tasks.iter().enumerate() {
+        let Some(chance) = scores[0][t].outcomes.chance else { continue };
+        let cells: Vec<String> = scores.iter().map(|row| row[t].outcomes.centered().map_or("—".into(), number)).collect();
+        let _ = writeln!(md, "| {} | {} | {} |", task.name, number(chance), cells.join(" | "));
+    }
+    let cores: Vec<String> = scores.iter().map(|row| core(row).map_or("—".into(), number)).collect();
+    let _ = writeln!(md, "| **CORE** | | {} |", cores.join(" | "));
+    let legend = || {
+        let names: Vec<String> = models.iter().enumerate().map(|(m, i)| format!("{} {}", PALETTE[m % PALETTE.len()].0, i.label)).collect();
+        format!("one bar per model, left to right: {}", names.join(", "))
+    };
+    if let Some(file) = centered {
+        let _ = writeln!(
+            md,
+            "\n![centered score per task]({file})\n\nCentered score per task, in the order of the table ({}); the black line is 0.",
+            legend()
+        );
+    }
+    if let Some(file) = bpb {
+        let _ = writeln!(md, "\n![bits per byte per text]({file})\n\nBits per byte per perplexity task, in the order of the scores table ({}); lower is better.", legend());
+    }
+
+    for (t, task) in tasks.iter().enumerate() {
+        if scores[0][t].outcomes.breakdown.is_empty() {
+            continue;
+        }
+        let breakdown = &scores[0][t].outcomes.breakdown;
+        let _ = writeln!(md, "\n<details><summary>{}: accuracy per file ({} files)</summary>\n", task.name, breakdown.len());
+        md += &header("file", "pairs");
+        let per_file = scores[0][t].outcomes.examples / breakdown.len();
+        for name in breakdown.keys() {
+            let cells: Vec<String> = scores.iter().map(|row| number(row[t].outcomes.breakdown[name])).collect();
+            let _ = writeln!(md, "| {name} | {per_file} | {} |", cells.join(" | "));
+        }
+        md += "\n</details>\n";
+    }
+
+    md += "\n## Throughput\n\nExamples scored per second (windows for perplexity, problems for code).\n\n";
+    md += &header("task", "examples");
+    for (t, task) in tasks.iter().enumerate() {
+        let cells: Vec<String> = scores.iter().map(|row| format!("{:.1}/s ({:.1} s)", row[t].examples_per_s(), row[t].seconds)).collect();
+        let _ = writeln!(md, "| {} | {} | {} |", task.name, scores[0][t].outcomes.examples, cells.join(" | "));
+    }
+    md
+}
+
+/// A grouped bar chart: one group per entry of `groups` between grey
+/// separators, one bar per model (missing values leave a gap), a black line
+/// at 0.
+fn bars(path: &Path, groups: &[Vec<Option<f64>>], colours: &[RGBColor]) -> Result<()> {
+    let values = || groups.iter().flatten().flatten().copied().filter(|v| v.is_finite());
+    let y_min = values().fold(0.0, f64::min);
+    let y_max = values().fold(0.0, f64::max);
+    let pad = ((y_max - y_min) * 0.05).max(0.01);
+    let (y_min, y_max) = (if y_min < 0.0 { y_min - pad } else { 0.0 }, y_max + pad);
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(path, (120 + 90 * groups.len() as u32, 400)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let x_max = groups.len() as f64;
+        let mut chart = ChartBuilder::on(&root).margin(20).build_cartesian_2d(0.0..x_max, y_min..y_max)?;
+        let width = 0.8 / colours.len().max(1) as f64;
+        for g in 1..groups.len() {
+            let x = g as f64;
+            chart.draw_series(std::iter::once(PathElement::new(vec![(x, y_min), (x, y_max)], RGBColor(200, 200, 200))))?;
+        }
+        for (g, group) in groups.iter().enumerate() {
+            for (m, value) in group.iter().enumerate() {
+                let Some(v) = value.filter(|v| v.is_finite()) else { continue };
+                let x0 = g as f64 + 0.1 + m as f64 * width;
+                chart.draw_series(std::iter::once(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], colours[m].filled())))?;
+            }
+        }
+        chart.draw_series(std::iter::once(PathElement::new(vec![(0.0, 0.0), (x_max, 0.0)], BLACK.stroke_width(1))))?;
+        chart.plotting_area().draw(&Rectangle::new([(0.0, y_min), (x_max, y_max)], BLACK.stroke_width(1)))?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow!("cannot draw {}: {e}", path.display()))
+}
+
+/// Metric name → value of a model's tasks, for the manifest: the primary
+/// metric of each task and the CORE score.
+pub fn manifest_metrics(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>]) -> BTreeMap<String, f64> {
+    let mut metrics = BTreeMap::new();
+    for (model, row) in models.iter().zip(scores) {
+        for (task, s) in tasks.iter().zip(row) {
+            metrics.insert(format!("{}.{}.{}", model.label, task.name, s.outcomes.primary), s.outcomes.metrics[&s.outcomes.primary]);
+        }
+        if let Some(core) = core(row) {
+            metrics.insert(format!("{}.core", model.label), core);
+        }
+    }
+    metrics
+}

@@ -1,0 +1,328 @@
+//! `shard`: encode documents into llm.c-format token shards.
+//!
+//! ```toml
+//! [stages.tokens]
+//! kind = "shard"
+//! inputs = { docs = "dedup", tokenizer = "tok" }
+//! val_fraction = 0.1
+//! ```
+//!
+//! Every document is encoded as plain text (a special-token string inside a
+//! document stays text) and followed by `<|endoftext|>`. Each document goes to
+//! the validation split when a hash of its id falls below `val_fraction`, so
+//! the split is fixed per document whatever the order or number of the others.
+//! Each split is a stream of tokens in document order, cut into shards of
+//! exactly `shard_tokens` tokens (the last one shorter); documents run across
+//! shard boundaries, as in llm.c.
+//!
+//! Params:
+//! * `val_fraction` (0.1): the share of documents held out for validation;
+//!   0 writes no validation shards.
+//! * `shard_tokens` (100,000,000): tokens per shard.
+//!
+//! No param is volatile. Output: the shards, the tokenizer (`tokenizer.json`,
+//! so training and generation need only this artifact) and `manifest.json`;
+//! see [`crate::formats::tokens`] for the format. Metrics: `documents`, `train_tokens`,
+//! `val_tokens`, `bytes_per_token`, `encode_mb_per_s`.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::formats::docs;
+use crate::formats::tokenizer::{self, BatchEncoder, END_OF_TEXT};
+use crate::formats::tokens::{Manifest, ShardInfo, ShardWriter, SplitInfo, Width};
+use crate::{Inputs, ParamError, Stage, StageCtx};
+
+pub struct Shard;
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Params {
+    /// The share of documents held out for validation; 0 writes no validation shards.
+    pub val_fraction: f64,
+    /// Tokens per shard; documents run across shard boundaries, as in llm.c.
+    pub shard_tokens: u64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { val_fraction: 0.1, shard_tokens: 100_000_000 }
+    }
+}
+
+/// Text encoded per parallel batch; bounds memory whatever the corpus size.
+const BATCH_BYTES: usize = 16 << 20;
+
+impl Stage for Shard {
+    const KIND: &'static str = "shard";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "encode documents into llm.c token shards (train/val) with a tokenizer";
+    const INPUTS: Inputs = Inputs::Fixed(&["docs", "tokenizer"]);
+    type Params = Params;
+
+    fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
+        if !(0.0..1.0).contains(&params.val_fraction) {
+            return Err(ParamError::new(&["val_fraction"], "`val_fraction` must be at least 0 and below 1"));
+        }
+        if params.shard_tokens == 0 || params.shard_tokens > i32::MAX as u64 {
+            return Err(ParamError::new(
+                &["shard_tokens"],
+                format!("`shard_tokens` must be between 1 and {} (the header counts tokens in an int32)", i32::MAX),
+            ));
+        }
+        Ok(())
+    }
+
+    fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
+        let docs_dir = ctx.input("docs")?.to_path_buf();
+        let df = docs::read(&docs_dir)?;
+        let ids = df.column("id")?.str()?;
+        let texts = docs::texts(&df)?;
+        let tokenizer_dir = ctx.input("tokenizer")?;
+        let tokenizer = tokenizer::load(tokenizer_dir)?;
+        let eot = tokenizer
+            .token_to_id(END_OF_TEXT)
+            .with_context(|| format!("{}: the tokenizer has no {END_OF_TEXT} token", tokenizer_dir.display()))?;
+        let vocab_size = tokenizer.get_vocab_size(true);
+        let width = Width::for_vocab(vocab_size);
+        std::fs::copy(tokenizer_dir.join(tokenizer::FILE), ctx.out.join(tokenizer::FILE)).context("copying the tokenizer")?;
+
+        let mut train = SplitWriter::new("train", ctx, width, params.shard_tokens);
+        let mut val = SplitWriter::new("val", ctx, width, params.shard_tokens);
+        let is_val: Vec<bool> = ids.iter().map(|id| in_val(id.unwrap_or_default(), params.val_fraction)).collect();
+        let encoder = BatchEncoder::new(&tokenizer)?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads).build()?;
+        let total_bytes: usize = texts.iter().map(String::len).sum();
+        let start = Instant::now();
+        let mut done_bytes = 0;
+        let mut first = 0;
+        while first < texts.len() {
+            let mut last = first;
+            let mut batch_bytes = 0;
+            while last < texts.len() && (last == first || batch_bytes + texts[last].len() <= BATCH_BYTES) {
+                batch_bytes += texts[last].len();
+                last += 1;
+            }
+            let batch: Vec<&str> = texts[first..last].iter().map(String::as_str).collect();
+            let encoded = pool.install(|| encoder.encode(&batch))?;
+            for (doc, mut tokens) in (first..last).zip(encoded) {
+                tokens.push(eot);
+                let split = if is_val[doc] { &mut val } else { &mut train };
+                split.push(&tokens)?;
+            }
+            done_bytes += batch_bytes;
+            ctx.progress(done_bytes as u64, total_bytes as u64, "bytes");
+            first = last;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let manifest = Manifest { vocab_size, width, eot, train: train.finish()?, val: val.finish()? };
+        if manifest.train.documents == 0 {
+            bail!("{}: no documents to shard", docs_dir.display());
+        }
+        if params.val_fraction > 0.0 && manifest.val.documents == 0 {
+            bail!(
+                "val_fraction = {} put none of the {} documents in the validation split; raise it, or set it to 0 for no validation split",
+                params.val_fraction,
+                texts.len()
+            );
+        }
+        manifest.write(&ctx.out)?;
+
+        let tokens = manifest.train.tokens + manifest.val.tokens;
+        // The end-of-text tokens are not text; leave them out of the ratio.
+        let bytes_per_token = total_bytes as f64 / (tokens - texts.len() as u64).max(1) as f64;
+        let mb_per_s = total_bytes as f64 / 1e6 / seconds;
+        ctx.metric("documents", texts.len());
+        ctx.metric("train_tokens", manifest.train.tokens);
+        ctx.metric("val_tokens", manifest.val.tokens);
+        ctx.metric("bytes_per_token", bytes_per_token);
+        ctx.metric("encode_mb_per_s", mb_per_s);
+        eprintln!(
+            "{} documents → {} train tokens in {} shards, {} val tokens in {} shards ({:?}); {bytes_per_token:.3} bytes per token, encoded at {mb_per_s:.1} MB/s",
+            texts.len(),
+            manifest.train.tokens,
+            manifest.train.shards.len(),
+            manifest.val.tokens,
+            manifest.val.shards.len(),
+            width,
+        );
+        Ok(())
+    }
+}
+
+/// Whether the document `id` belongs to the validation split.
+fn in_val(id: &str, val_fraction: f64) -> bool {
+    let hash = blake3::hash(id.as_bytes());
+    let h = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap());
+    // The top 53 bits map exactly onto [0, 1) in an f64.
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
+}
+
+/// The shards of one split, written as tokens arrive.
+struct SplitWriter {
+    name: &'static str,
+    dir: std::path::PathBuf,
+    width: Width,
+    shard_tokens: u64,
+    current: Option<ShardWriter>,
+    info: SplitInfo,
+}
+
+impl SplitWriter {
+    fn new(name: &'static str, ctx: &StageCtx, width: Width, shard_tokens: u64) -> Self {
+        SplitWriter { name, dir: ctx.out.clone(), width, shard_tokens, current: None, info: SplitInfo::default() }
+    }
+
+    /// Appends one document's tokens, opening and closing shards as they fill.
+    fn push(&mut self, mut tokens: &[u32]) -> Result<()> {
+        self.info.documents += 1;
+        while !tokens.is_empty() {
+            if self.current.is_none() {
+                self.current = Some(ShardWriter::create(&self.dir.join(self.next_file()), self.width)?);
+            }
+            let writer = self.current.as_mut().expect("opened above");
+            let room = (self.shard_tokens - writer.tokens()) as usize;
+            let (now, rest) = tokens.split_at(room.min(tokens.len()));
+            writer.write(now)?;
+            tokens = rest;
+            if writer.tokens() == self.shard_tokens {
+                self.close()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The file name of the shard being written (or about to be).
+    fn next_file(&self) -> String {
+        format!("{}_{:06}.bin", self.name, self.info.shards.len())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if let Some(writer) = self.current.take() {
+            let tokens = writer.finish()?;
+            self.info.shards.push(ShardInfo { file: self.next_file(), tokens });
+            self.info.tokens += tokens;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<SplitInfo> {
+        self.close()?;
+        Ok(self.info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::loader::Split;
+    use crate::testing::{corpus, python_with, run_python, tokenizer_artifact, write_docs, CORPORA};
+    use std::path::Path;
+
+    fn shard(params: &Params, docs: &Path, tok: &Path, out: &Path) -> StageCtx {
+        std::fs::create_dir_all(out).unwrap();
+        let mut ctx = StageCtx::new("tokens", out, out, out);
+        ctx.inputs.insert("docs".into(), docs.to_path_buf());
+        ctx.inputs.insert("tokenizer".into(), tok.to_path_buf());
+        ctx.threads = 2;
+        Shard::run(params, &mut ctx).unwrap();
+        ctx
+    }
+
+    #[test]
+    fn shards_decode_back_to_every_corpus() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for name in CORPORA {
+            let text = corpus(name);
+            let docs = dir.join(name).join("docs");
+            write_docs(&docs, name, &text);
+            tokenizer_artifact(&docs, &dir.join(name).join("tok"), serde_json::json!({"vocab_size": 2000, "max_chars": 300_000}));
+            let out = dir.join(name).join("tokens");
+            let params = Params { shard_tokens: 100_000, ..Default::default() };
+            let ctx = shard(&params, &docs, &dir.join(name).join("tok"), &out);
+
+            let manifest = Manifest::read(&out).unwrap();
+            assert!(manifest.train.shards.len() > 1, "{name}: several shards");
+            for split in [&manifest.train, &manifest.val] {
+                let (last, full) = split.shards.split_last().unwrap();
+                assert!(full.iter().all(|s| s.tokens == 100_000));
+                assert_eq!(split.tokens, full.len() as u64 * 100_000 + last.tokens);
+            }
+            assert_eq!(ctx.metrics()["train_tokens"], manifest.train.tokens);
+            let frac = manifest.val.documents as f64 / (manifest.train.documents + manifest.val.documents) as f64;
+            assert!((0.07..0.13).contains(&frac), "{name}: {frac} of documents in val");
+
+            // Every document, decoded from the shards, is its text again.
+            let tokenizer = tokenizer::load(&out).unwrap();
+            let df = docs::read(&docs).unwrap();
+            let ids = df.column("id").unwrap().str().unwrap();
+            let mut expected: [Vec<&str>; 2] = [vec![], vec![]];
+            let texts = docs::texts(&df).unwrap();
+            for (id, text) in ids.iter().zip(&texts) {
+                expected[in_val(id.unwrap(), 0.1) as usize].push(text);
+            }
+            for (split_name, expected) in ["train", "val"].into_iter().zip(expected) {
+                let split = Split::open(&out, split_name).unwrap();
+                let mut tokens = Vec::new();
+                split.read_into(0, split.len() as usize, &mut tokens);
+                let docs_back: Vec<String> = tokens
+                    .split(|&t| t == manifest.eot as i64)
+                    .take(expected.len())
+                    .map(|ids| tokenizer.decode(&ids.iter().map(|&t| t as u32).collect::<Vec<_>>(), false).unwrap())
+                    .collect();
+                assert_eq!(docs_back, expected, "{name} {split_name}");
+                assert_eq!(tokens.last(), Some(&(manifest.eot as i64)));
+            }
+        }
+    }
+
+    #[test]
+    fn numpy_reads_the_shards() {
+        let Some(python) = python_with("numpy") else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write_docs(&dir.join("docs"), "moby", &corpus("moby_dick.txt"));
+        tokenizer_artifact(&dir.join("docs"), &dir.join("tok"), serde_json::json!({"vocab_size": 1000}));
+        shard(&Params { shard_tokens: 50_000, ..Default::default() }, &dir.join("docs"), &dir.join("tok"), &dir.join("out"));
+        for split_name in ["train", "val"] {
+            let tokens_file = dir.join(format!("{split_name}.i64"));
+            run_python(&python, "read_shards.py", &[&dir.join("out"), Path::new(split_name), &tokens_file]);
+            let split = Split::open(&dir.join("out"), split_name).unwrap();
+            let mut tokens = Vec::new();
+            split.read_into(0, split.len() as usize, &mut tokens);
+            let numpy: Vec<i64> =
+                std::fs::read(&tokens_file).unwrap().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+            assert_eq!(numpy, tokens, "{split_name}");
+        }
+    }
+
+    #[test]
+    fn special_token_strings_in_documents_stay_text() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let text = corpus("tinyshakespeare.txt")[..200_000].to_string() + "\n\nA <|endoftext|> inside a document.";
+        write_docs(&dir.join("docs"), "s", &text);
+        tokenizer_artifact(&dir.join("docs"), &dir.join("tok"), serde_json::json!({"vocab_size": 500}));
+        shard(&Params { val_fraction: 0.0, ..Default::default() }, &dir.join("docs"), &dir.join("tok"), &dir.join("out"));
+        let manifest = Manifest::read(&dir.join("out")).unwrap();
+        assert_eq!(manifest.val, SplitInfo::default());
+        let split = Split::open(&dir.join("out"), "train").unwrap();
+        let mut tokens = Vec::new();
+        split.read_into(0, split.len() as usize, &mut tokens);
+        let eots = tokens.iter().filter(|&&t| t == manifest.eot as i64).count() as u64;
+        assert_eq!(eots, manifest.train.documents, "one end-of-text per document, none from the text");
+    }
+
+    #[test]
+    fn the_val_split_depends_only_on_the_id() {
+        let ids: Vec<String> = (0..10_000).map(|i| format!("doc{i}")).collect();
+        let val = ids.iter().filter(|id| in_val(id, 0.1)).count();
+        assert!((900..1100).contains(&val), "{val}");
+        assert!(ids.iter().all(|id| !in_val(id, 0.0)));
+        assert!(ids.iter().filter(|id| in_val(id, 0.05)).all(|id| in_val(id, 0.1)), "a larger fraction keeps the smaller's documents");
+    }
+}
