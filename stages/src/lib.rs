@@ -23,6 +23,9 @@
 //! [`Stage::VOLATILE`] (log intervals, progress, thread counts) are left out of
 //! the hash because they cannot change the output.
 
+// `!(x > 0.0)` in the params checks is meant: unlike `x <= 0.0`, it rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use anyhow::{Context, Result};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;

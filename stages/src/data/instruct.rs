@@ -41,18 +41,13 @@ pub struct Record {
 }
 
 /// How a record becomes a prompt (see the module docs).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum Template {
+    #[default]
     Alpaca,
     Chat,
     Custom(String),
-}
-
-impl Default for Template {
-    fn default() -> Self {
-        Template::Alpaca
-    }
 }
 
 /// Written as a string (`alpaca`, `chat`, or the template itself).

@@ -18,7 +18,8 @@ pub const CHUNK: usize = 1 << 14;
 /// The slice aliases the tensor's memory: the caller must use it only while
 /// nothing else reads or writes that memory, and hold one slice of a tensor
 /// at a time.
-pub unsafe fn cpu_floats<'a>(t: &'a Tensor) -> Option<&'a mut [f32]> {
+#[allow(clippy::mut_from_ref)] // The aliasing is the point; see the safety contract.
+pub unsafe fn cpu_floats(t: &Tensor) -> Option<&mut [f32]> {
     if t.device() != Device::Cpu || t.kind() != Kind::Float || !t.is_contiguous() {
         return None;
     }

@@ -100,14 +100,8 @@ fn values_and_slopes_portable(x: &[f32], y: &mut [f32], d: Option<&mut [f32]>) {
 /// x above.
 #[inline(always)]
 fn value(x: f32) -> (f32, f32, f32, f32) {
-    // Comparisons rather than f32::max/min, which would turn a NaN into a bound.
-    let xc = if x < -10.0 {
-        -10.0
-    } else if x > 10.0 {
-        10.0
-    } else {
-        x
-    };
+    // clamp rather than f32::max/min, which would turn a NaN into a bound.
+    let xc = x.clamp(-10.0, 10.0);
     let u = SQRT_2_OVER_PI * (xc + CUBIC * xc * xc * xc);
     let e = exp(-2.0 * u);
     let s = 1.0 / (1.0 + e);

@@ -150,7 +150,7 @@ mod tests {
         let mut texts: Vec<&str> = corpora.iter().flat_map(|c| c.split("\n\n")).collect();
         texts.extend(["", "  ", "\n\n\n", "caf\u{e9} \u{1f600}  tabs\t\r\n 123456789 don't", "<|user|>Hi<|endoftext|>"]);
         for pre_tokenizer in ["gpt2", "gpt4"] {
-            let out = dir.join(format!("{pre_tokenizer}"));
+            let out = dir.join(pre_tokenizer);
             let params = serde_json::json!({"vocab_size": 2000, "pre_tokenizer": pre_tokenizer, "max_chars": 300_000});
             crate::testing::tokenizer_artifact(&dir.join("docs"), &out, params);
             let mut tokenizer = load(&out).unwrap();

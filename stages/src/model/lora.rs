@@ -61,9 +61,6 @@ impl Lora {
     }
 }
 
-/// A trainable variable drawn from N(0, std²) on the CPU, so that a seed
-/// gives the same weights whatever the VarStore's device.
-
 /// One low-rank update of a [`Linear`], `(α/r)·dropout(x)·Aᵀ·Bᵀ`, added to
 /// the output columns `cols` (all of them but for GPT-2's fused q, k, v).
 pub(super) struct Adapter {

@@ -346,6 +346,8 @@ impl ModelConfig {
     }
 }
 
+/// A trainable variable drawn from N(0, std²) on the CPU, so that a seed
+/// gives the same weights whatever the VarStore's device.
 fn normal(p: &nn::Path, name: &str, dims: &[i64], std: f64) -> Tensor {
     p.var_copy(name, &(Tensor::randn(dims, (Kind::Float, Device::Cpu)) * std))
 }
@@ -1164,7 +1166,7 @@ mod tests {
 
             tch::no_grad(|| {
                 for (_, mut b) in vars.into_iter().filter(|(name, _)| name.ends_with(".B")) {
-                    let _ = b.copy_(&(Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.1));
+                    b.copy_(&(Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.1));
                 }
             });
             let adapted = model.forward(&idx, false);

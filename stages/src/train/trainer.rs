@@ -273,11 +273,11 @@ impl Trainer<'_> {
                 row.insert("tokens_per_s".into(), json!(tokens as f64 / seconds));
             }
             let last = state.step == hyper.steps;
-            if state.step % every.log_every.max(1) == 0 || last {
+            if state.step.is_multiple_of(every.log_every.max(1)) || last {
                 eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&row));
             }
             log.write(&Value::Object(row))?;
-            if state.step % every.eval_every == 0 || last {
+            if state.step.is_multiple_of(every.eval_every) || last {
                 last_eval = task.evaluate(state.step)?;
                 eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&last_eval));
                 let mut row = Map::from_iter([("step".to_string(), json!(state.step))]);
@@ -285,7 +285,7 @@ impl Trainer<'_> {
                 log.write(&Value::Object(row))?;
             }
             ctx.progress(state.step, hyper.steps, "steps");
-            if every.checkpoint_every > 0 && state.step % every.checkpoint_every == 0 && !last {
+            if every.checkpoint_every > 0 && state.step.is_multiple_of(every.checkpoint_every) && !last {
                 state.task = task.state();
                 checkpoints.save(state.step, |dir| {
                     vs.save(dir.join(MODEL_FILE))?;
