@@ -2,7 +2,7 @@
 //! checkpoint and ends bitwise equal to an uninterrupted run, through the
 //! real binaries and the artifact store. Without dropout, as the default
 //! pipeline trains, each batch is split across the CPU cores
-//! (`train::parallel`); the stage's unit test covers the path with dropout.
+//! (`train::replicas`); the stage's unit test covers the path with dropout.
 
 mod common;
 
