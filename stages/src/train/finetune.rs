@@ -33,7 +33,9 @@ use crate::formats::model::{save_model, ModelArtifact};
 use crate::model::{Gpt, Lora};
 use crate::{ParamError, StageCtx};
 
-/// Which weights of the input model train; see the module docs.
+/// Which weights of the input model train: `"all"`, `{ last_blocks = N }` or `{ lora = { rank, alpha, dropout, targets } }`.
+///
+/// See the module docs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Trainable {
