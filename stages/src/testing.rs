@@ -65,6 +65,16 @@ pub fn ctx(dir: &Path, name: &str, inputs: &[(&str, &Path)]) -> StageCtx {
     ctx
 }
 
+/// The params of kind `S` from the JSON in the environment variable
+/// `PARAMS` over the kind's defaults (as a stage table is read), or the
+/// defaults: how the long, ignored quality runs take overrides.
+pub fn params_from_env<S: Stage>() -> S::Params {
+    match std::env::var("PARAMS") {
+        Ok(json) => crate::params::<S>(serde_json::from_str(&json).expect("PARAMS is JSON")).unwrap_or_else(|e| panic!("PARAMS: {e:?}")),
+        Err(_) => S::Params::default(),
+    }
+}
+
 /// Runs the stage kind `kind` by name with `params` over its defaults, as
 /// the runner does; returns its context.
 pub fn run_kind(kind: &str, params: serde_json::Value, mut ctx: StageCtx) -> StageCtx {

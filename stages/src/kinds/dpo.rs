@@ -439,7 +439,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = ctx(tmp.path(), "dpo", &[("model", &model)]);
         c.project_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let params: Params = std::env::var("PARAMS").map_or_else(|_| Params::default(), |p| serde_json::from_str(&p).unwrap());
+        let params: Params = crate::testing::params_from_env::<Dpo>();
         dpo(&params, &mut c, None).unwrap().finished().unwrap();
         eprintln!("metrics: {}", Value::Object(c.metrics().clone()));
         let (before, after) = (c.metrics()["val_accuracy_before"].as_f64().unwrap(), c.metrics()["val_reward_accuracy"].as_f64().unwrap());

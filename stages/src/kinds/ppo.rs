@@ -714,7 +714,7 @@ mod tests {
         let base = PathBuf::from(std::env::var("BASE_MODEL").expect("set BASE_MODEL to a model artifact"));
         let tmp = tempfile::tempdir().unwrap();
         let project = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let p: Params = std::env::var("PARAMS").map_or_else(|_| Params::default(), |j| serde_json::from_str(&j).unwrap());
+        let p: Params = crate::testing::params_from_env::<Ppo>();
         let threads = std::env::var("THREADS").map_or(2, |t| t.parse().unwrap());
         tch::set_num_threads(threads);
 

@@ -576,10 +576,7 @@ pub(crate) mod tests {
         let eot = tok.token_to_id(END_OF_TEXT).unwrap();
         Manifest { vocab_size, width, eot, train, val }.write(&data).unwrap();
 
-        let mut params = Params::default();
-        if let Ok(json) = std::env::var("PARAMS") {
-            params = serde_json::from_str(&json).unwrap();
-        }
+        let params = crate::testing::params_from_env::<Pretrain>();
         let mut c = ctx(dir, "pretrain", &[("data", &data), ("tokenizer", &tok_dir)]);
         pretrain(&params, &mut c, None).unwrap();
         eprintln!("{}", std::fs::read_to_string(c.out.join("samples.txt")).unwrap());

@@ -376,7 +376,7 @@ mod tests {
     #[ignore = "a minute of training on a model artifact named by MODEL"]
     fn preference_quality() {
         let model = std::env::var("MODEL").expect("MODEL: a pretrained model artifact, e.g. artifacts/pretrain/KEY/out");
-        let params: Params = std::env::var("PARAMS").map_or(Params::default(), |p| serde_json::from_str(&p).unwrap());
+        let params: Params = crate::testing::params_from_env::<RewardModel>();
         let tmp = tempfile::tempdir().unwrap();
         let mut c = ctx(tmp.path(), "reward", &[("model", std::path::Path::new(&model))]);
         c.project_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();

@@ -474,7 +474,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = ctx(tmp.path(), "sft", &[("model", &model)]);
         c.project_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let params: Params = std::env::var("PARAMS").map_or_else(|_| Params::default(), |p| serde_json::from_str(&p).unwrap());
+        let params: Params = crate::testing::params_from_env::<Sft>();
         sft(&params, &mut c, None).unwrap().finished().unwrap();
         for line in std::fs::read_to_string(c.out.join("responses.jsonl")).unwrap().lines().take(5) {
             eprintln!("{line}");
