@@ -14,14 +14,14 @@ use serde_json::json;
 use crate::config::Pipeline;
 use crate::exec::{self, RunOptions, StageFailed, INTERRUPTED};
 use crate::graph::{Dag, Format};
-use crate::plan::{self, State, Status};
+use crate::plan::{self, State, Status, STATES};
 use crate::protocol::{GenerateRequest, Sampling, Spec, StageCtx};
 use crate::store::{self, Integrity, Store};
 use crate::ui::Ui;
 
 fn load(file: &Path) -> Result<(Pipeline, Dag)> {
     let p = Pipeline::load(file)?;
-    let dag = Dag::new(&p)?;
+    let dag = Dag::new(&p);
     Ok((p, dag))
 }
 
@@ -39,9 +39,10 @@ pub fn run(file: &Path, targets: Vec<String>, dry_run: bool, force: Vec<String>,
 fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> Result<()> {
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(p, dag, &store)?;
-    let idx: Vec<usize> = targets.iter().map(|t| p.index(t)).collect::<Result<_, _>>()?;
+    let idx = p.select_all(targets)?;
+    let forced: BTreeSet<usize> = p.select_all(force)?.into_iter().collect();
     let building: Vec<usize> =
-        dag.closure(&idx).into_iter().filter(|&i| statuses[i].state != State::Fresh || force.contains(&p.stages[i].name)).collect();
+        dag.closure(&idx).into_iter().filter(|&i| statuses[i].state != State::Fresh || forced.contains(&i)).collect();
     let estimates = estimates(p, &statuses, &store, &building)?;
     for i in dag.closure(&idx) {
         let (s, st) = (&p.stages[i], &statuses[i]);
@@ -62,8 +63,8 @@ fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> R
 
 /// The stage runner's estimates for `stages`, given the inputs built so far.
 fn estimates(p: &Pipeline, statuses: &[Status], store: &Store, stages: &[usize]) -> Result<Vec<Option<String>>> {
-    if stages.is_empty() {
-        return Ok(Vec::new());
+    if !stages.iter().any(|&i| p.stages[i].kind.estimates) {
+        return Ok(vec![None; stages.len()]);
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let specs: Vec<Spec> = stages
@@ -88,7 +89,7 @@ fn estimates(p: &Pipeline, statuses: &[Status], store: &Store, stages: &[usize])
 /// `estimate STAGE`: size, compute, memory and expected time of building it.
 pub fn estimate(file: &Path, name: &str) -> Result<()> {
     let (p, dag) = load(file)?;
-    let i = p.index(name)?;
+    let i = p.select_one(name)?;
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
     match estimates(&p, &statuses, &store, &[i])?.pop().flatten() {
@@ -102,6 +103,8 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
+    // One write at the end: a line at a time costs a 10,000-stage pipeline more than computing it.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
         let stages: Vec<_> = dag
             .order
@@ -110,6 +113,8 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
                 let (s, st) = (&p.stages[i], &statuses[i]);
                 json!({
                     "name": s.name,
+                    "stage": s.base,
+                    "variant": s.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
                     "kind": s.kind.kind,
                     "state": st.state,
                     "key": st.key,
@@ -120,43 +125,62 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({ "pipeline": p.name, "artifacts": p.artifacts, "stages": stages }))?);
-        return Ok(());
+        writeln!(out, "{}", serde_json::to_string_pretty(&json!({ "pipeline": p.name, "artifacts": p.artifacts, "stages": stages }))?)?;
+        return Ok(out.flush()?);
     }
-    let width = p.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let count = |members: &mut dyn Iterator<Item = &Status>| {
+        let mut counts = [0usize; 5];
+        for st in members {
+            counts[st.state as usize] += 1;
+        }
+        let parts: Vec<String> = STATES.iter().zip(counts).filter(|(_, n)| *n > 0).map(|(s, n)| format!("{n} {}", s.as_str())).collect();
+        (counts, parts.join(", "))
+    };
+    // A swept stage is a header with its variants indented under it.
+    let shown = |s: &crate::config::StageDef| if s.labels.is_empty() { s.name.clone() } else { format!("  {}", &s.name[s.base.len()..]) };
+    let width = p.stages.iter().map(|s| shown(s).len().max(s.base.len())).max().unwrap_or(0);
     let kwidth = p.stages.iter().map(|s| s.kind.kind.len()).max().unwrap_or(0);
-    for &i in &dag.order {
-        let (s, st) = (&p.stages[i], &statuses[i]);
-        let state = match st.state {
-            State::Fresh => style(st.state.as_str()).green(),
-            State::Stale => style(st.state.as_str()).yellow(),
-            State::Missing => style(st.state.as_str()).dim(),
-            State::Running => style(st.state.as_str()).cyan(),
-            State::Failed => style(st.state.as_str()).red().bold(),
-        };
-        let detail = match (&st.state, &st.key) {
-            (State::Fresh, Some(key)) => key[..12].to_string(),
-            _ => st.reasons.first().cloned().unwrap_or_default(),
-        };
-        println!("{:<7}  {:<width$}  {:<kwidth$}  {detail}", state, s.name, s.kind.kind);
-        for reason in st.reasons.iter().skip(1) {
-            println!("{:<7}  {:<width$}  {:<kwidth$}  {reason}", "", "", "");
+    for group in dag.groups(&p) {
+        let first = &p.stages[group[0]];
+        if !first.labels.is_empty() {
+            let (_, summary) = count(&mut group.iter().map(|&i| &statuses[i]));
+            writeln!(out, "{:<7}  {:<width$}  {:<kwidth$}  {} variants: {summary}", "", first.base, first.kind.kind, group.len())?;
         }
-        if let Some(log) = &st.log {
-            println!("{:<7}  {:<width$}  {:<kwidth$}  log: {}", "", "", "", log.display());
+        for &i in &group {
+            let (s, st) = (&p.stages[i], &statuses[i]);
+            let state = match st.state {
+                State::Fresh => style(st.state.as_str()).green(),
+                State::Stale => style(st.state.as_str()).yellow(),
+                State::Missing => style(st.state.as_str()).dim(),
+                State::Running => style(st.state.as_str()).cyan(),
+                State::Failed => style(st.state.as_str()).red().bold(),
+            };
+            let detail = match (&st.state, &st.key) {
+                (State::Fresh, Some(key)) => key[..12].to_string(),
+                _ => st.reasons.first().cloned().unwrap_or_default(),
+            };
+            let kind = if s.labels.is_empty() { s.kind.kind.as_str() } else { "" };
+            writeln!(out, "{:<7}  {:<width$}  {:<kwidth$}  {detail}", state, shown(s), kind)?;
+            for reason in st.reasons.iter().skip(1) {
+                writeln!(out, "{:<7}  {:<width$}  {:<kwidth$}  {reason}", "", "", "")?;
+            }
+            if let Some(log) = &st.log {
+                writeln!(out, "{:<7}  {:<width$}  {:<kwidth$}  log: {}", "", "", "", log.display())?;
+            }
         }
     }
-    let count = |s: State| statuses.iter().filter(|x| x.state == s).count();
-    println!(
+    let (counts, _) = count(&mut statuses.iter());
+    writeln!(
+        out,
         "\n{} stages: {} fresh, {} stale, {} missing, {} running, {} failed",
         p.stages.len(),
-        count(State::Fresh),
-        count(State::Stale),
-        count(State::Missing),
-        count(State::Running),
-        count(State::Failed)
-    );
-    Ok(())
+        counts[State::Fresh as usize],
+        counts[State::Stale as usize],
+        counts[State::Missing as usize],
+        counts[State::Running as usize],
+        counts[State::Failed as usize]
+    )?;
+    Ok(out.flush()?)
 }
 
 pub fn dag(file: &Path, format: Format) -> Result<()> {
@@ -165,14 +189,69 @@ pub fn dag(file: &Path, format: Format) -> Result<()> {
     Ok(())
 }
 
-pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
+pub fn show(file: &Path, spec: &str, json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
-    let i = p.index(name)?;
-    let s = &p.stages[i];
+    let selected = p.select(spec)?;
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
-    let st: &Status = &statuses[i];
-    let manifest = current_or_latest(&store, st, name);
+    if let [i] = selected[..] {
+        show_one(&p, &store, &statuses[i], i, json)
+    } else {
+        show_variants(&p, &store, &statuses, &selected, json)
+    }
+}
+
+/// Several variants of a swept stage: a line each, with the metrics they all have.
+fn show_variants(p: &Pipeline, store: &Store, statuses: &[Status], selected: &[usize], json: bool) -> Result<()> {
+    let rows: Vec<(usize, Option<store::Manifest>)> =
+        selected.iter().map(|&i| (i, current_or_latest(store, &statuses[i], &p.stages[i].name))).collect();
+    if json {
+        let variants: Vec<_> = rows
+            .iter()
+            .map(|(i, m)| {
+                let (s, st) = (&p.stages[*i], &statuses[*i]);
+                json!({
+                    "name": s.name, "state": st.state, "reasons": st.reasons,
+                    "variant": s.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                    "out": m.as_ref().map(|m| store.out_dir(&m.stage, &m.key)), "metrics": m.as_ref().map(|m| &m.metrics),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&json!({ "stage": p.stages[selected[0]].base, "variants": variants }))?);
+        return Ok(());
+    }
+    let first = &p.stages[selected[0]];
+    println!("{} ({}) — {} variants", style(&first.base).bold(), first.kind.kind, selected.len());
+    let numeric =
+        |m: &store::Manifest| -> BTreeSet<String> { m.metrics.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k.clone()).collect() };
+    let mut metrics: Option<BTreeSet<String>> = None;
+    for m in rows.iter().filter_map(|(_, m)| m.as_ref()) {
+        let mine = numeric(m);
+        metrics = Some(metrics.map_or(mine.clone(), |all| all.intersection(&mine).cloned().collect()));
+    }
+    let metrics: Vec<String> = metrics.unwrap_or_default().into_iter().collect();
+    let width = rows.iter().map(|(i, _)| p.stages[*i].name.len() - first.base.len()).max().unwrap_or(0);
+    let header: Vec<String> = metrics.iter().map(|k| format!("{k:>12}")).collect();
+    println!("  {:<width$}  {:<7}  {}", "variant", "state", header.join(" "));
+    for (i, m) in &rows {
+        let (s, st) = (&p.stages[*i], &statuses[*i]);
+        let values: Vec<String> = metrics
+            .iter()
+            .map(|k| match m.as_ref().and_then(|m| m.metrics.get(k)).and_then(|v| v.as_f64()) {
+                Some(v) => format!("{:>12}", format!("{v:.4}")),
+                None => format!("{:>12}", "-"),
+            })
+            .collect();
+        println!("  {:<width$}  {:<7}  {}", &s.name[s.base.len()..], st.state.as_str(), values.join(" "));
+    }
+    println!("`llmflow show 'VARIANT'` shows one, e.g. `llmflow show '{}'`", first.name);
+    Ok(())
+}
+
+fn show_one(p: &Pipeline, store: &Store, st: &Status, i: usize, json: bool) -> Result<()> {
+    let s = &p.stages[i];
+    let name = s.name.as_str();
+    let manifest = current_or_latest(store, st, name);
     if json {
         let out = manifest.as_ref().map(|m| store.out_dir(&m.stage, &m.key));
         println!(
@@ -231,7 +310,8 @@ pub fn show(file: &Path, name: &str, json: bool) -> Result<()> {
 /// The current artifact of stage `name` if fresh, else the last one built
 /// (which callers label as not current).
 fn current_or_latest(store: &Store, st: &Status, name: &str) -> Option<store::Manifest> {
-    st.manifest.clone().or_else(|| store.state(name).latest.and_then(|k| store.read_manifest(name, &k)))
+    let key = st.manifest.as_ref().map(|m| m.key.clone()).or_else(|| store.state(name).latest)?;
+    store.read_manifest(name, &key)
 }
 
 /// `report [STAGE]`: the report card STAGE's kind declares (an eval stage's
@@ -256,7 +336,7 @@ pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
             }
         }
     };
-    let i = p.index(&name)?;
+    let i = p.select_one(&name)?;
     let kind = &p.stages[i].kind;
     let Some(report) = &kind.report else {
         bail!(crate::config::ConfigError(format!("stage `{name}` ({}) writes no report", kind.kind)));
@@ -295,7 +375,7 @@ pub fn verify(file: &Path) -> Result<()> {
                 continue;
             };
             bytes += m.files.iter().map(|f| f.size).sum::<u64>();
-            match store.check(&m, true) {
+            match store.check(&m.head(), true) {
                 Integrity::Intact => ok += 1,
                 Integrity::Damaged(files) => {
                     bad += 1;
@@ -375,7 +455,7 @@ pub fn gc(file: &Path, dry_run: bool) -> Result<()> {
 /// The current artifact of `name`, or an error saying how to build it.
 fn fresh_out(file: &Path, name: &str) -> Result<PathBuf> {
     let (p, dag) = load(file)?;
-    let i = p.index(name)?;
+    let i = p.select_one(name)?;
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(&p, &dag, &store)?;
     match &statuses[i].manifest {

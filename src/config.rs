@@ -6,11 +6,13 @@
 //! a [`ConfigError`] (exit code 2) that names the stage and field, and
 //! suggests the nearest valid name where there is one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::hash::{hash_bytes, Stat};
 use crate::protocol::{KindInfo, ResolveRequest, Resolved, StageRequest};
+use crate::sweep::{self, Axis, Pattern, Variant};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
@@ -27,7 +29,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Keys of a stage table that belong to the engine, not to the stage kind.
-const ENGINE_KEYS: &[&str] = &["kind", "input", "inputs"];
+const ENGINE_KEYS: &[&str] = &["kind", "input", "inputs", "sweep", "sweep_mode"];
 const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "device"];
 
 #[derive(Debug)]
@@ -43,11 +45,18 @@ pub struct Pipeline {
     pub device: String,
     /// Stages in file order.
     pub stages: Vec<StageDef>,
+    /// Stage name → its index in `stages`.
+    by_name: HashMap<String, usize>,
 }
 
 #[derive(Debug)]
 pub struct StageDef {
+    /// The table's name, or for a variant of a swept stage `table[k=v,...]`.
     pub name: String,
+    /// The table's name.
+    pub base: String,
+    /// A variant's swept values (name shown, value text); empty when not swept.
+    pub labels: Vec<(String, String)>,
     pub kind: KindInfo,
     /// Input slot → upstream stage name.
     pub inputs: BTreeMap<String, String>,
@@ -60,10 +69,64 @@ impl Pipeline {
     /// The index in `stages` of the stage named `name`, or an error
     /// suggesting the nearest name.
     pub fn index(&self, name: &str) -> Result<usize, ConfigError> {
-        self.stages.iter().position(|s| s.name == name).ok_or_else(|| {
+        self.by_name.get(name).copied().ok_or_else(|| {
             let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
             ConfigError(format!("no stage named `{name}` in {}{}", self.file.display(), suggest(name, &names)))
         })
+    }
+
+    /// The stages `spec` names: a stage (every variant, if it is swept), one
+    /// variant by name, or the variants a pattern like `pretrain[lr=3e-3,*]`
+    /// matches.
+    pub fn select(&self, spec: &str) -> Result<Vec<usize>, ConfigError> {
+        if let Some(&i) = self.by_name.get(spec) {
+            return Ok(vec![i]);
+        }
+        let pattern = Pattern::parse(spec).map_err(ConfigError)?;
+        let members: Vec<usize> = (0..self.stages.len()).filter(|&i| self.stages[i].base == pattern.stage).collect();
+        let Some(&first) = members.first() else {
+            let mut bases: Vec<&str> = self.stages.iter().map(|s| s.base.as_str()).collect();
+            bases.dedup();
+            return Err(ConfigError(format!(
+                "no stage named `{}` in {}{}",
+                pattern.stage,
+                self.file.display(),
+                suggest(&pattern.stage, &bases)
+            )));
+        };
+        if !pattern.bracketed {
+            return Ok(members);
+        }
+        let keys: Vec<&str> = self.stages[first].labels.iter().map(|(k, _)| k.as_str()).collect();
+        if let Some((bad, _)) = pattern.pairs.iter().find(|(k, _)| !keys.contains(&k.as_str())) {
+            let varies = if keys.is_empty() { "is not swept".to_string() } else { format!("varies {}", keys.join(", ")) };
+            return Err(ConfigError(format!("`{}` {varies}; `{bad}` is not one of them{}", pattern.stage, suggest(bad, &keys))));
+        }
+        let matched: Vec<usize> = members.iter().copied().filter(|&i| pattern.matches(&self.stages[i].labels)).collect();
+        if matched.is_empty() {
+            let names: Vec<&str> = members.iter().map(|&i| self.stages[i].name.as_str()).collect();
+            return Err(ConfigError(format!("no variant of `{}` matches `{spec}`; its variants: {}", pattern.stage, names.join(", "))));
+        }
+        Ok(matched)
+    }
+
+    /// Every stage the specs name, each once, in the order named.
+    pub fn select_all(&self, specs: &[String]) -> Result<Vec<usize>, ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for spec in specs {
+            out.extend(self.select(spec)?.into_iter().filter(|&i| seen.insert(i)));
+        }
+        Ok(out)
+    }
+
+    /// The one stage `spec` names; a swept stage must be narrowed to one variant.
+    pub fn select_one(&self, spec: &str) -> Result<usize, ConfigError> {
+        let found = self.select(spec)?;
+        match found.as_slice() {
+            [one] => Ok(*one),
+            many => Err(ConfigError(format!("`{spec}` names {} variants; name one, e.g. `{}`", many.len(), self.stages[many[0]].name))),
+        }
     }
 
     /// Loads and validates a pipeline file. Graph checks (cycles, missing
@@ -77,9 +140,15 @@ impl Pipeline {
         })?;
         let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
         let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let src = Source { file: &file, text: &text };
+        let snapshot = Snapshot::find(&file, &root, &text);
+        if let Some(p) = snapshot.as_ref().and_then(Snapshot::read) {
+            return Ok(p);
+        }
+        let src = Source::new(&file, &text);
         let spans = DeTable::parse(&text).map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
-        let doc: toml::Table = toml::from_str(&text).map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
+        // The values, from the tree already parsed (parsing twice costs a big pipeline tens of ms).
+        let doc = <toml::Table as serde::Deserialize>::deserialize(toml::de::Deserializer::from(spans.clone()))
+            .map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
         let spans = spans.get_ref();
 
         for key in doc.keys() {
@@ -124,33 +193,289 @@ impl Pipeline {
         let mut order: Vec<(usize, &String)> =
             stage_tables.keys().map(|k| (src.key_span(spans, &["stages", k]).unwrap_or(usize::MAX), k)).collect();
         order.sort();
-
         let mut raw = Vec::new();
         for (_, name) in order {
             raw.push(parse_stage(&src, spans, name, &stage_tables[name])?);
         }
+        let expanded = expand(&src, spans, &raw)?;
         let request = ResolveRequest {
-            stages: raw
+            stages: expanded
                 .iter()
-                .map(|r| StageRequest {
-                    name: r.name.clone(),
-                    kind: r.kind.clone().unwrap_or_default(),
-                    params: r.params.clone(),
-                    inputs: r.inputs.keys().cloned().collect(),
+                .map(|v| StageRequest {
+                    name: v.name.clone(),
+                    kind: raw[v.raw].kind.clone().unwrap_or_default(),
+                    params: v.params.clone(),
+                    inputs: v.inputs.keys().cloned().collect(),
                 })
                 .collect(),
         };
         let response = crate::kinds::resolve(&request, &artifacts.join(".state").join("resolved.json"))
             .map_err(|e| ConfigError(format!("cannot resolve the stages of {}: {e:#}", file.display())))?;
-        let mut stages = Vec::new();
-        for (r, result) in raw.into_iter().zip(response.stages) {
-            stages.push(check_stage(&src, spans, &response.kinds, r, result)?);
+        let mut stages = Vec::with_capacity(expanded.len());
+        for (v, result) in expanded.into_iter().zip(response.stages) {
+            stages.push(check_stage(&src, spans, &response.kinds, &raw[v.raw], v, result)?);
         }
-        let pipeline = Pipeline { file: file.clone(), root, name, artifacts, device, stages };
-        check_references(&src, spans, &pipeline)?;
-        crate::graph::Dag::new(&pipeline)?;
+        let mut by_name = HashMap::with_capacity(stages.len());
+        for (i, s) in stages.iter().enumerate() {
+            if let Some(j) = by_name.insert(s.name.clone(), i) {
+                return Err(ConfigError(format!(
+                    "{}: two variants of `{}` are both named `{}`: give the sweep's values different texts",
+                    s.location, s.base, stages[j].name
+                )));
+            }
+        }
+        let pipeline = Pipeline { file: file.clone(), root, name, artifacts, device, stages, by_name };
+        if let Some(snapshot) = snapshot {
+            snapshot.write(&pipeline, response.kinds);
+        }
         Ok(pipeline)
     }
+}
+
+/// A loaded pipeline kept in its store, so a file that has not changed
+/// loads without being parsed, expanded or resolved: for 10,000 stages,
+/// tens of milliseconds instead of hundreds. It is valid for the file's
+/// exact text and path and for the very `llmflow` and `llmflow-stage`
+/// binaries that made it. The store is read from the `[pipeline]` table at
+/// the top of the file; a file that sets it elsewhere just loads slowly.
+struct Snapshot {
+    path: PathBuf,
+    id: SnapshotId,
+}
+
+#[derive(PartialEq, serde::Serialize, serde::Deserialize)]
+struct SnapshotId {
+    file: PathBuf,
+    text: String,
+    engine: Stat,
+    runner: Stat,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshotted {
+    id: SnapshotId,
+    name: String,
+    artifacts: PathBuf,
+    device: String,
+    kinds: Vec<KindInfo>,
+    stages: Vec<SnapshotStage>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotStage {
+    name: String,
+    base: String,
+    labels: Vec<(String, String)>,
+    /// Index into `kinds`.
+    kind: usize,
+    inputs: BTreeMap<String, String>,
+    resolved: Resolved,
+    location: String,
+}
+
+impl Snapshot {
+    fn find(file: &Path, root: &Path, text: &str) -> Option<Snapshot> {
+        let head_end = if text.starts_with("[stages") { 0 } else { text.find("\n[stages").unwrap_or(text.len()) };
+        let head: toml::Table = toml::from_str(&text[..head_end]).ok()?;
+        let store = head.get("pipeline").and_then(|p| p.get("artifacts")).and_then(|a| a.as_str()).unwrap_or("artifacts");
+        let name = format!("pipeline-{}.json", &hash_bytes(file.as_os_str().as_encoded_bytes())[..16]);
+        let id = SnapshotId {
+            file: file.to_path_buf(),
+            text: hash_bytes(text.as_bytes()),
+            engine: Stat::of(&std::env::current_exe().ok()?).ok()?,
+            runner: Stat::of(&crate::kinds::runner().ok()?).ok()?,
+        };
+        Some(Snapshot { path: root.join(store).join(".state").join(name), id })
+    }
+
+    fn read(&self) -> Option<Pipeline> {
+        let s: Snapshotted = serde_json::from_slice(&std::fs::read(&self.path).ok()?).ok()?;
+        if s.id != self.id {
+            return None;
+        }
+        let stages: Vec<StageDef> = s
+            .stages
+            .into_iter()
+            .map(|c| {
+                Some(StageDef {
+                    name: c.name,
+                    base: c.base,
+                    labels: c.labels,
+                    kind: s.kinds.get(c.kind)?.clone(),
+                    inputs: c.inputs,
+                    resolved: c.resolved,
+                    location: c.location,
+                })
+            })
+            .collect::<Option<_>>()?;
+        let by_name = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        let root = s.id.file.parent().map(Path::to_path_buf).unwrap_or_default();
+        Some(Pipeline { file: s.id.file, root, name: s.name, artifacts: s.artifacts, device: s.device, stages, by_name })
+    }
+
+    fn write(self, p: &Pipeline, kinds: Vec<KindInfo>) {
+        let stages = p
+            .stages
+            .iter()
+            .map(|s| SnapshotStage {
+                name: s.name.clone(),
+                base: s.base.clone(),
+                labels: s.labels.clone(),
+                kind: kinds.iter().position(|k| k.kind == s.kind.kind).expect("a resolved kind"),
+                inputs: s.inputs.clone(),
+                resolved: s.resolved.clone(),
+                location: s.location.clone(),
+            })
+            .collect();
+        let snapshot =
+            Snapshotted { id: self.id, name: p.name.clone(), artifacts: p.artifacts.clone(), device: p.device.clone(), kinds, stages };
+        // Only a store that exists gets one: loading must not create the store.
+        if self.path.parent().and_then(Path::parent).is_some_and(Path::is_dir) {
+            if let Ok(bytes) = serde_json::to_vec(&snapshot) {
+                let _ = crate::store::write_atomic(&self.path, &bytes);
+            }
+        }
+    }
+}
+
+/// One stage to build: a stage table as written, or one variant of a swept one.
+struct Expanded {
+    /// Index of the table in the raw stages.
+    raw: usize,
+    name: String,
+    labels: Vec<(String, String)>,
+    params: serde_json::Value,
+    inputs: BTreeMap<String, String>,
+}
+
+/// Checks the references between stage tables, rejects cycles, and expands
+/// sweeps: each table becomes its variants, in file order, wired to the
+/// variants of their inputs.
+fn expand(src: &Source, spans: &DeTable, raw: &[RawStage]) -> Result<Vec<Expanded>, ConfigError> {
+    let index: HashMap<&str, usize> = raw.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+    let input_at = |r: &RawStage, slot: &str| {
+        let path: &[&str] =
+            if slot == "input" && src.key_span(spans, &["stages", &r.name, "input"]).is_some() { &["input"] } else { &["inputs", slot] };
+        at(src, spans, &r.name, path)
+    };
+    let mut upstream = Vec::with_capacity(raw.len());
+    for r in raw {
+        let mut ups = Vec::new();
+        for (slot, pattern) in &r.inputs {
+            match index.get(pattern.stage.as_str()) {
+                Some(&u) => ups.push(u),
+                None => {
+                    let names: Vec<&str> = raw.iter().map(|r| r.name.as_str()).collect();
+                    return Err(src.error(
+                        input_at(r, slot),
+                        format!(
+                            "stage `{}`: input `{slot}` names stage `{}`, which does not exist{}",
+                            r.name,
+                            pattern.stage,
+                            suggest(&pattern.stage, &names)
+                        ),
+                    ));
+                }
+            }
+        }
+        upstream.push(ups);
+    }
+    let order = crate::graph::toposort(&upstream).map_err(|cycle| {
+        let path: Vec<&str> = cycle.iter().chain(&cycle[..1]).map(|&i| raw[i].name.as_str()).collect();
+        ConfigError(format!(
+            "{}: stages form a cycle: {}\n  an input must name a stage that does not depend on this one",
+            raw[cycle[0]].location,
+            path.join(" → ")
+        ))
+    })?;
+
+    // Each table's variants, upstream tables first: a stage fans out over
+    // the variants of the stages it reads by plain name, then over its own sweep.
+    let mut variants: Vec<Vec<Variant>> = vec![Vec::new(); raw.len()];
+    for &i in &order {
+        let r = &raw[i];
+        let mut acc: Vec<Variant> = vec![Vec::new()];
+        for pattern in r.inputs.values().filter(|p| !p.bracketed) {
+            acc = sweep::join(&acc, &variants[index[pattern.stage.as_str()]]);
+        }
+        variants[i] = sweep::join(&acc, &sweep::own(&r.name, &r.axes, r.zip));
+    }
+    let labels: Vec<Vec<Vec<(String, String)>>> = variants
+        .iter()
+        .map(|vs| {
+            let keys = vs.first().map(sweep::label_keys).unwrap_or_default();
+            vs.iter().map(|v| keys.iter().cloned().zip(v.iter().map(|a| a.text.clone())).collect()).collect()
+        })
+        .collect();
+    let names: Vec<Vec<String>> = raw.iter().zip(&labels).map(|(r, ls)| ls.iter().map(|l| sweep::name(&r.name, l)).collect()).collect();
+    let lookup: Vec<_> = variants.iter().map(|vs| sweep::index(vs)).collect();
+
+    let mut out = Vec::with_capacity(variants.iter().map(Vec::len).sum());
+    for (i, r) in raw.iter().enumerate() {
+        for (k, v) in variants[i].iter().enumerate() {
+            let mut params = r.params.clone();
+            for a in v.iter().filter(|a| a.origin == r.name) {
+                set_path(&mut params, &a.path, a.value.clone());
+            }
+            let mut inputs = BTreeMap::new();
+            for (slot, pattern) in &r.inputs {
+                let u = index[pattern.stage.as_str()];
+                if !pattern.bracketed {
+                    let (params, map) = &lookup[u];
+                    inputs.insert(slot.clone(), names[u][map[&sweep::signature(v, params)]].clone());
+                    continue;
+                }
+                let keys: Vec<&str> = labels[u].first().map_or(Vec::new(), |l| l.iter().map(|(k, _)| k.as_str()).collect());
+                if let Some((bad, _)) = pattern.pairs.iter().find(|(k, _)| !keys.contains(&k.as_str())) {
+                    let varies = if keys.is_empty() { "is not swept".to_string() } else { format!("varies {}", keys.join(", ")) };
+                    return Err(src.error(
+                        input_at(r, slot),
+                        format!(
+                            "stage `{}`: input `{slot}`: `{}` {varies}; `{bad}` is not one of them{}",
+                            r.name,
+                            pattern.stage,
+                            suggest(bad, &keys)
+                        ),
+                    ));
+                }
+                let matched: Vec<usize> = (0..labels[u].len()).filter(|&m| pattern.matches(&labels[u][m])).collect();
+                if matched.is_empty() {
+                    return Err(src.error(
+                        input_at(r, slot),
+                        format!(
+                            "stage `{}`: input `{slot}`: no variant of `{}` matches `{}`; its variants: {}",
+                            r.name,
+                            pattern.stage,
+                            pattern.text,
+                            names[u].join(", ")
+                        ),
+                    ));
+                }
+                if pattern.wildcard {
+                    for m in matched {
+                        let label = &names[u][m][raw[u].name.len()..];
+                        inputs.insert(format!("{slot}{label}"), names[u][m].clone());
+                    }
+                } else {
+                    inputs.insert(slot.clone(), names[u][matched[0]].clone());
+                }
+            }
+            out.push(Expanded { raw: i, name: names[i][k].clone(), labels: labels[i][k].clone(), params, inputs });
+        }
+    }
+    Ok(out)
+}
+
+/// Sets the value at a dotted path, making the tables on the way.
+fn set_path(params: &mut serde_json::Value, path: &str, value: serde_json::Value) {
+    let mut at = params;
+    for segment in path.split('.') {
+        at = &mut at[segment];
+        if at.is_null() {
+            *at = serde_json::Value::Object(Default::default());
+        }
+    }
+    *at = value;
 }
 
 fn valid_device(d: &str) -> bool {
@@ -161,8 +486,11 @@ fn valid_device(d: &str) -> bool {
 struct RawStage {
     name: String,
     kind: Option<String>,
-    inputs: BTreeMap<String, String>,
+    /// Input slot → the stage (or variant pattern) it reads.
+    inputs: BTreeMap<String, Pattern>,
     params: serde_json::Value,
+    axes: Vec<Axis>,
+    zip: bool,
     location: String,
 }
 
@@ -186,12 +514,12 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
         Some(_) => return Err(src.error(at(&["kind"]), format!("stage `{name}`: `kind` must be a string"))),
         None => None,
     };
-    let mut inputs = BTreeMap::new();
+    let mut refs = BTreeMap::new();
     if let Some(v) = table.get("input") {
         let toml::Value::String(s) = v else {
             return Err(src.error(at(&["input"]), format!("stage `{name}`: `input` must be a stage name")));
         };
-        inputs.insert("input".to_string(), s.clone());
+        refs.insert("input".to_string(), (s.clone(), at(&["input"])));
     }
     if let Some(v) = table.get("inputs") {
         if table.contains_key("input") {
@@ -207,24 +535,156 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
             let toml::Value::String(up) = up else {
                 return Err(src.error(at(&["inputs", slot]), format!("stage `{name}`: input `{slot}` must be a stage name")));
             };
-            inputs.insert(slot.clone(), up.clone());
+            if !valid_name(slot) {
+                return Err(src.error(
+                    at(&["inputs", slot]),
+                    format!("stage `{name}`: input slot `{slot}` may use only letters, digits, `_` and `-`"),
+                ));
+            }
+            refs.insert(slot.clone(), (up.clone(), at(&["inputs", slot])));
         }
+    }
+    let mut inputs = BTreeMap::new();
+    for (slot, (text, span)) in refs {
+        let pattern = Pattern::parse(&text).map_err(|e| src.error(span, format!("stage `{name}`: input `{slot}`: {e}")))?;
+        inputs.insert(slot, pattern);
     }
     let mut params = table.clone();
     for key in ENGINE_KEYS {
         params.remove(*key);
     }
     let params = serde_json::to_value(toml::Value::Table(params)).map_err(|e| src.error(at(&[]), e.to_string()))?;
-    Ok(RawStage { name: name.to_string(), kind, inputs, params, location })
+    let zip = match table.get("sweep_mode") {
+        None => false,
+        Some(toml::Value::String(m)) if m == "grid" => false,
+        Some(toml::Value::String(m)) if m == "zip" => true,
+        Some(_) => {
+            return Err(src.error(
+                at(&["sweep_mode"]),
+                format!("stage `{name}`: `sweep_mode` is \"grid\" (every combination) or \"zip\" (the lists side by side)"),
+            ))
+        }
+    };
+    let axes = match table.get("sweep") {
+        None => Vec::new(),
+        Some(sweep) => parse_sweep(src, spans, name, sweep, &params, zip)?,
+    };
+    Ok(RawStage { name: name.to_string(), kind, inputs, params, axes, zip, location })
+}
+
+/// `sweep = { "train.lr" = [1e-3, 3e-3], ... }`: each key a dotted param
+/// path, each value a non-empty list of distinct plain values.
+fn parse_sweep(
+    src: &Source,
+    spans: &DeTable,
+    name: &str,
+    sweep: &toml::Value,
+    params: &serde_json::Value,
+    zip: bool,
+) -> Result<Vec<Axis>, ConfigError> {
+    let at = |path: &[&str]| at(src, spans, name, path);
+    let toml::Value::Table(sweep) = sweep else {
+        return Err(src.error(
+            at(&["sweep"]),
+            format!("stage `{name}`: `sweep` must be a table of \"param.path\" = [values], e.g. sweep = {{ \"train.lr\" = [1e-3, 3e-3] }}"),
+        ));
+    };
+    let mut axes = Vec::new();
+    for (key, values) in sweep {
+        let here = at(&["sweep", key]);
+        let fail = |message: String| src.error(here, format!("stage `{name}`: sweep `{key}`: {message}"));
+        let toml::Value::Array(values) = values else {
+            return Err(fail("must be a list of values, e.g. [1e-3, 3e-3]".into()));
+        };
+        if values.is_empty() {
+            return Err(fail("the list is empty; give at least one value".into()));
+        }
+        let segments: Vec<&str> = key.split('.').collect();
+        if segments.iter().any(|s| s.is_empty()) || ENGINE_KEYS.contains(&segments[0]) {
+            return Err(fail("name a param of the stage, e.g. \"train.lr\"".into()));
+        }
+        let mut at_param = params;
+        for (k, segment) in segments.iter().enumerate() {
+            match at_param.get(segment) {
+                None => break,
+                Some(_) if k + 1 == segments.len() => {
+                    return Err(fail(format!("`{key}` is also set in the table; set it in one place")));
+                }
+                Some(v) if v.is_object() => at_param = v,
+                Some(_) => return Err(fail(format!("`{}` is set in the table and is not a table", segments[..=k].join(".")))),
+            }
+        }
+        // The text each value shows in variant names: as written in the file.
+        let element_spans = array_spans(spans, &["stages", name, "sweep", key]);
+        let mut parsed: Vec<(serde_json::Value, String)> = Vec::new();
+        for (n, v) in values.iter().enumerate() {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+                    element_spans.get(n).map_or_else(|| v.to_string(), |r| src.text[r.clone()].trim().to_string())
+                }
+                _ => return Err(fail("values must be strings, numbers or booleans".into())),
+            };
+            if !sweep::valid_text(&text) {
+                return Err(fail(format!("`{text}` cannot stand in a variant name (no spaces, quotes, `[],=*/`)")));
+            }
+            let value = serde_json::to_value(v).map_err(|e| fail(e.to_string()))?;
+            if !zip {
+                if let Some((_, same)) = parsed.iter().find(|(x, _)| same_json(x, &value)) {
+                    return Err(fail(format!("`{text}` repeats `{same}`; each value once")));
+                }
+            }
+            parsed.push((value, text));
+        }
+        axes.push(Axis { path: key.clone(), values: parsed });
+    }
+    if zip {
+        if let Some(axis) = axes.iter().find(|a| a.values.len() != axes[0].values.len()) {
+            return Err(src.error(
+                at(&["sweep", &axis.path]),
+                format!(
+                    "stage `{name}`: sweep_mode = \"zip\" pairs the lists by position, but `{}` has {} values and `{}` has {}",
+                    axes[0].path,
+                    axes[0].values.len(),
+                    axis.path,
+                    axis.values.len()
+                ),
+            ));
+        }
+    }
+    Ok(axes)
+}
+
+/// Equal values, with 1e-3 and 0.001, or 2 and 2.0, the same.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The byte ranges of the elements of the array at `path`.
+fn array_spans(table: &DeTable, path: &[&str]) -> Vec<std::ops::Range<usize>> {
+    let mut table = table;
+    for (i, segment) in path.iter().enumerate() {
+        let Some(value) = table.get(*segment) else { return Vec::new() };
+        match value.get_ref() {
+            DeValue::Table(t) if i + 1 < path.len() => table = t,
+            DeValue::Array(items) if i + 1 == path.len() => return items.iter().map(|item| item.span()).collect(),
+            _ => return Vec::new(),
+        }
+    }
+    Vec::new()
 }
 
 /// Checks a stage against its kind: the kind exists, the input slots fit, the
-/// params resolved.
+/// params resolved. A param error inside a swept param points at the sweep.
 fn check_stage(
     src: &Source,
     spans: &DeTable,
     kinds: &[KindInfo],
-    raw: RawStage,
+    raw: &RawStage,
+    v: Expanded,
     result: Option<Result<Resolved, crate::protocol::ParamError>>,
 ) -> Result<StageDef, ConfigError> {
     let name = raw.name.as_str();
@@ -241,7 +701,8 @@ fn check_stage(
     };
     if let Some(slots) = &kind.inputs {
         let slots: Vec<&str> = slots.iter().map(String::as_str).collect();
-        for slot in raw.inputs.keys() {
+        for (slot, pattern) in &raw.inputs {
+            let path: &[&str] = if slot == "input" { &["input"] } else { &["inputs", slot] };
             if !slots.contains(&slot.as_str()) {
                 let msg = if slots.is_empty() {
                     format!("stage `{name}` ({kind_name}) takes no inputs, but names `{slot}`")
@@ -252,8 +713,16 @@ fn check_stage(
                         slots.join(", ")
                     )
                 };
-                let path: &[&str] = if slot == "input" { &["input"] } else { &["inputs", slot] };
                 return Err(src.error(at(path), msg));
+            }
+            if pattern.wildcard {
+                return Err(src.error(
+                    at(path),
+                    format!(
+                        "stage `{name}` ({kind_name}) reads one artifact in `{slot}`, but `{}` gathers variants; name one variant, or gather into a kind that takes any inputs (eval, compare, command)",
+                        pattern.text
+                    ),
+                ));
             }
         }
         for slot in &slots {
@@ -268,47 +737,40 @@ fn check_stage(
         }
     }
     let resolved = result.map_err(|e| {
-        let path: Vec<&str> = e.path.iter().map(String::as_str).collect();
-        let mut message = format!("stage `{name}` ({kind_name}): {}", e.message);
+        let mut path: Vec<&str> = e.path.iter().map(String::as_str).collect();
+        let mut detail = e.message.clone();
         if let Some(field) = unknown_field(&e.message) {
             if let Some(expected) = expected_fields(&e.message) {
                 let mut candidates: Vec<&str> = expected.iter().map(String::as_str).collect();
                 if path.is_empty() {
                     candidates.extend(ENGINE_KEYS);
                 }
-                message.push_str(&suggest(field, &candidates));
+                detail.push_str(&suggest(field, &candidates));
             }
-            let mut full = path.clone();
-            full.push(field);
-            return src.error(at(&full), message);
+            path.push(field);
         }
-        src.error(at(&path), message)
+        let dotted = path.join(".");
+        let under = |a: &Axis| dotted == a.path || dotted.starts_with(&format!("{}.", a.path)) || a.path.starts_with(&format!("{dotted}."));
+        match raw.axes.iter().find(|a| under(a)) {
+            Some(axis) => {
+                src.error(at(&["sweep", &axis.path]), format!("stage `{}` ({kind_name}): sweep `{}`: {detail}", v.name, axis.path))
+            }
+            None => src.error(at(&path), format!("stage `{}` ({kind_name}): {detail}", v.name)),
+        }
     })?;
-    Ok(StageDef { name: raw.name.clone(), kind: kind.clone(), inputs: raw.inputs, resolved, location: raw.location })
+    Ok(StageDef {
+        name: v.name,
+        base: raw.name.clone(),
+        labels: v.labels,
+        kind: kind.clone(),
+        inputs: v.inputs,
+        resolved,
+        location: raw.location.clone(),
+    })
 }
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-fn check_references(src: &Source, spans: &DeTable, p: &Pipeline) -> Result<(), ConfigError> {
-    let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-    for stage in &p.stages {
-        for (slot, up) in &stage.inputs {
-            if !names.contains(&up.as_str()) {
-                let path: Vec<&str> = if slot == "input" && src.key_span(spans, &["stages", &stage.name, "input"]).is_some() {
-                    vec!["stages", &stage.name, "input"]
-                } else {
-                    vec!["stages", &stage.name, "inputs", slot]
-                };
-                return Err(src.error(
-                    src.key_span(spans, &path),
-                    format!("stage `{}`: input `{slot}` names stage `{up}`, which does not exist{}", stage.name, suggest(up, &names)),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `unknown field `x`, expected ...` → `x`.
@@ -337,15 +799,25 @@ pub fn suggest(word: &str, candidates: &[&str]) -> String {
 struct Source<'a> {
     file: &'a Path,
     text: &'a str,
+    /// The byte offset where each line starts.
+    line_starts: Vec<usize>,
+}
+
+impl<'a> Source<'a> {
+    fn new(file: &'a Path, text: &'a str) -> Source<'a> {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Source { file, text, line_starts }
+    }
 }
 
 impl Source<'_> {
     fn location(&self, offset: Option<usize>) -> String {
         match offset {
             Some(offset) => {
-                let before = &self.text[..offset.min(self.text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                let offset = offset.min(self.text.len());
+                // Lines before `offset`, by binary search: a big pipeline asks for thousands of locations.
+                let line = self.line_starts.partition_point(|&start| start <= offset);
+                let column = self.text[self.line_starts[line - 1]..offset].chars().count() + 1;
                 format!("{}:{line}:{column}", self.file.display())
             }
             None => self.file.display().to_string(),
@@ -361,7 +833,7 @@ impl Source<'_> {
         let mut table = table;
         let mut found = None;
         for (i, segment) in path.iter().enumerate() {
-            let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref() == segment) else {
+            let Some((key, value)) = table.get_key_value(*segment) else {
                 return found;
             };
             let (key, value): (&Spanned<_>, &Spanned<DeValue>) = (key, value);

@@ -10,7 +10,7 @@
 //! Independent stages run in parallel, bounded by `--jobs`, by the CPU threads
 //! each stage declares, and by one accelerator stage per device.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -26,8 +26,8 @@ use anyhow::{Context, Result};
 use crate::config::{ConfigError, Pipeline};
 use crate::graph::Dag;
 use crate::hash::{self, StatCache};
-use crate::plan;
-use crate::store::{self, InputRef, Integrity, Manifest, Store};
+use crate::plan::{self, State};
+use crate::store::{self, Head, InputRef, Integrity, Manifest, Store};
 use crate::ui::Ui;
 
 /// Set by the Ctrl-C handler; every running build watches it.
@@ -63,15 +63,15 @@ pub struct RunOptions {
 }
 
 enum Outcome {
-    Built(Box<Manifest>),
-    Fresh(Box<Manifest>),
+    Built(Box<Head>),
+    Fresh(Box<Head>),
     Failed,
     /// Not run because an input failed.
     Skipped,
 }
 
 impl Outcome {
-    fn manifest(&self) -> Option<&Manifest> {
+    fn head(&self) -> Option<&Head> {
         match self {
             Outcome::Built(m) | Outcome::Fresh(m) => Some(m),
             _ => None,
@@ -97,10 +97,8 @@ struct Job {
 }
 
 pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
-    let targets: Vec<usize> = opts.targets.iter().map(|t| p.index(t)).collect::<Result<_, _>>()?;
-    for f in &opts.force {
-        p.index(f)?;
-    }
+    let targets: Vec<usize> = p.select_all(&opts.targets)?;
+    let forced: HashSet<usize> = p.select_all(&opts.force)?.into_iter().collect();
     let wanted = dag.closure(&targets);
     // Fail on a missing file before touching the store.
     for &i in &wanted {
@@ -113,6 +111,9 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     fs::create_dir_all(&store.root).with_context(|| format!("cannot create the artifact store {}", store.root.display()))?;
     store.clean_stale_tmp();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // What is fresh now, checked in parallel; a stage whose key still matches
+    // when its turn comes is not looked at again.
+    let planned = plan::statuses(p, dag, &store)?;
     let mut cache = StatCache::open(store.stat_cache_path());
 
     let started = Instant::now();
@@ -134,7 +135,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     outcomes.insert(i, Outcome::Skipped);
                     continue;
                 }
-                if !ups.iter().all(|u| outcomes.get(u).and_then(Outcome::manifest).is_some()) {
+                if !ups.iter().all(|u| outcomes.get(u).and_then(Outcome::head).is_some()) {
                     continue;
                 }
                 let s = &p.stages[i];
@@ -142,14 +143,19 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 let mut input_dirs = BTreeMap::new();
                 for (slot, up) in &s.inputs {
                     let u = p.index(up).expect("checked reference");
-                    let m = outcomes[&u].manifest().expect("built");
+                    let m = outcomes[&u].head().expect("built");
                     inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
                     input_dirs.insert(slot.clone(), store.out_dir(&m.stage, &m.key));
                 }
                 let deps = plan::dep_digests(p, s, &mut cache)?;
                 let key = plan::key_of(s, &inputs, &deps);
-                let force = opts.force.contains(&s.name);
+                let force = forced.contains(&i);
                 if !force {
+                    let known = &planned[i];
+                    if let (State::Fresh, Some(m)) = (known.state, known.manifest.as_ref().filter(|_| known.key.as_ref() == Some(&key))) {
+                        outcomes.insert(i, Outcome::Fresh(Box::new(m.clone())));
+                        continue;
+                    }
                     if let Some(m) = fresh_artifact(&store, &s.name, &key) {
                         outcomes.insert(i, Outcome::Fresh(Box::new(m)));
                         continue;
@@ -214,15 +220,15 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
         ui.status("Finished", &format!("{built} built, {fresh} fresh in {secs:.1}s"));
     }
     for &t in &targets {
-        if let Some(m) = outcomes.get(&t).and_then(Outcome::manifest) {
+        if let Some(m) = outcomes.get(&t).and_then(Outcome::head) {
             ui.status("Output", &format!("{}: {}", m.stage, store.out_dir(&m.stage, &m.key).display()));
         }
     }
     Ok(())
 }
 
-fn fresh_artifact(store: &Store, stage: &str, key: &str) -> Option<Manifest> {
-    let m = store.read_manifest(stage, key)?;
+fn fresh_artifact(store: &Store, stage: &str, key: &str) -> Option<Head> {
+    let m = store.read_head(stage, key)?;
     (store.check(&m, false) == Integrity::Intact).then_some(m)
 }
 
@@ -359,7 +365,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
             let _ = fs::remove_dir_all(&work);
             let shown = dest.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(&dest);
             ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown.display()));
-            Ok(Outcome::Built(Box::new(manifest)))
+            Ok(Outcome::Built(Box::new(manifest.head())))
         }
     }
 }

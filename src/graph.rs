@@ -4,62 +4,34 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
-use petgraph::algo::{is_cyclic_directed, tarjan_scc};
-use petgraph::graph::{DiGraph, NodeIndex};
-use petgraph::Direction;
+use crate::config::Pipeline;
 
-use crate::config::{ConfigError, Pipeline};
-
-/// Stages as indices into `Pipeline::stages`; an edge runs upstream → downstream.
+/// Stages as indices into `Pipeline::stages`.
 pub struct Dag {
-    graph: DiGraph<usize, ()>,
+    /// Each stage's direct upstream stages.
+    upstream: Vec<Vec<usize>>,
     /// Stage indices in a dependency order (inputs first), ties in file order.
     pub order: Vec<usize>,
 }
 
 impl Dag {
-    pub fn new(p: &Pipeline) -> Result<Dag, ConfigError> {
-        let mut graph = DiGraph::new();
-        let nodes: Vec<NodeIndex> = (0..p.stages.len()).map(|i| graph.add_node(i)).collect();
-        let index: HashMap<&str, usize> = p.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
-        for (i, stage) in p.stages.iter().enumerate() {
-            for up in stage.inputs.values() {
-                graph.update_edge(nodes[index[up.as_str()]], nodes[i], ());
-            }
-        }
-        if is_cyclic_directed(&graph) {
-            let cycle = tarjan_scc(&graph)
-                .into_iter()
-                .find(|c| c.len() > 1 || graph.contains_edge(c[0], c[0]))
-                .expect("a cyclic graph has a cycle");
-            let members: BTreeSet<usize> = cycle.iter().map(|n| graph[*n]).collect();
-            let path = walk_cycle(p, &members);
-            return Err(ConfigError(format!(
-                "{}: stages form a cycle: {}\n  an input must name a stage that does not depend on this one",
-                p.stages[path[0]].location,
-                path.iter().map(|&i| p.stages[i].name.as_str()).chain([p.stages[path[0]].name.as_str()]).collect::<Vec<_>>().join(" → ")
-            )));
-        }
-        // Kahn's algorithm with ties broken by file order: a stable, readable order.
-        let mut indegree: Vec<usize> = nodes.iter().map(|&n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
-        let mut ready: BTreeSet<usize> = (0..nodes.len()).filter(|&i| indegree[i] == 0).collect();
-        let mut order = Vec::with_capacity(nodes.len());
-        while let Some(i) = ready.pop_first() {
-            order.push(i);
-            for down in graph.neighbors_directed(nodes[i], Direction::Outgoing) {
-                let d = graph[down];
-                indegree[d] -= 1;
-                if indegree[d] == 0 {
-                    ready.insert(d);
-                }
-            }
-        }
-        Ok(Dag { graph, order })
+    /// The graph of a loaded pipeline, which has no cycles (loading rejects them).
+    pub fn new(p: &Pipeline) -> Dag {
+        let upstream: Vec<Vec<usize>> = p
+            .stages
+            .iter()
+            .map(|s| {
+                let ups: BTreeSet<usize> = s.inputs.values().map(|up| p.index(up).expect("checked reference")).collect();
+                ups.into_iter().collect()
+            })
+            .collect();
+        let order = toposort(&upstream).expect("loading rejects cycles");
+        Dag { upstream, order }
     }
 
     /// Direct upstream stages of `i`.
-    pub fn upstream(&self, i: usize) -> Vec<usize> {
-        self.graph.neighbors_directed(NodeIndex::new(i), Direction::Incoming).map(|n| self.graph[n]).collect()
+    pub fn upstream(&self, i: usize) -> &[usize] {
+        &self.upstream[i]
     }
 
     /// `targets` and everything they need, in dependency order. No targets
@@ -68,56 +40,107 @@ impl Dag {
         if targets.is_empty() {
             return self.order.clone();
         }
-        let mut keep = BTreeSet::new();
+        let mut keep = vec![false; self.upstream.len()];
         let mut stack: Vec<usize> = targets.to_vec();
         while let Some(i) = stack.pop() {
-            if keep.insert(i) {
+            if !keep[i] {
+                keep[i] = true;
                 stack.extend(self.upstream(i));
             }
         }
-        self.order.iter().copied().filter(|i| keep.contains(i)).collect()
+        self.order.iter().copied().filter(|&i| keep[i]).collect()
+    }
+
+    /// Stages grouped by the table they come from (a swept stage's
+    /// variants together), groups in dependency order.
+    pub fn groups(&self, p: &Pipeline) -> Vec<Vec<usize>> {
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for &i in &self.order {
+            let g = *at.entry(p.stages[i].base.as_str()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(i);
+        }
+        groups
     }
 
     pub fn render(&self, p: &Pipeline, format: Format) -> String {
         let mut out = String::new();
-        let edges = || {
-            self.order.iter().flat_map(move |&i| {
-                let mut ups = self.upstream(i);
-                ups.sort();
-                ups.into_iter().map(move |u| (u, i))
-            })
+        let edges = || self.order.iter().flat_map(move |&i| self.upstream(i).iter().map(move |&u| (u, i)));
+        // Mermaid ids must be plain words; a variant's name is not.
+        let id = |i: usize| {
+            let s = &p.stages[i];
+            if s.labels.is_empty() {
+                s.name.clone()
+            } else {
+                format!("{}__{i}", s.base)
+            }
         };
-        match format {
-            Format::Text => {
-                for &i in &self.order {
-                    let s = &p.stages[i];
-                    let ins: Vec<String> = s.inputs.iter().map(|(slot, up)| format!("{slot}={up}")).collect();
-                    if ins.is_empty() {
-                        let _ = writeln!(out, "{} ({})", s.name, s.kind.kind);
-                    } else {
-                        let _ = writeln!(out, "{} ({}) ← {}", s.name, s.kind.kind, ins.join(", "));
+        let inputs = |i: usize| -> String {
+            let ins: Vec<String> = p.stages[i].inputs.iter().map(|(slot, up)| format!("{slot}={up}")).collect();
+            if ins.is_empty() {
+                String::new()
+            } else {
+                format!(" ← {}", ins.join(", "))
+            }
+        };
+        for group in self.groups(p) {
+            let first = &p.stages[group[0]];
+            let swept = !first.labels.is_empty();
+            match format {
+                Format::Text if swept => {
+                    let _ = writeln!(out, "{} ({}), {} variants:", first.base, first.kind.kind, group.len());
+                    for &i in &group {
+                        let _ = writeln!(out, "  {}{}", &p.stages[i].name[first.base.len()..], inputs(i));
+                    }
+                }
+                Format::Text => {
+                    let _ = writeln!(out, "{} ({}){}", first.name, first.kind.kind, inputs(group[0]));
+                }
+                Format::Dot => {
+                    if swept {
+                        let _ =
+                            writeln!(out, "  subgraph \"cluster_{}\" {{\n    label=\"{} ({})\";", first.base, first.base, first.kind.kind);
+                    }
+                    for &i in &group {
+                        let s = &p.stages[i];
+                        let label = if swept { s.name[s.base.len()..].to_string() } else { format!("{}\\n({})", s.name, s.kind.kind) };
+                        let _ = writeln!(out, "  \"{}\" [label=\"{label}\"];", s.name);
+                    }
+                    if swept {
+                        out.push_str("  }\n");
+                    }
+                }
+                Format::Mermaid => {
+                    if swept {
+                        let _ = writeln!(out, "  subgraph {}[\"{} ({})\"]", first.base, first.base, first.kind.kind);
+                    }
+                    for &i in &group {
+                        let s = &p.stages[i];
+                        let label = if swept { s.name[s.base.len()..].to_string() } else { format!("{}<br/>({})", s.name, s.kind.kind) };
+                        let _ = writeln!(out, "  {}[\"{label}\"]", id(i));
+                    }
+                    if swept {
+                        out.push_str("  end\n");
                     }
                 }
             }
+        }
+        match format {
+            Format::Text => {}
             Format::Dot => {
-                let _ = writeln!(out, "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];", p.name);
-                for &i in &self.order {
-                    let s = &p.stages[i];
-                    let _ = writeln!(out, "  \"{}\" [label=\"{}\\n({})\"];", s.name, s.name, s.kind.kind);
-                }
+                out.insert_str(0, &format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];\n", p.name));
                 for (u, d) in edges() {
                     let _ = writeln!(out, "  \"{}\" -> \"{}\";", p.stages[u].name, p.stages[d].name);
                 }
                 out.push_str("}\n");
             }
             Format::Mermaid => {
-                out.push_str("flowchart LR\n");
-                for &i in &self.order {
-                    let s = &p.stages[i];
-                    let _ = writeln!(out, "  {}[\"{}<br/>({})\"]", s.name, s.name, s.kind.kind);
-                }
+                out.insert_str(0, "flowchart LR\n");
                 for (u, d) in edges() {
-                    let _ = writeln!(out, "  {} --> {}", p.stages[u].name, p.stages[d].name);
+                    let _ = writeln!(out, "  {} --> {}", id(u), id(d));
                 }
             }
         }
@@ -125,29 +148,47 @@ impl Dag {
     }
 }
 
-/// Orders the members of a strongly connected component along its edges so
-/// the message reads as a path: a → b → c → a.
-fn walk_cycle(p: &Pipeline, members: &BTreeSet<usize>) -> Vec<usize> {
-    let start = *members.first().expect("non-empty");
-    let mut path = vec![start];
-    let mut seen = BTreeSet::from([start]);
-    let mut at = start;
-    loop {
-        // Follow an edge to a downstream member: a stage whose input is `at`.
-        let next = members
-            .iter()
-            .copied()
-            .find(|&m| p.stages[m].inputs.values().any(|up| *up == p.stages[at].name) && (!seen.contains(&m) || m == start));
-        match next {
-            Some(m) if m == start => return path,
-            Some(m) => {
-                path.push(m);
-                seen.insert(m);
-                at = m;
-            }
-            None => return path,
+/// Nodes `0..n` (given each one's upstream nodes) in an order where every
+/// node follows its upstream ones, ties broken by index (Kahn's algorithm);
+/// or, if there is a cycle, one cycle as a path `a → b → …` (back to `a`)
+/// starting at its smallest node.
+pub fn toposort(upstream: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
+    let n = upstream.len();
+    let mut downstream = vec![Vec::new(); n];
+    for (i, ups) in upstream.iter().enumerate() {
+        for &u in ups {
+            downstream[u].push(i);
         }
     }
+    let mut indegree: Vec<usize> = upstream.iter().map(Vec::len).collect();
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &d in &downstream[i] {
+            indegree[d] -= 1;
+            if indegree[d] == 0 {
+                ready.insert(d);
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Every node left waits on another node left: walking upstream must
+    // come back to a node already seen, which closes a cycle.
+    let mut at = (0..n).find(|&i| indegree[i] > 0).expect("a node is left");
+    let mut seen: HashMap<usize, usize> = HashMap::new();
+    let mut walk = Vec::new();
+    while !seen.contains_key(&at) {
+        seen.insert(at, walk.len());
+        walk.push(at);
+        at = *upstream[at].iter().find(|&&u| indegree[u] > 0).expect("a node left has an upstream node left");
+    }
+    let mut cycle: Vec<usize> = walk[seen[&at]..].iter().rev().copied().collect();
+    let first = cycle.iter().enumerate().min_by_key(|(_, &v)| v).map(|(k, _)| k).unwrap_or(0);
+    cycle.rotate_left(first);
+    Err(cycle)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -2,7 +2,7 @@
 //! content-hashed pipeline.
 //!
 //! This crate is the engine. It knows nothing about language models: it reads
-//! `pipeline.toml` ([`config`]), builds the stage graph ([`graph`]),
+//! `pipeline.toml` ([`config`]), expands sweeps into variants ([`sweep`]), builds the stage graph ([`graph`]),
 //! fingerprints every stage ([`plan`]), keeps built outputs in an artifact
 //! store ([`store`]) and runs stages as child processes ([`exec`]). What a
 //! stage *does* lives in the `llmflow-stages` crate and its `llmflow-stage`
@@ -29,4 +29,5 @@ pub mod kinds;
 pub mod plan;
 pub use llmflow_protocol as protocol;
 pub mod store;
+pub mod sweep;
 pub mod ui;

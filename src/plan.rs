@@ -16,7 +16,8 @@ use serde::Serialize;
 use crate::config::{ConfigError, Pipeline, StageDef};
 use crate::graph::Dag;
 use crate::hash::StatCache;
-use crate::store::{InputRef, Integrity, Manifest, Store};
+use crate::store::{Head, InputRef, Integrity, Manifest, Store};
+use rayon::prelude::*;
 
 /// The fingerprint inputs of one stage.
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +62,9 @@ pub enum State {
     Failed,
 }
 
+/// Every state, in the order of their discriminants.
+pub const STATES: [State; 5] = [State::Fresh, State::Stale, State::Missing, State::Running, State::Failed];
+
 impl State {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -81,81 +85,111 @@ pub struct Status {
     pub key: Option<String>,
     pub reasons: Vec<String>,
     /// The artifact for `key`, when fresh.
-    pub manifest: Option<Manifest>,
+    pub manifest: Option<Head>,
     pub log: Option<std::path::PathBuf>,
 }
 
 /// The standing of every stage, in dependency order. Reads manifests and
-/// stats files; re-hashes only files whose stat changed.
+/// stats files; re-hashes only files whose stat changed. Stages whose inputs
+/// are all settled are looked at in parallel, a level of the graph at a time.
 pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, ConfigError> {
     let mut cache = StatCache::open(store.stat_cache_path());
-    let mut out: Vec<Option<Status>> = vec![None; p.stages.len()];
+    let deps: Vec<BTreeMap<String, String>> = p.stages.iter().map(|s| dep_digests(p, s, &mut cache)).collect::<Result<_, _>>()?;
+    cache.save();
+    let mut level = vec![0usize; p.stages.len()];
     for &i in &dag.order {
-        let s = &p.stages[i];
-        let deps = dep_digests(p, s, &mut cache)?;
-        let mut inputs = BTreeMap::new();
-        let mut waiting = Vec::new();
-        for (slot, up) in &s.inputs {
-            let ui = p.index(up).expect("checked reference");
-            match out[ui].as_ref().and_then(|st| st.manifest.as_ref()) {
-                Some(m) if out[ui].as_ref().unwrap().state == State::Fresh => {
-                    inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
-                }
-                _ => waiting.push(format!("input `{slot}` ({up}) must be built first")),
-            }
+        level[i] = dag.upstream(i).iter().map(|&u| level[u] + 1).max().unwrap_or(0);
+    }
+    let mut levels: Vec<Vec<usize>> = Vec::new();
+    for &i in &dag.order {
+        if levels.len() <= level[i] {
+            levels.resize(level[i] + 1, Vec::new());
         }
+        levels[level[i]].push(i);
+    }
+    let mut out: Vec<Option<Status>> = vec![None; p.stages.len()];
+    for members in levels {
+        let done = &out;
+        let found: Vec<Status> = members.par_iter().map(|&i| status_of(p, store, done, i, &deps[i])).collect();
+        for (i, status) in members.into_iter().zip(found) {
+            out[i] = Some(status);
+        }
+    }
+    Ok(out.into_iter().map(|s| s.expect("every stage visited")).collect())
+}
+
+/// Stage `i`'s standing, given its upstream stages' in `done`.
+fn status_of(p: &Pipeline, store: &Store, done: &[Option<Status>], i: usize, deps: &BTreeMap<String, String>) -> Status {
+    let s = &p.stages[i];
+    let mut inputs = BTreeMap::new();
+    let mut waiting = Vec::new();
+    for (slot, up) in &s.inputs {
+        let ui = p.index(up).expect("checked reference");
+        match done[ui].as_ref().and_then(|st| st.manifest.as_ref()) {
+            Some(m) if done[ui].as_ref().unwrap().state == State::Fresh => {
+                inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
+            }
+            _ => waiting.push(format!("input `{slot}` ({up}) must be built first")),
+        }
+    }
+    let fresh = if waiting.is_empty() {
+        let key = key_of(s, &inputs, deps);
+        match store.read_head(&s.name, &key) {
+            Some(m) => match store.check(&m, false) {
+                Integrity::Intact => Ok(Status { state: State::Fresh, key: Some(key), reasons: vec![], manifest: Some(m), log: None }),
+                Integrity::Damaged(files) => Err((Some(key), Some(files))),
+            },
+            None => Err((Some(key), None)),
+        }
+    } else {
+        Err((None, None))
+    };
+    // Only a stage that is not fresh needs its history: why, and whether it runs or failed.
+    let status = fresh.unwrap_or_else(|(key, damaged)| {
         let state = store.state(&s.name);
         let latest = state.latest.as_ref().and_then(|k| store.read_manifest(&s.name, k));
-        let mut status = if waiting.is_empty() {
-            let key = key_of(s, &inputs, &deps);
-            match store.read_manifest(&s.name, &key) {
-                Some(m) => match store.check(&m, false) {
-                    Integrity::Intact => Status { state: State::Fresh, key: Some(key), reasons: vec![], manifest: Some(m), log: None },
-                    Integrity::Damaged(files) => Status {
-                        state: State::Stale,
-                        key: Some(key),
-                        reasons: vec![format!("artifact files were modified or removed: {}", files.join(", "))],
-                        manifest: None,
-                        log: None,
-                    },
-                },
-                None => {
-                    let reasons = match &latest {
-                        Some(prev) => {
-                            let mut r = explain(s, prev, &inputs, &deps);
-                            if r.is_empty() {
-                                r.push("its last artifact was removed from the store".to_string());
-                            }
-                            r
+        let mut status = match (&key, damaged) {
+            (Some(key), Some(files)) => Status {
+                state: State::Stale,
+                key: Some(key.clone()),
+                reasons: vec![format!("artifact files were modified or removed: {}", files.join(", "))],
+                manifest: None,
+                log: None,
+            },
+            (Some(key), None) => {
+                let reasons = match &latest {
+                    Some(prev) => {
+                        let mut r = explain(s, prev, &inputs, deps);
+                        if r.is_empty() {
+                            r.push("its last artifact was removed from the store".to_string());
                         }
-                        None => vec!["never built".to_string()],
-                    };
-                    let st = if latest.is_some() { State::Stale } else { State::Missing };
-                    Status { state: st, key: Some(key), reasons, manifest: None, log: None }
+                        r
+                    }
+                    None => vec!["never built".to_string()],
+                };
+                let st = if latest.is_some() { State::Stale } else { State::Missing };
+                Status { state: st, key: Some(key.clone()), reasons, manifest: None, log: None }
+            }
+            (None, _) => {
+                let mut reasons = waiting;
+                if let Some(prev) = &latest {
+                    reasons.extend(explain(s, prev, &prev.inputs, deps));
                 }
+                let st = if latest.is_some() { State::Stale } else { State::Missing };
+                Status { state: st, key: None, reasons, manifest: None, log: None }
             }
-        } else {
-            let mut reasons = waiting;
-            if let Some(prev) = &latest {
-                reasons.extend(explain(s, prev, &prev.inputs, &deps));
-            }
-            let st = if latest.is_some() { State::Stale } else { State::Missing };
-            Status { state: st, key: None, reasons, manifest: None, log: None }
         };
-        if status.state != State::Fresh {
-            if let Some(pid) = store.holder(&s.name) {
-                status.state = State::Running;
-                status.reasons.insert(0, format!("being built by process {pid}"));
-            } else if let Some(f) = state.last_failure.filter(|f| status.key.as_ref() == Some(&f.key)) {
-                status.state = State::Failed;
-                status.reasons.insert(0, format!("last build failed: {}", f.message));
-                status.log = Some(f.log);
-            }
+        if let Some(pid) = store.holder(&s.name) {
+            status.state = State::Running;
+            status.reasons.insert(0, format!("being built by process {pid}"));
+        } else if let Some(f) = state.last_failure.filter(|f| status.key.as_ref() == Some(&f.key)) {
+            status.state = State::Failed;
+            status.reasons.insert(0, format!("last build failed: {}", f.message));
+            status.log = Some(f.log);
         }
-        out[i] = Some(status);
-    }
-    cache.save();
-    Ok(out.into_iter().map(|s| s.expect("every stage visited")).collect())
+        status
+    });
+    status
 }
 
 /// Why the current fingerprint differs from the last artifact built (empty

@@ -54,6 +54,23 @@ pub struct Manifest {
     pub llmflow_version: String,
 }
 
+/// What `status` reads of each artifact's manifest: where it is, its files
+/// and its output digest. Reading only these skips parsing the params and
+/// metrics, which dominate a no-op status of a big pipeline.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Head {
+    pub stage: String,
+    pub key: String,
+    pub files: Vec<FileEntry>,
+    pub output_digest: String,
+}
+
+impl Manifest {
+    pub fn head(&self) -> Head {
+        Head { stage: self.stage.clone(), key: self.key.clone(), files: self.files.clone(), output_digest: self.output_digest.clone() }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputRef {
     pub stage: String,
@@ -119,6 +136,11 @@ impl Store {
         serde_json::from_slice(&bytes).ok()
     }
 
+    pub fn read_head(&self, stage: &str, key: &str) -> Option<Head> {
+        let bytes = fs::read(self.artifact_dir(stage, key).join("manifest.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
     /// Keys of every artifact of `stage` on disk.
     pub fn keys(&self, stage: &str) -> Vec<String> {
         let Ok(entries) = fs::read_dir(self.root.join(stage)) else { return Vec::new() };
@@ -157,7 +179,7 @@ impl Store {
 
     /// Checks an artifact's files by size, mtime and inode; only files whose
     /// stat changed are re-hashed. `deep` re-hashes everything (`verify`).
-    pub fn check(&self, m: &Manifest, deep: bool) -> Integrity {
+    pub fn check(&self, m: &Head, deep: bool) -> Integrity {
         let out = self.out_dir(&m.stage, &m.key);
         let damaged: Vec<String> = m
             .files

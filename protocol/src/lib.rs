@@ -40,6 +40,9 @@ pub struct KindInfo {
     /// Files of the artifact a person looks at first (plots, samples), named
     /// by `llmflow show`.
     pub show: Vec<String>,
+    /// Whether the kind estimates what a build costs (`llmflow estimate`);
+    /// planning skips asking the stage runner when no stage's kind does.
+    pub estimates: bool,
 }
 
 /// The report card a kind writes into its artifact: a file for people and

@@ -94,6 +94,9 @@ pub trait Stage {
 
     fn run(params: &Self::Params, ctx: &mut StageCtx) -> Result<()>;
 
+    /// Whether [`Stage::estimate`] says anything for this kind.
+    const ESTIMATES: bool = false;
+
     /// What a run would cost (`llmflow estimate`, `run --dry-run`): lines for
     /// a person, or `None` for kinds that are cheap. `ctx` has the inputs
     /// that are already built.
@@ -129,6 +132,7 @@ fn info<S: Stage>() -> KindInfo {
         volatile: S::VOLATILE.iter().map(|s| s.to_string()).collect(),
         report: S::REPORT.map(|(text, json)| Report { text: text.into(), json: json.into() }),
         show: S::SHOW.iter().map(|s| s.to_string()).collect(),
+        estimates: S::ESTIMATES,
     }
 }
 

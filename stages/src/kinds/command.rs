@@ -16,7 +16,7 @@
 //! `{work}` (a directory that survives an interrupted run) and `{threads}`.
 //! Other braces, such as `${HOME}`, are left for the shell. The same paths are
 //! also in the environment as `LLMFLOW_OUT`, `LLMFLOW_WORK`, `LLMFLOW_THREADS`
-//! and `LLMFLOW_INPUT_<NAME>`.
+//! and `LLMFLOW_INPUT_<NAME>` (upper case, other characters as `_`).
 //!
 //! Key: `cmd`, `deps` (their contents) and `env`. `threads` (how many CPU
 //! threads the scheduler reserves) is volatile.
@@ -88,7 +88,7 @@ impl Stage for Command {
         child.env("LLMFLOW_OUT", &ctx.out).env("LLMFLOW_WORK", &ctx.work);
         child.env("LLMFLOW_THREADS", ctx.threads.to_string());
         for (name, dir) in &ctx.inputs {
-            child.env(format!("LLMFLOW_INPUT_{}", name.to_uppercase()), dir);
+            child.env(input_variable(name), dir);
         }
         child.envs(&params.env);
         eprintln!("$ {script}");
@@ -101,6 +101,13 @@ impl Stage for Command {
         }
         Ok(())
     }
+}
+
+/// `LLMFLOW_INPUT_<NAME>`: the slot name upper-cased, anything but letters
+/// and digits as `_` (a gathered variant's slot is `runs[lr=3e-3]`).
+fn input_variable(slot: &str) -> String {
+    let name: String = slot.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("LLMFLOW_INPUT_{name}")
 }
 
 /// The `{...}` placeholders llmflow substitutes; other braces are the shell's.

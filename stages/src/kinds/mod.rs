@@ -7,6 +7,7 @@ use crate::KindVisitor;
 
 pub mod classify;
 pub mod command;
+pub mod compare;
 pub mod dedup;
 pub mod download;
 pub mod dpo;
@@ -35,6 +36,7 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<dpo::Dpo>();
     v.visit::<classify::Classify>();
     v.visit::<eval::Eval>();
+    v.visit::<compare::Compare>();
 }
 
 #[cfg(test)]

@@ -145,6 +145,7 @@ impl Stage for Pretrain {
     const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const SHOW: &'static [&'static str] = &["loss.png", "samples.txt", "metrics.jsonl"];
+    const ESTIMATES: bool = true;
     type Params = Params;
 
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
