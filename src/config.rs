@@ -264,12 +264,17 @@ struct Snapshotted {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SnapshotStage {
     name: String,
+    /// Empty for a stage that is not swept (it is `name`).
     base: String,
     labels: Vec<(String, String)>,
     /// Index into `kinds`.
     kind: usize,
     inputs: BTreeMap<String, String>,
-    resolved: Resolved,
+    /// The resolved params; the key's params are these without the kind's volatile ones.
+    params: serde_json::Value,
+    files: Vec<String>,
+    resources: crate::protocol::Resources,
+    /// `:line:column`; the file is the snapshot's.
     location: String,
 }
 
@@ -297,15 +302,15 @@ impl Snapshot {
             .stages
             .into_iter()
             .map(|c| {
-                Some(StageDef {
-                    name: c.name,
-                    base: c.base,
-                    labels: c.labels,
-                    kind: s.kinds.get(c.kind)?.clone(),
-                    inputs: c.inputs,
-                    resolved: c.resolved,
-                    location: c.location,
-                })
+                let kind = s.kinds.get(c.kind)?.clone();
+                let mut key_params = c.params.clone();
+                if let serde_json::Value::Object(map) = &mut key_params {
+                    map.retain(|k, _| !kind.volatile.contains(k));
+                }
+                let resolved = Resolved { params: c.params, key_params, files: c.files, resources: c.resources };
+                let base = if c.labels.is_empty() { c.name.clone() } else { c.base };
+                let location = format!("{}{}", s.id.file.display(), c.location);
+                Some(StageDef { name: c.name, base, labels: c.labels, kind, inputs: c.inputs, resolved, location })
             })
             .collect::<Option<_>>()?;
         let by_name = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
@@ -319,12 +324,14 @@ impl Snapshot {
             .iter()
             .map(|s| SnapshotStage {
                 name: s.name.clone(),
-                base: s.base.clone(),
+                base: if s.labels.is_empty() { String::new() } else { s.base.clone() },
                 labels: s.labels.clone(),
                 kind: kinds.iter().position(|k| k.kind == s.kind.kind).expect("a resolved kind"),
                 inputs: s.inputs.clone(),
-                resolved: s.resolved.clone(),
-                location: s.location.clone(),
+                params: s.resolved.params.clone(),
+                files: s.resolved.files.clone(),
+                resources: s.resolved.resources,
+                location: s.location.strip_prefix(&*p.file.to_string_lossy()).unwrap_or(&s.location).to_string(),
             })
             .collect();
         let snapshot =

@@ -197,3 +197,17 @@ pub enum Format {
     Dot,
     Mermaid,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::toposort;
+
+    #[test]
+    fn toposort_breaks_ties_by_index_and_names_a_cycle() {
+        // 0 ← 2, 1 ← 0, 3 alone: 2 and 3 are ready first, the smaller goes first.
+        assert_eq!(toposort(&[vec![2], vec![0], vec![], vec![]]), Ok(vec![2, 0, 1, 3]));
+        // 0 → 1 → 2 → 0 (each reads the one before), and 3 reads the cycle.
+        assert_eq!(toposort(&[vec![2], vec![0], vec![1], vec![2]]), Err(vec![0, 1, 2]));
+        assert_eq!(toposort(&[vec![0]]), Err(vec![0]), "a stage reading itself");
+    }
+}

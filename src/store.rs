@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -27,6 +28,8 @@ use crate::hash::{self, FileEntry, Stat};
 
 pub struct Store {
     pub root: PathBuf,
+    /// `root`, opened on first use; see [`Store::open_in`].
+    dir: std::sync::OnceLock<Option<File>>,
 }
 
 /// Everything known about one built artifact.
@@ -104,7 +107,42 @@ pub enum Integrity {
 
 impl Store {
     pub fn new(root: PathBuf) -> Store {
-        Store { root }
+        Store { root, dir: std::sync::OnceLock::new() }
+    }
+
+    /// Opens `rel`, a path inside the store, relative to the store's open
+    /// directory (`openat`): the kernel does not walk the store's own path
+    /// again for each of the thousands of files a status of a big pipeline
+    /// reads.
+    fn open_in(&self, rel: &Path) -> std::io::Result<File> {
+        let Some(dir) = self.dir() else { return File::open(self.root.join(rel)) };
+        let rel = std::ffi::CString::new(rel.as_os_str().as_encoded_bytes())?;
+        // SAFETY: `dir` is an open directory and `rel` a NUL-terminated path; the
+        // returned descriptor is new and owned by the File.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), rel.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: see above.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// [`Stat`] of `rel`, a path inside the store, as [`Store::open_in`] finds it.
+    fn stat_in(&self, rel: &Path) -> std::io::Result<Stat> {
+        let Some(dir) = self.dir() else { return Stat::of(&self.root.join(rel)) };
+        let rel = std::ffi::CString::new(rel.as_os_str().as_encoded_bytes())?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: `dir` is open, `rel` NUL-terminated, `st` large enough for the result.
+        if unsafe { libc::fstatat(dir.as_raw_fd(), rel.as_ptr(), st.as_mut_ptr(), 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fstatat succeeded, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        Ok(Stat { size: st.st_size as u64, mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128, inode: st.st_ino })
+    }
+
+    fn dir(&self) -> Option<&File> {
+        self.dir.get_or_init(|| File::open(&self.root).ok()).as_ref()
     }
 
     pub fn artifact_dir(&self, stage: &str, key: &str) -> PathBuf {
@@ -137,7 +175,9 @@ impl Store {
     }
 
     pub fn read_head(&self, stage: &str, key: &str) -> Option<Head> {
-        let bytes = fs::read(self.artifact_dir(stage, key).join("manifest.json")).ok()?;
+        // Not `fs::read`: its size hint costs a stat per manifest, and status reads thousands.
+        let mut bytes = Vec::with_capacity(4096);
+        self.open_in(&Path::new(stage).join(key).join("manifest.json")).ok()?.read_to_end(&mut bytes).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -180,17 +220,17 @@ impl Store {
     /// Checks an artifact's files by size, mtime and inode; only files whose
     /// stat changed are re-hashed. `deep` re-hashes everything (`verify`).
     pub fn check(&self, m: &Head, deep: bool) -> Integrity {
-        let out = self.out_dir(&m.stage, &m.key);
+        let out = Path::new(&m.stage).join(&m.key).join("out");
         let damaged: Vec<String> = m
             .files
             .iter()
             .filter(|f| {
                 let path = out.join(&f.path);
-                match Stat::of(&path) {
+                match self.stat_in(&path) {
                     Err(_) => true,
                     Ok(stat) if stat.size != f.size => true,
                     Ok(stat) if stat == f.stat && !deep => false,
-                    Ok(_) => hash::hash_file(&path).map_or(true, |h| h != f.blake3),
+                    Ok(_) => hash::hash_file(&self.root.join(&path)).map_or(true, |h| h != f.blake3),
                 }
             })
             .map(|f| f.path.clone())

@@ -150,7 +150,8 @@ pub struct StageCtx {
     pub stage: String,
     /// The directory of `pipeline.toml`; relative paths in params resolve here.
     pub project_dir: PathBuf,
-    /// Input slot name → the upstream artifact's `out/` directory (read-only).
+    /// Input slot name → the upstream artifact's `out/` directory (read-only);
+    /// the artifact's `manifest.json` (its params and metrics) sits beside it.
     pub inputs: BTreeMap<String, PathBuf>,
     /// Where the stage writes its output; a temporary directory until published.
     pub out: PathBuf,

@@ -25,6 +25,7 @@
 //!   Chinchilla and nanochat miniseries plots. The x axis is log10 C. It
 //!   needs three runs of different compute.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -73,8 +74,10 @@ impl Stage for Compare {
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        let runs: Vec<Run> = ctx.inputs.iter().map(|(slot, dir)| Run::read(slot, dir, &params.curve)).collect::<Result<_>>()?;
+        let mut runs: Vec<Run> = ctx.inputs.iter().map(|(slot, dir)| Run::read(slot, dir, &params.curve)).collect::<Result<_>>()?;
         let differing = differing_params(&runs);
+        // In the order of the values that differ (numbers as numbers), not of the slot names' text.
+        runs.sort_by(|a, b| differing.iter().map(|k| order(a.params.get(k), b.params.get(k))).find(|o| o.is_ne()).unwrap_or(Ordering::Equal));
         let metrics: Vec<String> = if params.metrics.is_empty() {
             let first = runs[0].metrics.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k.clone());
             first.filter(|k| runs.iter().all(|r| r.metrics.get(k).is_some_and(Value::is_number))).collect()
@@ -174,6 +177,13 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
     }
 }
 
+fn order(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    match (a.and_then(Value::as_f64), b.and_then(Value::as_f64)) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        _ => a.map(Value::to_string).cmp(&b.map(Value::to_string)),
+    }
+}
+
 /// The params whose values are not the same in every run.
 fn differing_params(runs: &[Run]) -> Vec<String> {
     let mut keys: Vec<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
@@ -203,7 +213,7 @@ fn report(runs: &[Run], differing: &[String], metrics: &[String], fit_metric: &s
     md.push('\n');
     match fit {
         Some(f) => md.push_str(&format!(
-            "\n{fit_metric}(C) = {:.4} · C^(−{:.4}) + {:.4} over {points} runs (C = 6·params·tokens, in FLOPs; RMSE {:.4}). \
+            "\n{fit_metric}(C) = {:.4e} · C^(−{:.4}) + {:.4} over {points} runs (C = 6·params·tokens, in FLOPs; RMSE {:.4}). \
              scaling.png: the runs (dots) and the fit (red) against log10 C.\n",
             f.a, f.b, f.c, f.rmse
         )),
@@ -303,5 +313,7 @@ mod tests {
         };
         assert_eq!(differing_params(&[run(1e-3, 10), run(3e-3, 10)]), ["train.lr"]);
         assert_eq!(differing_params(&[run(1e-3, 10), run(1e-3, 20)]), ["train.steps"]);
+        assert_eq!(order(Some(&json!(32)), Some(&json!(128))), Ordering::Less, "numbers by value");
+        assert_eq!(order(Some(&json!("b")), Some(&json!("a"))), Ordering::Greater);
     }
 }
