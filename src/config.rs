@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::hash::{hash_bytes, Stat};
 use crate::protocol::{KindInfo, ResolveRequest, Resolved, StageRequest};
 use crate::sweep::{self, Axis, Pattern, Variant};
+use rayon::prelude::*;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
@@ -258,7 +259,6 @@ struct Snapshotted {
     artifacts: PathBuf,
     device: String,
     kinds: Vec<KindInfo>,
-    stages: Vec<SnapshotStage>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -294,13 +294,12 @@ impl Snapshot {
     }
 
     fn read(&self) -> Option<Pipeline> {
-        let s: Snapshotted = serde_json::from_slice(&std::fs::read(&self.path).ok()?).ok()?;
+        let (s, stages): (Snapshotted, Vec<SnapshotStage>) = crate::store::read_chunked(&self.path)?;
         if s.id != self.id {
             return None;
         }
-        let stages: Vec<StageDef> = s
-            .stages
-            .into_iter()
+        let stages: Vec<StageDef> = stages
+            .into_par_iter()
             .map(|c| {
                 let kind = s.kinds.get(c.kind)?.clone();
                 let mut key_params = c.params.clone();
@@ -319,7 +318,11 @@ impl Snapshot {
     }
 
     fn write(self, p: &Pipeline, kinds: Vec<KindInfo>) {
-        let stages = p
+        // Only a store that exists gets one: loading must not create the store.
+        if !self.path.parent().and_then(Path::parent).is_some_and(Path::is_dir) {
+            return;
+        }
+        let stages: Vec<SnapshotStage> = p
             .stages
             .iter()
             .map(|s| SnapshotStage {
@@ -334,14 +337,8 @@ impl Snapshot {
                 location: s.location.strip_prefix(&*p.file.to_string_lossy()).unwrap_or(&s.location).to_string(),
             })
             .collect();
-        let snapshot =
-            Snapshotted { id: self.id, name: p.name.clone(), artifacts: p.artifacts.clone(), device: p.device.clone(), kinds, stages };
-        // Only a store that exists gets one: loading must not create the store.
-        if self.path.parent().and_then(Path::parent).is_some_and(Path::is_dir) {
-            if let Ok(bytes) = serde_json::to_vec(&snapshot) {
-                let _ = crate::store::write_atomic(&self.path, &bytes);
-            }
-        }
+        let header = Snapshotted { id: self.id, name: p.name.clone(), artifacts: p.artifacts.clone(), device: p.device.clone(), kinds };
+        let _ = crate::store::write_chunked(&self.path, &header, &stages);
     }
 }
 

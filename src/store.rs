@@ -22,6 +22,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use rayon::prelude::*;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{self, FileEntry, Stat};
@@ -60,7 +62,7 @@ pub struct Manifest {
 /// What `status` reads of each artifact's manifest: where it is, its files
 /// and its output digest. Reading only these skips parsing the params and
 /// metrics, which dominate a no-op status of a big pipeline.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Head {
     pub stage: String,
     pub key: String,
@@ -165,6 +167,12 @@ impl Store {
         self.root.join(".tmp")
     }
 
+    /// The artifacts the last status of `pipeline` found fresh (see `plan::statuses`).
+    pub fn known_heads_path(&self, pipeline: &Path) -> PathBuf {
+        let id = hash::hash_bytes(pipeline.as_os_str().as_encoded_bytes());
+        self.root.join(".state").join(format!("heads-{}.json", &id[..16]))
+    }
+
     pub fn stat_cache_path(&self) -> PathBuf {
         self.root.join(".state").join("file-hashes.json")
     }
@@ -175,10 +183,16 @@ impl Store {
     }
 
     pub fn read_head(&self, stage: &str, key: &str) -> Option<Head> {
-        // Not `fs::read`: its size hint costs a stat per manifest, and status reads thousands.
-        let mut bytes = Vec::with_capacity(4096);
-        self.open_in(&Path::new(stage).join(key).join("manifest.json")).ok()?.read_to_end(&mut bytes).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        thread_local! {
+            // One buffer per thread, not one per manifest: status reads thousands.
+            static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let mut file = self.open_in(&Path::new(stage).join(key).join("manifest.json")).ok()?;
+        BUFFER.with_borrow_mut(|bytes| {
+            bytes.clear();
+            file.read_to_end(bytes).ok()?;
+            serde_json::from_slice(bytes).ok()
+        })
     }
 
     /// Keys of every artifact of `stage` on disk.
@@ -343,6 +357,28 @@ fn read_pid(file: &mut File) -> Option<u32> {
 fn process_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+}
+
+/// Writes a cache of many items (thousands of stages) as JSON lines: the
+/// header, then the items in chunks, which [`read_chunked`] parses in parallel.
+pub fn write_chunked<H: Serialize, T: Serialize>(path: &Path, header: &H, items: &[T]) -> Result<()> {
+    let mut bytes = serde_json::to_vec(header)?;
+    for chunk in items.chunks(items.len().div_ceil(16).max(256)) {
+        bytes.push(b'\n');
+        bytes.extend(serde_json::to_vec(chunk)?);
+    }
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// What [`write_chunked`] wrote; `None` if the file is missing or unreadable.
+pub fn read_chunked<H: DeserializeOwned, T: DeserializeOwned + Send>(path: &Path) -> Option<(H, Vec<T>)> {
+    let bytes = fs::read(path).ok()?;
+    let mut lines = bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let header = serde_json::from_slice(lines.next()?).ok()?;
+    let chunks: Vec<&[u8]> = lines.collect();
+    let items: Option<Vec<Vec<T>>> = chunks.par_iter().map(|chunk| serde_json::from_slice(chunk).ok()).collect();
+    Some((header, items?.into_iter().flatten().collect()))
 }
 
 /// Writes a small file so readers see the old or the new contents, never half.

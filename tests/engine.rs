@@ -291,6 +291,19 @@ fn status_trusts_stat_and_verify_rehashes() {
     assert_eq!(p.llmflow(&["verify"]).code, 0);
 }
 
+/// `status` remembers what it found built; an artifact removed behind its
+/// back is still seen as gone.
+#[test]
+fn a_removed_artifact_is_seen_despite_what_status_remembers() {
+    let p = Project::new(CHAIN);
+    assert_eq!(p.llmflow(&["run"]).code, 0);
+    assert_eq!(p.state("b"), "fresh");
+    fs::remove_dir_all(p.out_dir("b").parent().unwrap()).unwrap();
+    assert_eq!(p.state("b"), "missing");
+    // Rebuilt to the same bytes, so c stays fresh (early cutoff).
+    assert_eq!(p.llmflow(&["run"]).built(), ["b"]);
+}
+
 #[test]
 fn gc_removes_only_unused_artifacts() {
     let p = Project::new(CHAIN);
