@@ -42,25 +42,16 @@ def timed(cmd, cwd=None, repeat=10):
     return statistics.median(times)
 
 
-def pipeline_text():
-    # A binary tree of stages: stage i reads stage (i-1)//2, so keys chain
-    # through many levels of inputs, as a real pipeline's do.
-    out = ['[pipeline]\nname = "bench200"\n']
-    for i in range(STAGES):
-        out.append(f"[stages.s{i:03}]\nkind = \"command\"\n")
-        if i > 0:
-            out.append(f'input = "s{(i - 1) // 2:03}"\n')
-        out.append(f'cmd = "head -c {BYTES_PER_STAGE} /dev/urandom > {{out}}/blob && echo {i} > {{out}}/id"\n\n')
-    return "".join(out)
-
-
-def tree_pipeline(n):
+def tree_pipeline(n, cmd):
+    """n `command` stages in a binary tree: stage i reads stage (i-1)//2, so
+    keys chain through many levels of inputs, as a real pipeline's do.
+    `cmd(i)` is stage i's command."""
     out = [f'[pipeline]\nname = "tree{n}"\n\n']
     for i in range(n):
         out.append(f'[stages.s{i:05}]\nkind = "command"\n')
         if i > 0:
             out.append(f'input = "s{(i - 1) // 2:05}"\n')
-        out.append(f'cmd = "echo {i} > {{out}}/id"\n\n')
+        out.append(f'cmd = "{cmd(i)}"\n\n')
     return "".join(out)
 
 
@@ -72,7 +63,7 @@ def scale_rows(binaries, scales, cache, repeat):
         for d in (built, empty):
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, "pipeline.toml"), "w") as f:
-                f.write(tree_pipeline(n))
+                f.write(tree_pipeline(n, lambda i: f"echo {i} > {{out}}/id"))
         shutil.rmtree(os.path.join(empty, "artifacts"), ignore_errors=True)
         first = binaries[0][1]
         t = time.perf_counter()
@@ -117,7 +108,7 @@ def main():
         return
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "pipeline.toml"), "w") as f:
-            f.write(pipeline_text())
+            f.write(tree_pipeline(STAGES, lambda i: f"head -c {BYTES_PER_STAGE} /dev/urandom > {{out}}/blob && echo {i} > {{out}}/id"))
         t = time.perf_counter()
         subprocess.run([llmflow, "run", "--jobs", "2"], cwd=d, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         build = time.perf_counter() - t

@@ -133,7 +133,14 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
 }
 
 /// Stage `i`'s standing, given its upstream stages' in `done`.
-fn status_of(p: &Pipeline, store: &Store, done: &[Option<Status>], known: &HashMap<String, Head>, i: usize, deps: &BTreeMap<String, String>) -> Status {
+fn status_of(
+    p: &Pipeline,
+    store: &Store,
+    done: &[Option<Status>],
+    known: &HashMap<String, Head>,
+    i: usize,
+    deps: &BTreeMap<String, String>,
+) -> Status {
     let s = &p.stages[i];
     let mut inputs = BTreeMap::new();
     let mut waiting = Vec::new();

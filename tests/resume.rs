@@ -7,39 +7,24 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 
-use common::Project;
+use common::{Project, TINY_DATA};
 
 fn pipeline() -> Project {
-    let p = Project::new(
-        r#"
-[stages.corpus]
-kind = "download"
-sources = [{ url = "corpus.txt", split = "paragraph" }]
-
-[stages.tok]
-kind = "train_tokenizer"
-input = "corpus"
-vocab_size = 512
-
-[stages.tokens]
-kind = "shard"
-inputs = { docs = "corpus", tokenizer = "tok" }
-
+    let p = Project::new(&format!(
+        r#"{TINY_DATA}
 [stages.pretrain]
 kind = "pretrain"
-inputs = { data = "tokens", tokenizer = "tok" }
-model = { n_layer = 2, n_head = 2, d_model = 32, context = 32, dropout = 0.0 }
-train = { steps = 16, batch_size = 4, grad_accum = 2, lr = 3e-3, warmup = 4 }
+inputs = {{ data = "tokens", tokenizer = "tok" }}
+model = {{ n_layer = 2, n_head = 2, d_model = 32, context = 32, dropout = 0.0 }}
+train = {{ steps = 16, batch_size = 4, grad_accum = 2, lr = 3e-3, warmup = 4 }}
 eval_every = 8
 eval_batches = 2
 checkpoint_every = 4
-samples = { count = 1, max_tokens = 8 }
-"#,
-    );
-    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpora/tinyshakespeare.txt")).unwrap();
-    p.write("corpus.txt", &text[..120_000]);
+samples = {{ count = 1, max_tokens = 8 }}
+"#
+    ));
+    p.write_corpus(120_000);
     p
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Project;
+use common::{Project, TINY_DATA};
 
 /// data → train (swept over LR × N) → eval (fans out) → summary (gathers every eval).
 /// Each command logs its run in runs/STAGE with the values it saw.
@@ -132,6 +132,11 @@ cmd = "cat {inputs.input}/x > {out}/x"
 kind = "command"
 inputs = { a = "a", b = "b" }
 cmd = "cat {inputs.a}/x {inputs.b}/x > {out}/x"
+
+[stages.pick]
+kind = "command"
+inputs = { a = "a[Y=c,X=3]" }
+cmd = "cat {inputs.a}/x > {out}/x"
 "#,
     );
     let names: Vec<String> = p.states().into_iter().map(|(n, _)| n).collect();
@@ -143,6 +148,10 @@ cmd = "cat {inputs.a}/x {inputs.b}/x > {out}/x"
     assert_eq!(both.len(), 3);
     let b2 = both.iter().find(|x| x["name"] == "both[X=2,Y=b]").unwrap();
     assert_eq!((b2["inputs"]["a"].as_str(), b2["inputs"]["b"].as_str()), (Some("a[X=2,Y=b]"), Some("b[X=2,Y=b]")));
+    // A pattern naming every value is one variant, read through a plain slot; `pick` does not fan out.
+    let pick: Vec<&serde_json::Value> = s["stages"].as_array().unwrap().iter().filter(|x| x["stage"] == "pick").collect();
+    assert_eq!(pick.len(), 1);
+    assert_eq!(pick[0]["inputs"]["a"], "a[X=3,Y=c]");
 }
 
 fn error_of(pipeline: &str) -> String {
@@ -193,38 +202,24 @@ fn sweep_mistakes_are_config_errors_with_a_location() {
 /// validation loss is fitted against training compute.
 #[test]
 fn a_model_size_sweep_is_compared_with_a_compute_fit() {
-    let p = Project::new(
-        r#"
-[stages.corpus]
-kind = "download"
-sources = [{ url = "corpus.txt", split = "paragraph" }]
-
-[stages.tok]
-kind = "train_tokenizer"
-input = "corpus"
-vocab_size = 512
-
-[stages.tokens]
-kind = "shard"
-inputs = { docs = "corpus", tokenizer = "tok" }
-
+    let p = Project::new(&format!(
+        r#"{TINY_DATA}
 [stages.pretrain]
 kind = "pretrain"
-inputs = { data = "tokens", tokenizer = "tok" }
-model = { n_layer = 1, n_head = 2, context = 32, dropout = 0.0 }
-train = { steps = 12, batch_size = 4, lr = 3e-3, warmup = 2 }
+inputs = {{ data = "tokens", tokenizer = "tok" }}
+model = {{ n_layer = 1, n_head = 2, context = 32, dropout = 0.0 }}
+train = {{ steps = 12, batch_size = 4, lr = 3e-3, warmup = 2 }}
 eval_every = 12
 eval_batches = 2
-samples = { count = 0 }
-sweep = { "model.d_model" = [16, 32, 64] }
+samples = {{ count = 0 }}
+sweep = {{ "model.d_model" = [16, 32, 64] }}
 
 [stages.sizes]
 kind = "compare"
-inputs = { runs = "pretrain[*]" }
-"#,
-    );
-    let text = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpora/tinyshakespeare.txt")).unwrap();
-    p.write("corpus.txt", &text[..60_000]);
+inputs = {{ runs = "pretrain[*]" }}
+"#
+    ));
+    p.write_corpus(60_000);
     let r = p.llmflow(&["run"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(r.built().iter().filter(|b| b.starts_with("pretrain[d_model=")).count(), 3, "{:?}", r.built());

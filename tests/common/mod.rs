@@ -126,3 +126,28 @@ pub fn counting_stage(name: &str, inputs: &str, text: &str) -> String {
         "[stages.{name}]\nkind = \"command\"\n{read_inputs}cmd = \"mkdir -p runs && echo run >> runs/{name} && echo '{text}' > {{out}}/data.txt\"\n\n"
     )
 }
+
+/// The data stages of a tiny training pipeline: `corpus` (from corpus.txt,
+/// which [`Project::write_corpus`] writes), `tok` (512 tokens) and `tokens`.
+pub const TINY_DATA: &str = r#"
+[stages.corpus]
+kind = "download"
+sources = [{ url = "corpus.txt", split = "paragraph" }]
+
+[stages.tok]
+kind = "train_tokenizer"
+input = "corpus"
+vocab_size = 512
+
+[stages.tokens]
+kind = "shard"
+inputs = { docs = "corpus", tokenizer = "tok" }
+"#;
+
+impl Project {
+    /// corpus.txt: the first `bytes` of the shipped Shakespeare.
+    pub fn write_corpus(&self, bytes: usize) {
+        let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpora/tinyshakespeare.txt")).unwrap();
+        self.write("corpus.txt", &text[..bytes]);
+    }
+}

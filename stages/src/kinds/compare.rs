@@ -77,7 +77,9 @@ impl Stage for Compare {
         let mut runs: Vec<Run> = ctx.inputs.iter().map(|(slot, dir)| Run::read(slot, dir, &params.curve)).collect::<Result<_>>()?;
         let differing = differing_params(&runs);
         // In the order of the values that differ (numbers as numbers), not of the slot names' text.
-        runs.sort_by(|a, b| differing.iter().map(|k| order(a.params.get(k), b.params.get(k))).find(|o| o.is_ne()).unwrap_or(Ordering::Equal));
+        runs.sort_by(|a, b| {
+            differing.iter().map(|k| order(a.params.get(k), b.params.get(k))).find(|o| o.is_ne()).unwrap_or(Ordering::Equal)
+        });
         let metrics: Vec<String> = if params.metrics.is_empty() {
             let first = runs[0].metrics.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k.clone());
             first.filter(|k| runs.iter().all(|r| r.metrics.get(k).is_some_and(Value::is_number))).collect()

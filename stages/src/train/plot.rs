@@ -46,7 +46,7 @@ pub fn fit(path: &Path, points: Points, curve: Points) -> Result<()> {
     })
 }
 
-/// The colours of [`overlay`], in order, with their names.
+/// The colours of [`overlay`], in order, with their names (matplotlib's tab10).
 pub const COLOURS: [(&str, RGBColor); 8] = [
     ("blue", RGBColor(31, 119, 180)),
     ("orange", RGBColor(255, 127, 14)),

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::tasks::{Outcomes, Task};
 use crate::model::ModelConfig;
+use crate::train::plot::COLOURS;
 
 /// What the report says about a model besides its scores.
 #[derive(Debug, Clone)]
@@ -68,25 +69,13 @@ pub fn core(scores: &[Scored]) -> Option<f64> {
     (!centered.is_empty()).then(|| centered.iter().sum::<f64>() / centered.len() as f64)
 }
 
-/// The colours of the models, in input order (matplotlib's tab10).
-const PALETTE: [(&str, RGBColor); 8] = [
-    ("blue", RGBColor(31, 119, 180)),
-    ("orange", RGBColor(255, 127, 14)),
-    ("green", RGBColor(44, 160, 44)),
-    ("red", RGBColor(214, 39, 40)),
-    ("purple", RGBColor(148, 103, 189)),
-    ("brown", RGBColor(140, 86, 75)),
-    ("pink", RGBColor(227, 119, 194)),
-    ("grey", RGBColor(127, 127, 127)),
-];
-
 /// Writes `results.json`, `report.md`, `centered.png` and, with perplexity
 /// tasks, `bits_per_byte.png` into `out`; returns the JSON.
 /// `scores[m][t]` is task `t` on model `m`.
 pub fn write(out: &Path, tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>]) -> Result<Value> {
     let results = results_json(tasks, models, scores);
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)? + "\n")?;
-    let colours: Vec<RGBColor> = (0..models.len()).map(|m| PALETTE[m % PALETTE.len()].1).collect();
+    let colours: Vec<RGBColor> = (0..models.len()).map(|m| COLOURS[m % COLOURS.len()].1).collect();
     let chart = |name: &str, pick: &dyn Fn(&Outcomes) -> Option<f64>| -> Result<Option<String>> {
         let groups: Vec<Vec<Option<f64>>> = (0..tasks.len()).map(|t| scores.iter().map(|m| pick(&m[t].outcomes)).collect()).collect();
         let groups: Vec<Vec<Option<f64>>> = groups.into_iter().filter(|g| g.iter().any(Option::is_some)).collect();
@@ -153,7 +142,7 @@ fn markdown(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>], center
             md,
             "| {} | {} | {} | {} | {} | {} |",
             info.label,
-            PALETTE[m % PALETTE.len()].0,
+            COLOURS[m % COLOURS.len()].0,
             millions(info.config.num_params() as f64),
             info.steps.map_or("—".into(), |s| s.to_string()),
             info.tokens.map_or("—".into(), |t| millions(t as f64)),
@@ -200,7 +189,7 @@ fn markdown(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>], center
     let cores: Vec<String> = scores.iter().map(|row| core(row).map_or("—".into(), number)).collect();
     let _ = writeln!(md, "| **CORE** | | {} |", cores.join(" | "));
     let legend = || {
-        let names: Vec<String> = models.iter().enumerate().map(|(m, i)| format!("{} {}", PALETTE[m % PALETTE.len()].0, i.label)).collect();
+        let names: Vec<String> = models.iter().enumerate().map(|(m, i)| format!("{} {}", COLOURS[m % COLOURS.len()].0, i.label)).collect();
         format!("one bar per model, left to right: {}", names.join(", "))
     };
     if let Some(file) = centered {
