@@ -63,8 +63,8 @@ pub struct RunOptions {
 }
 
 enum Outcome {
-    Built(Box<Head>),
-    Fresh(Box<Head>),
+    Built(Arc<Head>),
+    Fresh(Arc<Head>),
     Failed,
     /// Not run because an input failed.
     Skipped,
@@ -147,7 +147,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     _ => false,
                 });
                 if let (false, State::Fresh, true, Some(m)) = (force, known.state, same_inputs, &known.manifest) {
-                    outcomes.insert(i, Outcome::Fresh(Box::new(m.clone())));
+                    outcomes.insert(i, Outcome::Fresh(Arc::clone(m)));
                     continue;
                 }
                 let mut inputs = BTreeMap::new();
@@ -162,7 +162,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 let key = plan::key_of(s, &inputs, &deps);
                 if !force {
                     if let Some(m) = fresh_artifact(&store, &s.name, &key) {
-                        outcomes.insert(i, Outcome::Fresh(Box::new(m)));
+                        outcomes.insert(i, Outcome::Fresh(Arc::new(m)));
                         continue;
                     }
                 }
@@ -256,7 +256,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     // Another run may have built it while we waited.
     if !job.force {
         if let Some(m) = fresh_artifact(store, &job.stage, &job.key) {
-            return Ok(Outcome::Fresh(Box::new(m)));
+            return Ok(Outcome::Fresh(Arc::new(m)));
         }
     }
     if INTERRUPTED.load(Ordering::SeqCst) {
@@ -370,7 +370,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
             let _ = fs::remove_dir_all(&work);
             let shown = dest.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(&dest);
             ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown.display()));
-            Ok(Outcome::Built(Box::new(manifest.head())))
+            Ok(Outcome::Built(Arc::new(manifest.head())))
         }
     }
 }

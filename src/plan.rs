@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -86,7 +87,7 @@ pub struct Status {
     pub key: Option<String>,
     pub reasons: Vec<String>,
     /// The artifact for `key`, when fresh.
-    pub manifest: Option<Head>,
+    pub manifest: Option<Arc<Head>>,
     pub log: Option<std::path::PathBuf>,
 }
 
@@ -112,9 +113,9 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
     // is still current and whose files still match by stat is fresh without
     // its manifest being read.
     let known_path = store.known_heads_path(&p.file);
-    let known: HashMap<String, Head> = crate::store::read_chunked::<PathBuf, Head>(&known_path)
+    let known: HashMap<String, Arc<Head>> = crate::store::read_chunked::<PathBuf, Head>(&known_path)
         .filter(|(file, _)| *file == p.file)
-        .map(|(_, heads)| heads.into_iter().map(|h| (h.stage.clone(), h)).collect())
+        .map(|(_, heads)| heads.into_iter().map(|h| (h.stage.clone(), Arc::new(h))).collect())
         .unwrap_or_default();
     let mut out: Vec<Option<Status>> = vec![None; p.stages.len()];
     for members in levels {
@@ -125,8 +126,8 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
         }
     }
     let out: Vec<Status> = out.into_iter().map(|s| s.expect("every stage visited")).collect();
-    let fresh: Vec<&Head> = out.iter().filter(|s| s.state == State::Fresh).filter_map(|s| s.manifest.as_ref()).collect();
-    if fresh.len() != known.len() || fresh.iter().any(|h| known.get(&h.stage) != Some(*h)) {
+    let fresh: Vec<&Head> = out.iter().filter(|s| s.state == State::Fresh).filter_map(|s| s.manifest.as_deref()).collect();
+    if fresh.len() != known.len() || fresh.iter().any(|h| known.get(&h.stage).map(|k| &**k) != Some(*h)) {
         let _ = crate::store::write_chunked(&known_path, &p.file, &fresh);
     }
     Ok(out)
@@ -137,7 +138,7 @@ fn status_of(
     p: &Pipeline,
     store: &Store,
     done: &[Option<Status>],
-    known: &HashMap<String, Head>,
+    known: &HashMap<String, Arc<Head>>,
     i: usize,
     deps: &BTreeMap<String, String>,
 ) -> Status {
@@ -157,11 +158,13 @@ fn status_of(
         let key = key_of(s, &inputs, deps);
         let intact = |h: &Head| store.check(h, false) == Integrity::Intact;
         if let Some(h) = known.get(&s.name).filter(|h| h.key == key && intact(h)) {
-            return Status { state: State::Fresh, key: Some(key), reasons: vec![], manifest: Some(h.clone()), log: None };
+            return Status { state: State::Fresh, key: Some(key), reasons: vec![], manifest: Some(Arc::clone(h)), log: None };
         }
         match store.read_head(&s.name, &key) {
             Some(m) => match store.check(&m, false) {
-                Integrity::Intact => Ok(Status { state: State::Fresh, key: Some(key), reasons: vec![], manifest: Some(m), log: None }),
+                Integrity::Intact => {
+                    Ok(Status { state: State::Fresh, key: Some(key), reasons: vec![], manifest: Some(Arc::new(m)), log: None })
+                }
                 Integrity::Damaged(files) => Err((Some(key), Some(files))),
             },
             None => Err((Some(key), None)),
