@@ -132,13 +132,13 @@ enum ExportFormat {
     Hf,
 }
 
+// Loading a 10,000-stage pipeline makes hundreds of thousands of small
+// allocations across threads: mimalloc spares a no-op `status` a quarter of
+// its time against glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
-    // SAFETY: mallopt only changes allocator parameters; nothing has allocated
-    // from other threads yet. Growing the heap 64 MiB at a time instead of a
-    // page at a time spares a 10,000-stage status a tenth of its time.
-    unsafe {
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Run { targets, dry_run, force, jobs, keep_going } => commands::run(&cli.file, targets, dry_run, force, jobs, keep_going),
