@@ -11,13 +11,21 @@ use anyhow::{bail, Context, Result};
 use console::style;
 use serde_json::json;
 
-use crate::config::Pipeline;
+use crate::config::{ConfigError, Pipeline};
 use crate::exec::{self, RunOptions, StageFailed, INTERRUPTED};
 use crate::graph::{Dag, Format};
 use crate::plan::{self, State, Status, STATES};
 use crate::protocol::{GenerateRequest, Sampling, Spec, StageCtx};
-use crate::store::{self, Integrity, Store};
+use crate::store::{self, Access, Integrity, Store};
 use crate::ui::Ui;
+
+/// `println!` that returns the error instead of panicking, so output piped
+/// into `head` ends quietly (main turns a broken pipe into exit 0).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
 
 /// A command loads one pipeline and exits, so the pipeline is never freed:
 /// freeing 10,000 stages an allocation at a time costs a no-op `status` a
@@ -49,17 +57,17 @@ fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String]) -> R
     for i in dag.closure(&idx) {
         let (s, st) = (&p.stages[i], &statuses[i]);
         match building.iter().position(|&b| b == i) {
-            None => println!("{:>12} {}", style("Fresh").green(), s.name),
+            None => outln!("{:>12} {}", style("Fresh").green(), s.name),
             Some(k) => {
                 let why = if st.state == State::Fresh { "forced".to_string() } else { st.reasons.join("; ") };
-                println!("{:>12} {} ({}): {why}", style("Would build").yellow().bold(), s.name, s.kind.kind);
+                outln!("{:>12} {} ({}): {why}", style("Would build").yellow().bold(), s.name, s.kind.kind);
                 for line in estimates[k].iter().flat_map(|e| e.lines()) {
-                    println!("{:>12} {line}", "");
+                    outln!("{:>12} {line}", "");
                 }
             }
         }
     }
-    println!("{} stage(s) would be built", building.len());
+    outln!("{} stage(s) would be built", building.len());
     Ok(())
 }
 
@@ -96,7 +104,7 @@ pub fn estimate(file: &Path, name: &str) -> Result<()> {
     let statuses = plan::statuses(p, dag, &store)?;
     match estimates(p, &statuses, &store, &[i])?.pop().flatten() {
         Some(text) => print!("{text}"),
-        None => println!("stage `{name}` ({}) gives no estimate: it is cheap to build", p.stages[i].kind.kind),
+        None => outln!("stage `{name}` ({}) gives no estimate: it is cheap to build", p.stages[i].kind.kind),
     }
     Ok(())
 }
@@ -219,11 +227,11 @@ fn show_variants(p: &Pipeline, store: &Store, statuses: &[Status], selected: &[u
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({ "stage": p.stages[selected[0]].base, "variants": variants }))?);
+        outln!("{}", serde_json::to_string_pretty(&json!({ "stage": p.stages[selected[0]].base, "variants": variants }))?);
         return Ok(());
     }
     let first = &p.stages[selected[0]];
-    println!("{} ({}) — {} variants", style(&first.base).bold(), first.kind.kind, selected.len());
+    outln!("{} ({}) — {} variants", style(&first.base).bold(), first.kind.kind, selected.len());
     let numeric =
         |m: &store::Manifest| -> BTreeSet<String> { m.metrics.iter().filter(|(_, v)| v.is_number()).map(|(k, _)| k.clone()).collect() };
     let mut metrics: Option<BTreeSet<String>> = None;
@@ -234,7 +242,7 @@ fn show_variants(p: &Pipeline, store: &Store, statuses: &[Status], selected: &[u
     let metrics: Vec<String> = metrics.unwrap_or_default().into_iter().collect();
     let width = rows.iter().map(|(i, _)| p.stages[*i].name.len() - first.base.len()).max().unwrap_or(0);
     let header: Vec<String> = metrics.iter().map(|k| format!("{k:>12}")).collect();
-    println!("  {:<width$}  {:<7}  {}", "variant", "state", header.join(" "));
+    outln!("  {:<width$}  {:<7}  {}", "variant", "state", header.join(" "));
     for (i, m) in &rows {
         let (s, st) = (&p.stages[*i], &statuses[*i]);
         let values: Vec<String> = metrics
@@ -244,9 +252,9 @@ fn show_variants(p: &Pipeline, store: &Store, statuses: &[Status], selected: &[u
                 None => format!("{:>12}", "-"),
             })
             .collect();
-        println!("  {:<width$}  {:<7}  {}", &s.name[s.base.len()..], st.state.as_str(), values.join(" "));
+        outln!("  {:<width$}  {:<7}  {}", &s.name[s.base.len()..], st.state.as_str(), values.join(" "));
     }
-    println!("`llmflow show 'VARIANT'` shows one, e.g. `llmflow show '{}'`", first.name);
+    outln!("`llmflow show 'VARIANT'` shows one, e.g. `llmflow show '{}'`", first.name);
     Ok(())
 }
 
@@ -256,7 +264,7 @@ fn show_one(p: &Pipeline, store: &Store, st: &Status, i: usize, json: bool) -> R
     let manifest = current_or_latest(store, st, name);
     if json {
         let out = manifest.as_ref().map(|m| store.out_dir(&m.stage, &m.key));
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "name": s.name, "kind": s.kind.kind, "state": st.state, "reasons": st.reasons,
@@ -265,46 +273,46 @@ fn show_one(p: &Pipeline, store: &Store, st: &Status, i: usize, json: bool) -> R
         );
         return Ok(());
     }
-    println!("{} ({}) — {}", style(&s.name).bold(), s.kind.kind, st.state.as_str());
+    outln!("{} ({}) — {}", style(&s.name).bold(), s.kind.kind, st.state.as_str());
     for r in &st.reasons {
-        println!("  {r}");
+        outln!("  {r}");
     }
     let Some(m) = manifest else {
-        println!("no artifact built yet; run `llmflow run {name}`");
+        outln!("no artifact built yet; run `llmflow run {name}`");
         return Ok(());
     };
     if st.state != State::Fresh {
-        println!("showing the last artifact built, which is not current:");
+        outln!("showing the last artifact built, which is not current:");
     }
     let total: u64 = m.files.iter().map(|f| f.size).sum();
-    println!("key       {}", m.key);
-    println!("out       {}", store.out_dir(&m.stage, &m.key).display());
-    println!("log       {}", store.log_path(&m.stage, &m.key).display());
-    println!("built     {} in {:.1}s on {} (llmflow {})", m.finished, m.duration_s, m.host, m.llmflow_version);
-    println!("digest    {}", m.output_digest);
+    outln!("key       {}", m.key);
+    outln!("out       {}", store.out_dir(&m.stage, &m.key).display());
+    outln!("log       {}", store.log_path(&m.stage, &m.key).display());
+    outln!("built     {} in {:.1}s on {} (llmflow {})", m.finished, m.duration_s, m.host, m.llmflow_version);
+    outln!("digest    {}", m.output_digest);
     let out = store.out_dir(&m.stage, &m.key);
     for file in s.kind.show.iter().filter(|f| m.files.iter().any(|mf| &mf.path == *f)) {
-        println!("see       {}", out.join(file).display());
+        outln!("see       {}", out.join(file).display());
     }
     for (slot, input) in &m.inputs {
-        println!("input     {slot} = {} ({})", input.stage, &input.digest[..12]);
+        outln!("input     {slot} = {} ({})", input.stage, &input.digest[..12]);
     }
     for (file, digest) in &m.deps {
-        println!("file      {file} ({})", &digest[..12]);
+        outln!("file      {file} ({})", &digest[..12]);
     }
-    println!("params    {}", serde_json::to_string(&m.params)?);
+    outln!("params    {}", serde_json::to_string(&m.params)?);
     if !m.metrics.is_empty() {
-        println!("metrics");
+        outln!("metrics");
         for (k, v) in &m.metrics {
-            println!("  {k:<24} {v}");
+            outln!("  {k:<24} {v}");
         }
     }
-    println!("files     {} ({})", m.files.len(), human_bytes(total));
+    outln!("files     {} ({})", m.files.len(), human_bytes(total));
     for f in m.files.iter().take(20) {
-        println!("  {:<40} {:>10}", f.path, human_bytes(f.size));
+        outln!("  {:<40} {:>10}", f.path, human_bytes(f.size));
     }
     if m.files.len() > 20 {
-        println!("  … and {} more", m.files.len() - 20);
+        outln!("  … and {} more", m.files.len() - 20);
     }
     Ok(())
 }
@@ -327,10 +335,10 @@ pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
             let reporting: Vec<&str> = p.stages.iter().filter(|s| s.kind.report.is_some()).map(|s| s.name.as_str()).collect();
             match reporting.as_slice() {
                 [one] => one.to_string(),
-                [] => bail!(crate::config::ConfigError(
+                [] => bail!(ConfigError(
                     "no stage of the pipeline writes a report (see the README, \"Evaluation and the report card\")".into()
                 )),
-                many => bail!(crate::config::ConfigError(format!(
+                many => bail!(ConfigError(format!(
                     "several stages write a report ({}): name one, e.g. `llmflow report {}`",
                     many.join(", "),
                     many[0]
@@ -341,12 +349,12 @@ pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
     let i = p.select_one(&name)?;
     let kind = &p.stages[i].kind;
     let Some(report) = &kind.report else {
-        bail!(crate::config::ConfigError(format!("stage `{name}` ({}) writes no report", kind.kind)));
+        bail!(ConfigError(format!("stage `{name}` ({}) writes no report", kind.kind)));
     };
     let store = Store::new(p.artifacts.clone());
     let statuses = plan::statuses(p, dag, &store)?;
     let Some(m) = current_or_latest(&store, &statuses[i], &name) else {
-        bail!(crate::config::ConfigError(format!("no report of `{name}` is built yet: run `llmflow run {name}` first")));
+        bail!(ConfigError(format!("no report of `{name}` is built yet: run `llmflow run {name}` first")));
     };
     let out = store.out_dir(&m.stage, &m.key);
     let wanted = if json { &report.json } else { &report.text };
@@ -364,55 +372,116 @@ pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `verify`: re-hashes every artifact in the store (files missing, changed
+/// or not in the manifest) and every file the pipeline's stages read,
+/// whatever their stat says.
 pub fn verify(file: &Path) -> Result<()> {
     let (p, _) = load(file)?;
     let store = Store::new(p.artifacts.clone());
     let started = Instant::now();
     let (mut ok, mut bad, mut bytes) = (0, 0, 0u64);
+    let damaged = style("DAMAGED").red().bold();
     for stage in store.stages() {
         for key in store.keys(&stage) {
             let Some(m) = store.read_manifest(&stage, &key) else {
-                println!("{:>9} {stage}/{key}: no readable manifest.json", style("DAMAGED").red().bold());
+                outln!("{damaged:>9} {stage}/{key}: no readable manifest.json");
                 bad += 1;
                 continue;
             };
             bytes += m.files.iter().map(|f| f.size).sum::<u64>();
-            match store.check(&m.head(), true) {
-                Integrity::Intact => ok += 1,
-                Integrity::Damaged(files) => {
-                    bad += 1;
-                    println!("{:>9} {stage}/{}: {}", style("DAMAGED").red().bold(), &key[..12], files.join(", "));
-                }
+            let head = m.head();
+            let mut problems = match store.check(&head, true) {
+                Integrity::Intact => Vec::new(),
+                Integrity::Damaged(files) => files.into_iter().map(|f| format!("{f} (missing or changed)")).collect(),
+            };
+            problems.extend(store.extra_files(&head).into_iter().map(|f| format!("{f} (not in the manifest)")));
+            if problems.is_empty() {
+                ok += 1;
+            } else {
+                bad += 1;
+                outln!("{damaged:>9} {stage}/{}: {}", &key[..12], problems.join(", "));
             }
         }
     }
+    // Files outside the store are trusted by stat in `status`; here they are re-hashed.
+    let mut cache = crate::hash::StatCache::open(store.stat_cache_path());
+    let roots: Vec<PathBuf> = p.stages.iter().flat_map(|s| s.resolved.files.iter().map(|f| p.root.join(f))).collect();
+    let changed = cache.recheck(&roots)?;
+    cache.save();
+    for path in &changed {
+        let shown = path.strip_prefix(&p.root).unwrap_or(path);
+        outln!(
+            "{:>9} {}: its contents changed but its size and mtime did not; the stages reading it rebuild on the next run",
+            style("CHANGED").red().bold(),
+            shown.display()
+        );
+    }
     let secs = started.elapsed().as_secs_f64();
-    println!("verified {} artifact(s), {} in {secs:.2}s: {ok} intact, {bad} damaged", ok + bad, human_bytes(bytes));
-    if bad > 0 {
-        bail!(StageFailed(format!("{bad} damaged artifact(s); `llmflow run` rebuilds them")));
+    outln!(
+        "verified {} artifact(s), {} in {secs:.2}s: {ok} intact, {bad} damaged; {} dependency file(s) re-hashed, {} changed",
+        ok + bad,
+        human_bytes(bytes),
+        roots.len(),
+        changed.len()
+    );
+    if bad > 0 || !changed.is_empty() {
+        bail!(StageFailed(format!(
+            "{bad} damaged artifact(s), {} changed dependency file(s); `llmflow run` rebuilds what they affect",
+            changed.len()
+        )));
     }
     Ok(())
 }
 
-pub fn gc(file: &Path, dry_run: bool) -> Result<()> {
+/// `gc`: removes what the store made and no pipeline using it still needs.
+/// It only ever removes `<stage>/<key>` folders holding a manifest, their
+/// logs, and the store's own work, temporary and state files; it takes the
+/// store alone, so no run is using what it removes.
+pub fn gc(file: &Path, dry_run: bool, wait: bool, only_this_pipeline: bool) -> Result<()> {
     let (p, dag) = load(file)?;
     let store = Store::new(p.artifacts.clone());
-    let statuses = plan::statuses(p, dag, &store)?;
-    // Keep each stage's current artifact; where the key is not known yet
-    // (an input must be rebuilt first), keep the last one built.
-    let mut keep: BTreeSet<(String, String)> = BTreeSet::new();
-    for (s, st) in p.stages.iter().zip(&statuses) {
-        if let Some(key) = &st.key {
-            keep.insert((s.name.clone(), key.clone()));
-        } else if let Some(latest) = store.state(&s.name).latest {
-            keep.insert((s.name.clone(), latest));
+    if !store.root.join(store::MARKER).is_file() {
+        bail!(ConfigError(format!(
+            "{} is not an llmflow artifact store (it has no {}): gc removes nothing there",
+            store.root.display(),
+            store::MARKER
+        )));
+    }
+    let _held = store.hold(Access::Exclusive, &format!("llmflow gc -f {}", p.file.display()), wait, |holders| {
+        eprintln!("waiting for the store, in use by: {}", holders.join("; "))
+    })?;
+    let mut keep = in_use(p, dag, &store)?;
+    let mut forgotten = Vec::new();
+    if !only_this_pipeline {
+        for (entry, other) in store.pipelines() {
+            if other == p.file {
+                continue;
+            }
+            if !other.exists() {
+                forgotten.push(entry);
+                continue;
+            }
+            let q = Pipeline::load(&other).map_err(|e| {
+                ConfigError(format!(
+                    "{} also builds into this store and does not load:\n{e}\n  fix it, or run `llmflow gc --only-this-pipeline` to keep only what {} uses",
+                    other.display(),
+                    p.file.display()
+                ))
+            })?;
+            if std::fs::canonicalize(&q.artifacts).ok() == std::fs::canonicalize(&store.root).ok() {
+                keep.extend(in_use(&q, &Dag::new(&q), &store)?);
+            }
         }
     }
     let mut doomed: Vec<PathBuf> = Vec::new();
     for stage in store.stages() {
         for key in store.keys(&stage) {
-            if !keep.contains(&(stage.clone(), key.clone())) {
-                doomed.push(store.artifact_dir(&stage, &key));
+            let dir = store.artifact_dir(&stage, &key);
+            let ours = is_key(&key)
+                && fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
+                && fs::symlink_metadata(dir.join("manifest.json")).is_ok_and(|m| m.is_file());
+            if ours && !keep.contains(&(stage.clone(), key.clone())) {
+                doomed.push(dir);
                 doomed.push(store.log_path(&stage, &key));
             }
         }
@@ -426,32 +495,63 @@ pub fn gc(file: &Path, dry_run: bool) -> Result<()> {
             }
         }
     }
+    // No run holds the store, so every temporary build and state file is left over.
+    doomed.extend(fs::read_dir(store.tmp_root()).into_iter().flatten().flatten().map(|e| e.path()));
+    let state = store.root.join(".state");
+    doomed.extend(
+        fs::read_dir(&state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.') && n.contains(".tmp"))),
+    );
     let mut freed = 0;
     let mut count = 0;
-    for path in doomed.iter().filter(|p| p.exists()) {
+    for path in doomed.iter().filter(|p| fs::symlink_metadata(p).is_ok()) {
         let size = store::disk_usage(path);
         freed += size;
         let shown = path.strip_prefix(&store.root).unwrap_or(path);
         if path.is_dir() && path.parent().and_then(|d| d.parent()) == Some(store.root.as_path()) {
             count += 1;
         }
-        println!("{} {} ({})", if dry_run { "would remove" } else { "removing" }, shown.display(), human_bytes(size));
+        outln!("{} {} ({})", if dry_run { "would remove" } else { "removing" }, shown.display(), human_bytes(size));
         if !dry_run {
-            if path.is_dir() {
-                fs::remove_dir_all(path)?;
-            } else {
-                fs::remove_file(path)?;
-            }
+            store::remove_tree(path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     if !dry_run {
         for stage in store.stages() {
             let _ = fs::remove_dir(store.root.join(stage)); // only if now empty
         }
+        for entry in forgotten {
+            let _ = fs::remove_file(entry);
+        }
     }
     let verb = if dry_run { "would free" } else { "freed" };
-    println!("{count} artifact(s) unused by the current pipeline; {verb} {}", human_bytes(freed));
+    let whose = if only_this_pipeline { "by this pipeline" } else { "by any pipeline file using this store" };
+    outln!("{count} artifact(s) unused {whose}; {verb} {}", human_bytes(freed));
     Ok(())
+}
+
+/// The artifacts `p` uses: each stage's current one and, where the key is
+/// not known yet (an input must be rebuilt first), the last one built.
+fn in_use(p: &Pipeline, dag: &Dag, store: &Store) -> Result<BTreeSet<(String, String)>> {
+    let statuses = plan::statuses(p, dag, store)?;
+    let mut keep = BTreeSet::new();
+    for (s, st) in p.stages.iter().zip(&statuses) {
+        if let Some(key) = &st.key {
+            keep.insert((s.name.clone(), key.clone()));
+        } else if let Some(latest) = store.state(&s.name).latest {
+            keep.insert((s.name.clone(), latest));
+        }
+    }
+    Ok(keep)
+}
+
+/// Whether `name` looks like an artifact key (64 hex digits).
+fn is_key(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The current artifact of `name`, or an error saying how to build it.
@@ -462,7 +562,7 @@ fn fresh_out(file: &Path, name: &str) -> Result<PathBuf> {
     let statuses = plan::statuses(p, dag, &store)?;
     match &statuses[i].manifest {
         Some(m) if statuses[i].state == State::Fresh => Ok(store.out_dir(&m.stage, &m.key)),
-        _ => bail!(crate::config::ConfigError(format!("stage `{name}` is {}: run `llmflow run {name}` first", statuses[i].state.as_str()))),
+        _ => bail!(ConfigError(format!("stage `{name}` is {}: run `llmflow run {name}` first", statuses[i].state.as_str()))),
     }
 }
 
@@ -485,7 +585,7 @@ pub fn export(file: &Path, stage: &str, out: &Path) -> Result<()> {
     if !status.success() {
         bail!(StageFailed(format!("exporting `{stage}` failed")));
     }
-    println!("exported `{stage}` to {} (config.json, model.safetensors, tokenizer.json)", out.display());
+    outln!("exported `{stage}` to {} (config.json, model.safetensors, tokenizer.json)", out.display());
     Ok(())
 }
 
@@ -495,14 +595,14 @@ pub fn kinds(kind: Option<&str>) -> Result<()> {
     let known = crate::kinds::list()?;
     let Some(kind) = kind else {
         for k in known {
-            println!("{:<18} v{}  {}", k.kind, k.version, k.summary);
+            outln!("{:<18} v{}  {}", k.kind, k.version, k.summary);
         }
         return Ok(());
     };
     if !known.iter().any(|k| k.kind == kind) {
         let names: Vec<&str> = known.iter().map(|k| k.kind.as_str()).collect();
         let hint = crate::config::suggest(kind, &names);
-        bail!(crate::config::ConfigError(format!("unknown stage kind `{kind}`{hint} (`llmflow kinds` lists them)")));
+        bail!(ConfigError(format!("unknown stage kind `{kind}`{hint} (`llmflow kinds` lists them)")));
     }
     let status = std::process::Command::new(crate::kinds::runner()?).args(["describe", kind]).status()?;
     if !status.success() {
@@ -513,7 +613,7 @@ pub fn kinds(kind: Option<&str>) -> Result<()> {
 
 pub fn hash(files: &[PathBuf]) -> Result<()> {
     for f in files {
-        println!("{}  {}", crate::hash::hash_file(f)?, f.display());
+        outln!("{}  {}", crate::hash::hash_file(f)?, f.display());
     }
     Ok(())
 }

@@ -143,6 +143,7 @@ impl Pipeline {
         let root = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let snapshot = Snapshot::find(&file, &root, &text);
         if let Some(p) = snapshot.as_ref().and_then(Snapshot::read) {
+            check_store_location(&p.file, &text, &p.root, &p.artifacts)?;
             return Ok(p);
         }
         let src = Source::new(&file, &text);
@@ -179,6 +180,7 @@ impl Pipeline {
         };
         let name = string("name", "pipeline")?;
         let artifacts = root.join(string("artifacts", "artifacts")?);
+        check_store_location(&file, &text, &root, &artifacts)?;
         let device = string("device", "auto")?;
         if !valid_device(&device) {
             let at = src.key_span(spans, &["pipeline", "device"]);
@@ -210,7 +212,10 @@ impl Pipeline {
                 })
                 .collect(),
         };
-        let response = crate::kinds::resolve(&request, &artifacts.join(".state").join("resolved.json"))
+        // The store keeps the resolved params, once it is made (or found to be a store).
+        let store = crate::store::Store::new(artifacts.clone());
+        let cache = store.create().is_ok().then(|| artifacts.join(".state").join("resolved.json"));
+        let response = crate::kinds::resolve(&request, cache.as_deref())
             .map_err(|e| ConfigError(format!("cannot resolve the stages of {}: {e:#}", file.display())))?;
         let mut stages = Vec::with_capacity(expanded.len());
         for (v, result) in expanded.into_iter().zip(response.stages) {
@@ -231,6 +236,41 @@ impl Pipeline {
         }
         Ok(pipeline)
     }
+}
+
+/// Refuses a store that is, or holds, the pipeline's own folder: `gc` and
+/// `--force` would then work among the user's files.
+fn check_store_location(file: &Path, text: &str, root: &Path, artifacts: &Path) -> Result<(), ConfigError> {
+    let real = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| normalize(path));
+    let (store, root) = (real(artifacts), real(root));
+    if !root.starts_with(&store) {
+        return Ok(());
+    }
+    let src = Source::new(file, text);
+    let at = DeTable::parse(text).ok().and_then(|spans| src.key_span(spans.get_ref(), &["pipeline", "artifacts"]));
+    let relation = if store == root { "the pipeline's own folder" } else { "a folder above the pipeline's" };
+    Err(src.error(
+        at,
+        format!(
+            "the artifact store {} is {relation}: llmflow removes and rewrites what is in its store; set `pipeline.artifacts` to a folder of its own, such as \"artifacts\"",
+            store.display()
+        ),
+    ))
+}
+
+/// `path` with `.` and `..` resolved without touching the disk.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// A loaded pipeline kept in its store, so a file that has not changed
@@ -318,8 +358,8 @@ impl Snapshot {
     }
 
     fn write(self, p: &Pipeline, kinds: Vec<KindInfo>) {
-        // Only a store that exists gets one: loading must not create the store.
-        if !self.path.parent().and_then(Path::parent).is_some_and(Path::is_dir) {
+        // Only a store gets one: a folder that is not a store is left alone.
+        if !self.path.parent().and_then(Path::parent).is_some_and(|store| store.join(crate::store::MARKER).is_file()) {
             return;
         }
         let stages: Vec<SnapshotStage> = p

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -27,7 +27,7 @@ use crate::config::{ConfigError, Pipeline};
 use crate::graph::Dag;
 use crate::hash::{self, StatCache};
 use crate::plan::{self, State};
-use crate::store::{self, Head, InputRef, Integrity, Manifest, Store};
+use crate::store::{self, Access, Head, InputRef, Integrity, Manifest, Store};
 use crate::ui::Ui;
 
 /// Set by the Ctrl-C handler; every running build watches it.
@@ -72,6 +72,10 @@ enum Outcome {
 
 impl Outcome {
     fn head(&self) -> Option<&Head> {
+        self.shared_head().map(|m| &**m)
+    }
+
+    fn shared_head(&self) -> Option<&Arc<Head>> {
         match self {
             Outcome::Built(m) | Outcome::Fresh(m) => Some(m),
             _ => None,
@@ -89,8 +93,8 @@ struct Job {
     key_params: serde_json::Value,
     key: String,
     inputs: BTreeMap<String, InputRef>,
-    /// Input slot → the upstream artifact's `out/`.
-    input_dirs: BTreeMap<String, PathBuf>,
+    /// Input slot → the upstream artifact.
+    input_heads: BTreeMap<String, Arc<Head>>,
     deps: BTreeMap<String, String>,
     force: bool,
     threads: usize,
@@ -108,8 +112,16 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
         }
     }
     let store = Arc::new(Store::new(p.artifacts.clone()));
-    fs::create_dir_all(&store.root).with_context(|| format!("cannot create the artifact store {}", store.root.display()))?;
+    store.create()?;
+    let _held = store.hold(Access::Shared, &format!("llmflow run -f {}", p.file.display()), true, |holders| {
+        ui.status("Waiting", &format!("for the store: {}", holders.join("; ")))
+    })?;
+    store.register(&p.file)?;
     store.clean_stale_tmp();
+    // Processes a stage leaves behind are re-parented to us when their parent
+    // exits, so we can reap them and know they are gone (see `end_group`).
+    // SAFETY: prctl with these arguments only sets a flag on this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // What is fresh now, checked in parallel; a stage whose inputs are still
     // the ones the plan saw is not looked at again.
@@ -151,12 +163,12 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     continue;
                 }
                 let mut inputs = BTreeMap::new();
-                let mut input_dirs = BTreeMap::new();
+                let mut input_heads = BTreeMap::new();
                 for (slot, up) in &s.inputs {
                     let u = p.index(up).expect("checked reference");
-                    let m = outcomes[&u].head().expect("built");
+                    let m = outcomes[&u].shared_head().expect("built");
                     inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
-                    input_dirs.insert(slot.clone(), store.out_dir(&m.stage, &m.key));
+                    input_heads.insert(slot.clone(), Arc::clone(m));
                 }
                 let deps = plan::dep_digests(p, s, &mut cache)?;
                 let key = plan::key_of(s, &inputs, &deps);
@@ -182,7 +194,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     key_params: s.resolved.key_params.clone(),
                     key,
                     inputs,
-                    input_dirs,
+                    input_heads,
                     deps,
                     force,
                     threads,
@@ -263,18 +275,19 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
         return Ok(Outcome::Failed);
     }
     let tmp = store.make_tmp(&job.stage, &job.key)?;
+    let dir = tmp.path.clone();
     let work = store.work_dir(&job.stage, &job.key);
     fs::create_dir_all(&work)?;
     let log_path = store.log_path(&job.stage, &job.key);
     fs::create_dir_all(log_path.parent().expect("has parent"))?;
     let log = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
 
-    let mut ctx = StageCtx::new(&job.stage, root, &tmp.join("out"), &work);
-    ctx.inputs = job.input_dirs.clone();
+    let mut ctx = StageCtx::new(&job.stage, root, &dir.join("out"), &work);
+    ctx.inputs = job.input_heads.iter().map(|(slot, m)| (slot.clone(), store.out_dir(&m.stage, &m.key))).collect();
     ctx.device = device.to_string();
     ctx.threads = job.threads;
-    ctx.progress_file = Some(tmp.join("progress"));
-    let spec_path = tmp.join("spec.json");
+    ctx.progress_file = Some(dir.join("progress"));
+    let spec_path = dir.join("spec.json");
     let spec = Spec { kind: job.kind.clone(), params: job.params.clone(), ctx };
     fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
 
@@ -293,25 +306,25 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
         .env("OMP_NUM_THREADS", &threads)
         .env("POLARS_MAX_THREADS", &threads)
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe; it makes the stage die with us.
+    // SAFETY: prctl is async-signal-safe. If we die, the runner gets SIGTERM
+    // and kills its whole process group (llmflow-stage's `die_with_group`).
     unsafe {
         child.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });
     }
     let mut child = child.spawn().context("cannot start the stage process")?;
     let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Some(status);
+        if exited(&child) {
+            // Whatever the stage left running dies before its output is hashed.
+            break Some(end_group(&mut child)?);
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
-            // SAFETY: the child leads its own process group; kill all of it.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
+            let _ = end_group(&mut child);
             break None;
         }
-        if let Ok(text) = fs::read_to_string(tmp.join("progress")) {
+        if let Ok(text) = fs::read_to_string(dir.join("progress")) {
             ui.progress(&bar, &text);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -320,12 +333,8 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     let secs = started.elapsed().as_secs_f64();
 
     match status {
-        None => {
-            let _ = fs::remove_dir_all(&tmp);
-            Ok(Outcome::Failed)
-        }
+        None => Ok(Outcome::Failed),
         Some(status) if !status.success() => {
-            let _ = fs::remove_dir_all(&tmp);
             let why = match status.code() {
                 Some(c) => format!("exit status {c}"),
                 None => "killed by a signal".to_string(),
@@ -339,11 +348,27 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
             Ok(Outcome::Failed)
         }
         Some(_) => {
-            let metrics = fs::read(tmp.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            let metrics = fs::read(dir.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
             for extra in ["spec.json", "metrics.json", "progress"] {
-                let _ = fs::remove_file(tmp.join(extra));
+                let _ = fs::remove_file(dir.join(extra));
             }
-            let files = hash::manifest_files(&tmp.join("out"))?;
+            if let Some(changed) = changed_inputs(job, store) {
+                let message = format!(
+                    "the stage wrote into its input {changed}; a stage must only read its inputs (they are rebuilt on the next run)"
+                );
+                store.update_state(&job.stage, |s| {
+                    s.last_failure = Some(store::Failure {
+                        key: job.key.clone(),
+                        log: log_path.clone(),
+                        at: store::now_rfc3339(),
+                        message: message.clone(),
+                    })
+                })?;
+                ui.error(&format!("stage `{}`: {message}", job.stage));
+                return Ok(Outcome::Failed);
+            }
+            store::seal(&dir.join("out"))?;
+            let files = hash::manifest_files(&dir.join("out"))?;
             let manifest = Manifest {
                 stage: job.stage.clone(),
                 key: job.key.clone(),
@@ -359,15 +384,15 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
                 started: start_time,
                 finished: store::now_rfc3339(),
                 duration_s: secs,
-                host: hostname(),
+                host: store::hostname(),
                 llmflow_version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            let dest = store.publish(&tmp, &manifest)?;
+            let dest = store.publish(tmp, &manifest)?;
             store.update_state(&job.stage, |s| {
                 s.latest = Some(job.key.clone());
                 s.last_failure = None;
             })?;
-            let _ = fs::remove_dir_all(&work);
+            let _ = store::remove_tree(&work);
             let shown = dest.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(&dest);
             ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown.display()));
             Ok(Outcome::Built(Arc::new(manifest.head())))
@@ -381,8 +406,61 @@ fn last_error_line(log: &Path) -> Option<String> {
     lines.iter().rev().find(|l| l.starts_with("error")).or(lines.last()).map(|l| l.trim().to_string())
 }
 
-fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+/// Whether the stage process has exited, without reaping it: until it is
+/// reaped its pid, which is also its process group's id, cannot be reused.
+fn exited(child: &std::process::Child) -> bool {
+    let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+    // SAFETY: waitid writes into `info`; WNOWAIT leaves the child waitable.
+    let rc = unsafe { libc::waitid(libc::P_PID, child.id(), info.as_mut_ptr(), libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    // SAFETY: zeroed above and filled by waitid when a child has exited.
+    rc == 0 && unsafe { info.assume_init().si_pid() } != 0
+}
+
+/// Kills every process in the stage's group, reaps the stage process, and
+/// waits until no member is left: as their subreaper we reap those whose
+/// parents died before them.
+fn end_group(child: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    let group = child.id() as i32;
+    // SAFETY: the group is the stage's own; its leader is not reaped yet, so the id is still ours.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+    let status = child.wait()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: reaps exited members of the stage's group, which the leader's
+        // remaining members keep reserved.
+        while unsafe { libc::waitpid(-group, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        let members = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { return false };
+            process_group(pid) == Some(group)
+        });
+        if members.count() == 0 || Instant::now() > deadline {
+            return Ok(status);
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The process group of `pid`, from `/proc/PID/stat`, if it is still running.
+fn process_group(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    (state != "Z").then(|| fields.nth(1)?.parse().ok()).flatten()
+}
+
+/// An input artifact the stage changed, described for the error.
+fn changed_inputs(job: &Job, store: &Store) -> Option<String> {
+    job.input_heads.iter().find_map(|(slot, head)| {
+        let mut changed = match store.check(head, false) {
+            Integrity::Intact => Vec::new(),
+            Integrity::Damaged(files) => files,
+        };
+        changed.extend(store.extra_files(head));
+        (!changed.is_empty()).then(|| format!("`{slot}` ({}: {})", head.stage, changed.join(", ")))
+    })
 }
 
 /// The tail of a log, for failure messages.

@@ -152,6 +152,25 @@ impl StatCache {
         Ok(digest)
     }
 
+    /// Re-hashes every cached file under one of `roots`, whatever its stat
+    /// says, and returns those whose contents changed without their size,
+    /// mtime or inode changing; their entries now hold the new digest.
+    pub fn recheck(&mut self, roots: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        let mut changed = Vec::new();
+        for (path, (_, digest)) in self.entries.iter_mut() {
+            if !roots.iter().any(|r| path.starts_with(r)) || !path.is_file() {
+                continue;
+            }
+            let now = hash_file(path)?;
+            if now != *digest {
+                *digest = now;
+                changed.push(path.clone());
+                self.dirty = true;
+            }
+        }
+        Ok(changed)
+    }
+
     /// Saves the cache; losing it only costs re-hashing, so errors are ignored.
     pub fn save(&mut self) {
         if !self.dirty {

@@ -54,20 +54,20 @@ struct Cached {
     response: ResolveResponse,
 }
 
-/// Resolves every stage's params; `cache` is where a good answer is kept.
-pub fn resolve(request: &ResolveRequest, cache: &Path) -> Result<ResolveResponse> {
+/// Resolves every stage's params; `cache`, if any, is where a good answer is kept.
+pub fn resolve(request: &ResolveRequest, cache: Option<&Path>) -> Result<ResolveResponse> {
     let runner = runner()?;
     let runner_stat = Stat::of(&runner)?;
     let body = serde_json::to_vec(request)?;
     let request_hash = hash_bytes(&body);
-    if let Some(hit) = std::fs::read(cache).ok().and_then(|b| serde_json::from_slice::<Cached>(&b).ok()) {
+    if let Some(hit) = cache.and_then(|c| std::fs::read(c).ok()).and_then(|b| serde_json::from_slice::<Cached>(&b).ok()) {
         if hit.runner == runner_stat && hit.request == request_hash {
             return Ok(hit.response);
         }
     }
     let response: ResolveResponse = ask(&runner, "resolve", &body)?;
     // Only a pipeline without mistakes is cached; errors are cheap to redo.
-    if response.stages.iter().all(|s| matches!(s, Some(Ok(_)))) {
+    if let Some(cache) = cache.filter(|_| response.stages.iter().all(|s| matches!(s, Some(Ok(_))))) {
         let cached = Cached { runner: runner_stat, request: request_hash, response: response.clone() };
         let _ = crate::store::write_atomic(cache, &serde_json::to_vec(&cached)?);
     }

@@ -80,11 +80,24 @@ enum Cmd {
     },
     /// Re-hash every artifact in the store and report damage.
     Verify,
-    /// Remove artifacts that no current stage key uses.
+    /// Remove artifacts that no pipeline using the store needs.
+    ///
+    /// Keeps every stage's current artifact for this pipeline file and for
+    /// every other pipeline file that has run into the same store. Removes
+    /// only what llmflow made: `<stage>/<key>` folders with a manifest, their
+    /// logs, and its own work, temporary and state files. Waits while a run
+    /// uses the store.
     Gc {
         /// List what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Fail at once, naming who uses the store, instead of waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Keep only what this pipeline file uses, even if other pipeline
+        /// files build into the same store.
+        #[arg(long)]
+        only_this_pipeline: bool,
     },
     /// Sample text from a trained model: the artifact of STAGE (pretrain, sft, …).
     Generate {
@@ -147,7 +160,7 @@ fn main() -> ExitCode {
         Cmd::Show { stage, json } => commands::show(&cli.file, &stage, json),
         Cmd::Report { stage, json } => commands::report(&cli.file, stage.as_deref(), json),
         Cmd::Verify => commands::verify(&cli.file),
-        Cmd::Gc { dry_run } => commands::gc(&cli.file, dry_run),
+        Cmd::Gc { dry_run, no_wait, only_this_pipeline } => commands::gc(&cli.file, dry_run, !no_wait, only_this_pipeline),
         Cmd::Generate { stage, prompt, max_tokens, temperature, top_k, top_p, seed } => {
             commands::generate(&cli.file, &stage, prompt, Sampling { max_tokens, temperature, top_k, top_p, seed })
         }
@@ -158,6 +171,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`llmflow status | head -1`): nothing is wrong.
+        Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) => {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             let (code, text) = if e.is::<ConfigError>() {
                 (2, format!("{e}"))

@@ -8,20 +8,24 @@
 //! artifacts/.logs/<stage>/<key>.log        the stage process's output
 //! artifacts/.state/<stage>.json            last good key and last failure
 //! artifacts/.locks/<stage>.lock            held while a stage builds
+//! artifacts/.locks/holders/                 one file per run or gc using the store
+//! artifacts/.llmflow-store                  marks the folder as a store; runs lock it
+//!                                           shared, gc exclusive
 //! ```
 //!
 //! An artifact counts as built once `<stage>/<key>/manifest.json` exists. It
-//! is written inside a temporary directory, synced, and the directory is
-//! renamed into place, so a crash at any moment leaves either no artifact or
-//! a whole one.
+//! is written inside a temporary directory, synced, made read-only and the
+//! directory renamed into place (or swapped with the one it replaces), so a
+//! crash at any moment leaves either the old artifact or the new one, whole.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -107,9 +111,128 @@ pub enum Integrity {
     Damaged(Vec<String>),
 }
 
+/// The file that marks a folder as an llmflow store; runs hold a shared
+/// lock on it and `gc` an exclusive one.
+pub const MARKER: &str = ".llmflow-store";
+
+/// How a command uses the store: runs share it, gc needs it alone.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Shared,
+    Exclusive,
+}
+
+/// The store-wide lock and this process's entry among its holders; both go
+/// when dropped (or when the process dies).
+pub struct StoreLock {
+    _marker: File,
+    _holder: File,
+    holder_path: PathBuf,
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.holder_path);
+    }
+}
+
+/// A temporary build directory's lock: held while the build runs, so no
+/// other process (in any PID namespace, on any host sharing the store)
+/// removes it as left over.
+pub struct TmpDir {
+    pub path: PathBuf,
+    lock_path: PathBuf,
+    _lock: File,
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = remove_tree(&self.path);
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
 impl Store {
     pub fn new(root: PathBuf) -> Store {
         Store { root, dir: std::sync::OnceLock::new() }
+    }
+
+    /// Creates the store, or checks that an existing folder is one: a folder
+    /// holding other things is refused rather than filled with artifacts (and
+    /// later swept by `gc`). A store built into before the marker existed (it
+    /// has `.locks/`) is marked now.
+    pub fn create(&self) -> Result<()> {
+        let marker = self.root.join(MARKER);
+        if marker.is_file() {
+            return Ok(());
+        }
+        let adoptable = match fs::read_dir(&self.root) {
+            Err(_) => true,
+            Ok(mut entries) => entries.next().is_none() || self.root.join(".locks").is_dir(),
+        };
+        if !adoptable {
+            bail!(crate::config::ConfigError(format!(
+                "{} exists and is not an llmflow artifact store (it has no {MARKER}): set `pipeline.artifacts` to a new or empty folder",
+                self.root.display()
+            )));
+        }
+        fs::create_dir_all(&self.root).with_context(|| format!("cannot create the artifact store {}", self.root.display()))?;
+        write_atomic(&marker, b"llmflow artifact store\n")
+    }
+
+    /// Takes the store-wide lock. A run shares it with other runs; `gc` waits
+    /// until no run holds it (or, with `wait` false, fails naming them).
+    /// `on_wait` is told who holds it before waiting.
+    pub fn hold(&self, access: Access, what: &str, wait: bool, on_wait: impl FnOnce(&[String])) -> Result<StoreLock> {
+        let path = self.root.join(MARKER);
+        let marker =
+            File::open(&path).with_context(|| format!("{} is not an llmflow artifact store (no {MARKER})", self.root.display()))?;
+        let attempt = match access {
+            Access::Shared => marker.try_lock_shared(),
+            Access::Exclusive => marker.try_lock(),
+        };
+        match attempt {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holders = self.holders();
+                if !wait {
+                    bail!(StoreBusy(format!("the store {} is in use by: {}", self.root.display(), holders.join("; "))));
+                }
+                on_wait(&holders);
+                match access {
+                    Access::Shared => marker.lock_shared()?,
+                    Access::Exclusive => marker.lock()?,
+                }
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).context(format!("cannot lock {}", path.display())),
+        }
+        let dir = self.root.join(".locks").join("holders");
+        fs::create_dir_all(&dir)?;
+        let holder_path = dir.join(format!("{}.{}.{}", hostname(), std::process::id(), unique()));
+        let mut holder = File::create(&holder_path)?;
+        holder.lock()?;
+        let since = now_rfc3339();
+        writeln!(holder, "{what} (process {} on {}, since {since})", std::process::id(), hostname())?;
+        Ok(StoreLock { _marker: marker, _holder: holder, holder_path })
+    }
+
+    /// Who holds the store-wide lock: each holder keeps its file locked.
+    fn holders(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.root.join(".locks").join("holders")) else { return Vec::new() };
+        let mut found: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let mut file = File::open(e.path()).ok()?;
+                if file.try_lock_shared().is_ok() {
+                    return None; // left by a process that died
+                }
+                let mut text = String::new();
+                file.read_to_string(&mut text).ok()?;
+                Some(text.trim().to_string())
+            })
+            .collect();
+        found.sort();
+        found
     }
 
     /// Opens `rel`, a path inside the store, relative to the store's open
@@ -171,6 +294,31 @@ impl Store {
     pub fn known_heads_path(&self, pipeline: &Path) -> PathBuf {
         let id = hash::hash_bytes(pipeline.as_os_str().as_encoded_bytes());
         self.root.join(".state").join(format!("heads-{}.json", &id[..16]))
+    }
+
+    /// Records that `pipeline` builds into this store, so a `gc` run from
+    /// another pipeline file keeps its artifacts.
+    pub fn register(&self, pipeline: &Path) -> Result<()> {
+        let id = hash::hash_bytes(pipeline.as_os_str().as_encoded_bytes());
+        let path = self.root.join(".state").join("pipelines").join(format!("{}.json", &id[..16]));
+        if path.exists() {
+            return Ok(());
+        }
+        write_atomic(&path, &serde_json::to_vec(pipeline)?)
+    }
+
+    /// Every pipeline file registered with [`Store::register`], with its entry.
+    pub fn pipelines(&self) -> Vec<(PathBuf, PathBuf)> {
+        let Ok(entries) = fs::read_dir(self.root.join(".state").join("pipelines")) else { return Vec::new() };
+        let mut found: Vec<(PathBuf, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let file: PathBuf = serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?;
+                Some((e.path(), file))
+            })
+            .collect();
+        found.sort();
+        found
     }
 
     pub fn stat_cache_path(&self) -> PathBuf {
@@ -256,56 +404,82 @@ impl Store {
         }
     }
 
-    /// A fresh temporary directory for building `stage`, named so a later run
-    /// can tell whether its owner is still alive.
-    pub fn make_tmp(&self, stage: &str, key: &str) -> Result<PathBuf> {
-        let dir = self.tmp_root().join(format!("{stage}.{}.{}", &key[..12], std::process::id()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
-        }
-        fs::create_dir_all(dir.join("out")).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(dir)
+    /// A fresh temporary directory for building `stage`, with a lock beside
+    /// it (`NAME.lock`) held until the build is published or dropped.
+    pub fn make_tmp(&self, stage: &str, key: &str) -> Result<TmpDir> {
+        let name = format!("{stage}.{}.{}.{}", &key[..12], std::process::id(), unique());
+        let path = self.tmp_root().join(&name);
+        fs::create_dir_all(self.tmp_root())?;
+        let lock_path = self.tmp_root().join(format!("{name}.lock"));
+        let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+        lock.lock()?;
+        fs::create_dir_all(path.join("out")).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TmpDir { path, lock_path, _lock: lock })
     }
 
-    /// Removes temporary directories left by processes that no longer run.
+    /// Removes temporary directories whose builds are over: those whose lock
+    /// can be taken. A directory without a lock (the old one a `--force`
+    /// swapped out, or a build killed between its two first steps) is
+    /// removed once it is a minute old.
     pub fn clean_stale_tmp(&self) {
         let Ok(entries) = fs::read_dir(self.tmp_root()) else { return };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.rsplit('.').next().and_then(|p| p.parse::<i32>().ok());
-            if pid.is_none_or(|pid| !process_alive(pid)) {
-                let _ = fs::remove_dir_all(entry.path());
+        let entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        for path in &entries {
+            let Some(dir) = path.to_str().and_then(|p| p.strip_suffix(".lock")).map(PathBuf::from) else { continue };
+            let Ok(lock) = File::open(path) else { continue };
+            if lock.try_lock().is_ok() {
+                let _ = remove_tree(&dir);
+                let _ = fs::remove_file(path);
+            }
+        }
+        let old =
+            |p: &Path| fs::symlink_metadata(p).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60));
+        for path in entries.iter().filter(|p| p.extension().is_none_or(|e| e != "lock")) {
+            let mut lock = path.clone().into_os_string();
+            lock.push(".lock");
+            if !Path::new(&lock).exists() && old(path) {
+                let _ = remove_tree(path);
             }
         }
     }
 
-    /// Moves a finished build into place. `tmp` holds `out/`; the manifest is
-    /// written beside it, everything is synced, then the directory is renamed.
-    /// An existing artifact with the same key (a forced rebuild) is replaced.
-    pub fn publish(&self, tmp: &Path, manifest: &Manifest) -> Result<PathBuf> {
-        sync_tree(&tmp.join("out"))?;
-        let mpath = tmp.join("manifest.json");
+    /// Moves a finished build into place. `tmp` holds `out/`, already made
+    /// read-only (see [`seal`]); the manifest is written beside it,
+    /// everything is synced, then the directory is renamed. An existing
+    /// artifact with the same key (a forced rebuild) is swapped with the new
+    /// one in one step, so it stays whole until the new one is in place.
+    pub fn publish(&self, tmp: TmpDir, manifest: &Manifest) -> Result<PathBuf> {
+        sync_tree(&tmp.path.join("out"))?;
+        let mpath = tmp.path.join("manifest.json");
         let mut f = File::create(&mpath)?;
         f.write_all(&serde_json::to_vec_pretty(manifest)?)?;
         f.sync_all()?;
-        sync_dir(tmp)?;
+        fs::set_permissions(&mpath, fs::Permissions::from_mode(0o444))?;
+        sync_dir(&tmp.path)?;
 
         let parent = self.root.join(&manifest.stage);
         fs::create_dir_all(&parent)?;
         let dest = parent.join(&manifest.key);
-        let trash = if dest.exists() {
-            let trash = self.tmp_root().join(format!("replaced.{}.{}", manifest.key, std::process::id()));
-            fs::rename(&dest, &trash)?;
-            Some(trash)
+        if dest.exists() {
+            exchange(&tmp.path, &dest).with_context(|| format!("cannot swap the rebuilt artifact into {}", dest.display()))?;
+            // `tmp` now holds the old artifact; dropping it removes it.
         } else {
-            None
-        };
-        fs::rename(tmp, &dest).with_context(|| format!("cannot move the build into {}", dest.display()))?;
-        sync_dir(&parent)?;
-        if let Some(trash) = trash {
-            let _ = fs::remove_dir_all(trash);
+            fs::rename(&tmp.path, &dest).with_context(|| format!("cannot move the build into {}", dest.display()))?;
         }
+        sync_dir(&parent)?;
+        drop(tmp);
         Ok(dest)
+    }
+
+    /// Files under an artifact's `out/` that its manifest does not list.
+    pub fn extra_files(&self, m: &Head) -> Vec<String> {
+        let out = self.out_dir(&m.stage, &m.key);
+        let listed: std::collections::HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+        let mut found = Vec::new();
+        walk(&out, &out, &mut found);
+        found.retain(|f| !listed.contains(f.as_str()));
+        found.sort();
+        found
     }
 
     /// Takes the stage's lock, waiting if another process builds it;
@@ -354,9 +528,89 @@ fn read_pid(file: &mut File) -> Option<u32> {
     s.trim().parse().ok()
 }
 
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+/// The store is held by others and the caller would not wait; exit code 1.
+#[derive(Debug)]
+pub struct StoreBusy(pub String);
+
+impl std::fmt::Display for StoreBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for StoreBusy {}
+
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// A suffix no other process picks: the clock's nanoseconds and a counter.
+fn unique() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}{:x}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Swaps two paths in one step (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let a = std::ffi::CString::new(a.as_os_str().as_encoded_bytes())?;
+    let b = std::ffi::CString::new(b.as_os_str().as_encoded_bytes())?;
+    // SAFETY: both paths are NUL-terminated; AT_FDCWD resolves them as given.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Makes a finished build's output read-only (files 0444, folders 0555), so
+/// a later stage or a user cannot change an artifact by accident. Done
+/// before the files are listed, so the manifest records their final state.
+pub fn seal(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            seal(&entry.path())?;
+        } else if kind.is_file() {
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o444))?;
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o555))?;
+    Ok(())
+}
+
+/// Removes a tree that may hold sealed (read-only) folders.
+pub fn remove_tree(path: &Path) -> std::io::Result<()> {
+    fn unseal(dir: &Path) {
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                unseal(&entry.path());
+            }
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            unseal(path);
+            fs::remove_dir_all(path)
+        }
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every file under `dir`, as paths relative to `base` with `/`.
+fn walk(base: &Path, dir: &Path, found: &mut Vec<String>) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(base, &path, found);
+        } else if let Ok(rel) = path.strip_prefix(base) {
+            found.push(rel.to_string_lossy().into_owned());
+        }
+    }
 }
 
 /// Writes a cache of many items (thousands of stages) as JSON lines: the
@@ -390,7 +644,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    sync_dir(dir)
 }
 
 fn sync_tree(dir: &Path) -> Result<()> {

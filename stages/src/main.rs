@@ -32,7 +32,11 @@ fn main() -> ExitCode {
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["kinds"] => print_json(&llmflow_stages::kinds()),
         ["resolve"] => resolve(),
-        ["run", spec] => run(Path::new(spec)),
+        ["run", spec] => {
+            let result = run(Path::new(spec));
+            end_descendants();
+            result
+        }
         ["estimate"] => estimate(),
         ["describe", kind] => llmflow_stages::describe(kind).map(|toml| print!("{toml}")),
         ["generate"] => generate(),
@@ -62,12 +66,67 @@ fn resolve() -> Result<()> {
 }
 
 fn run(spec_path: &Path) -> Result<()> {
+    die_with_group();
     keep_freed_memory();
     let spec: Spec = serde_json::from_slice(&fs::read(spec_path).context("reading the stage spec")?)?;
     let mut ctx = spec.ctx;
     llmflow_stages::run(&spec.kind, spec.params, &mut ctx)?;
     fs::write(spec_path.with_file_name("metrics.json"), serde_json::to_vec_pretty(ctx.metrics())?)?;
     Ok(())
+}
+
+/// The engine starts each stage as the leader of its own process group and
+/// sends it SIGTERM if the engine dies (`PR_SET_PDEATHSIG`): the whole
+/// group, with any shell and the processes it started, then dies with it.
+/// The runner is also their subreaper, so a process that left the group
+/// (`setsid`) comes back to it as a child once its parent exits; see
+/// [`end_descendants`].
+fn die_with_group() {
+    // SAFETY: prctl with these arguments only sets a flag on this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    extern "C" fn kill_group(_: libc::c_int) {
+        // SAFETY: kill is async-signal-safe; 0 is this process's own group.
+        unsafe { libc::kill(0, libc::SIGKILL) };
+    }
+    // SAFETY: installs a handler that only calls an async-signal-safe function.
+    unsafe { libc::signal(libc::SIGTERM, kill_group as *const () as libc::sighandler_t) };
+    // The engine may have died before the handler was in place.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } == 1 {
+        kill_group(libc::SIGTERM);
+    }
+}
+
+/// Kills every process the stage started and has not waited for, before
+/// the engine hashes its output: children first, then the orphans that
+/// come back to the runner as their subreaper, until none is left.
+fn end_descendants() {
+    let me = std::process::id().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let children: Vec<i32> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                // pid (comm) state ppid …; comm may hold spaces and parentheses.
+                let ppid = stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?;
+                (ppid == me).then_some(pid)
+            })
+            .collect();
+        if children.is_empty() || std::time::Instant::now() > deadline {
+            return;
+        }
+        for pid in children {
+            // SAFETY: kill and waitpid on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
 }
 
 /// Training allocates and frees the same large tensors (activations, logits)

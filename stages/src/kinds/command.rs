@@ -121,17 +121,30 @@ fn placeholders(cmd: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Replaces llmflow's placeholders in one pass: a substituted path that
+/// itself contains `{out}` is left as it is.
 fn substitute(cmd: &str, ctx: &StageCtx) -> Result<String> {
-    let mut script = cmd.to_string();
-    for name in placeholders(cmd) {
+    let mut script = String::with_capacity(cmd.len());
+    let mut rest = cmd;
+    while let Some(start) = rest.find('{') {
+        script.push_str(&rest[..start]);
+        let tail = &rest[start + 1..];
+        let name = tail.find('}').map(|end| &tail[..end]);
         let value = match name {
-            "out" => shell_quote(&ctx.out.to_string_lossy()),
-            "work" => shell_quote(&ctx.work.to_string_lossy()),
-            "threads" => ctx.threads.to_string(),
-            input => shell_quote(&ctx.input(&input["inputs.".len()..])?.to_string_lossy()),
+            Some("out") => shell_quote(&ctx.out.to_string_lossy()),
+            Some("work") => shell_quote(&ctx.work.to_string_lossy()),
+            Some("threads") => ctx.threads.to_string(),
+            Some(input) if input.starts_with("inputs.") => shell_quote(&ctx.input(&input["inputs.".len()..])?.to_string_lossy()),
+            _ => {
+                script.push('{');
+                rest = tail;
+                continue;
+            }
         };
-        script = script.replace(&format!("{{{name}}}"), &value);
+        script.push_str(&value);
+        rest = &tail[name.map_or(0, str::len) + 1..];
     }
+    script.push_str(rest);
     Ok(script)
 }
 
@@ -159,6 +172,13 @@ mod tests {
         ctx.inputs.insert("docs".into(), "/a/docs".into());
         let s = substitute("cp {inputs.docs}/x {out}/ && echo ${HOME}", &ctx).unwrap();
         assert_eq!(s, "cp /a/docs/x '/tmp/o ut'/ && echo ${HOME}");
+    }
+
+    #[test]
+    fn a_substituted_path_is_not_substituted_again() {
+        let ctx = StageCtx::new("s", "/p".as_ref(), "/st{work} $(touch X)/out".as_ref(), "/w".as_ref());
+        let s = substitute("ls {out} {x} {", &ctx).unwrap();
+        assert_eq!(s, "ls '/st{work} $(touch X)/out' {x} {");
     }
 
     #[test]
