@@ -30,9 +30,19 @@ STAMP         := $(LIBTORCH_DIR)/.torch-$(TORCH_VERSION)$(if $(filter 1,$(CUDA))
 
 export LIBTORCH := $(LIBTORCH_DIR)/torch
 
-.PHONY: setup build run lint test clean
+.PHONY: setup sandbox build run lint test clean
 
-setup: $(STAMP)
+setup: $(STAMP) sandbox
+
+# Code evaluation (HumanEval) runs the model's programs in bubblewrap's sandbox.
+sandbox:
+	@command -v bwrap >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing bubblewrap (the sandbox of code evaluation)"; \
+			apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+		else \
+			echo "warning: bubblewrap is missing; install it (apt-get install bubblewrap) to evaluate code"; \
+		fi; }
 
 $(STAMP):
 	@echo "installing libtorch (torch==$(TORCH_VERSION) wheel) into $(LIBTORCH_DIR)"

@@ -59,9 +59,11 @@
 //!   `max_tokens` (128) tokens at `temperature` (0: greedy) and `top_p`
 //!   (0.95), cut at the first line that starts at column 0 (HumanEval's stop
 //!   sequences `\ndef`, `\nclass`, `\nif`, `\nprint`, …), each run with the
-//!   problem's tests by `python` (`python3`) in a sandbox ([`code`]:
-//!   `timeout_s` 10, `memory_mb` 1024). Reports `pass@k` for each of `k`
-//!   ([1]), the unbiased estimator of Chen et al. (2021). Chance 0.
+//!   problem's tests by `python` (`python3`) in bubblewrap's sandbox
+//!   ([`code`]: `timeout_s` 10, `memory_mb` 1024; `sandbox = "none"` runs
+//!   unconfined). A code task runs only with `confirm_run_unsafe_code =
+//!   true`. Reports `pass@k` for each of `k` ([1]), the unbiased estimator
+//!   of Chen et al. (2021). Chance 0.
 //!
 //! Every accuracy comes with its standard error (sample standard deviation
 //! over √n). A task with a chance level gets a centered score
@@ -163,6 +165,18 @@ impl Stage for Eval {
                         "samples",
                         format!("task `{}`: `samples`, `max_tokens`, `timeout_s` and `memory_mb` must be positive", task.name),
                     );
+                }
+                if !c.confirm_run_unsafe_code {
+                    return at(
+                        "confirm_run_unsafe_code",
+                        format!(
+                            "task `{}` runs the code the model writes: set `confirm_run_unsafe_code = true` in the task to allow it (it runs in a bubblewrap sandbox)",
+                            task.name
+                        ),
+                    );
+                }
+                if c.sandbox != "bwrap" && c.sandbox != "none" {
+                    return at("sandbox", format!("task `{}`: `sandbox` is \"bwrap\" or \"none\", not {:?}", task.name, c.sandbox));
                 }
                 if c.k.is_empty() || c.k.iter().any(|&k| k == 0 || k > c.samples) {
                     return at("k", format!("task `{}`: each k must be between 1 and `samples` ({})", task.name, c.samples));
@@ -299,7 +313,7 @@ mod tests {
             {"name": "hellaswag", "type": "multiple_choice", "file": data("eval/hellaswag_format_sample.jsonl")},
             {"name": "lambada", "type": "lambada", "file": data("eval/lambada_openai.jsonl"), "limit": 6},
             {"name": "blimp", "type": "minimal_pairs", "file": data("eval/blimp/anaphor_*.jsonl.gz"), "limit": 4},
-            {"name": "humaneval", "type": "code", "file": data("eval/HumanEval.jsonl.gz"), "limit": 2, "max_tokens": 8},
+            {"name": "humaneval", "type": "code", "file": data("eval/HumanEval.jsonl.gz"), "limit": 2, "max_tokens": 8, "confirm_run_unsafe_code": true},
         ]))
         .unwrap()
     }

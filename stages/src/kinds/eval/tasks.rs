@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-use super::code::{self, Limits, Outcome, Problem};
+use super::code::{self, Limits, Outcome, Problem, Sandbox};
 use super::score::{encode, encode_pair, rolling_windows, Score, Scorer};
 use crate::data::records;
 use crate::data::sequences::Sequence;
@@ -103,8 +103,13 @@ pub struct Code {
     pub timeout_s: f64,
     /// Address-space limit of one test run.
     pub memory_mb: u64,
-    /// The interpreter that runs the tests.
+    /// The interpreter that runs the tests (inside the sandbox, found in /usr/bin).
     pub python: String,
+    /// "bwrap" (bubblewrap's namespaces) or "none" (unconfined, with a warning).
+    pub sandbox: String,
+    /// Code tasks run generated code; they run only when this is true
+    /// (lm-eval's `--confirm_run_unsafe_code`).
+    pub confirm_run_unsafe_code: bool,
 }
 
 impl Default for Code {
@@ -118,6 +123,8 @@ impl Default for Code {
             timeout_s: 10.0,
             memory_mb: 1024,
             python: "python3".into(),
+            sandbox: "bwrap".into(),
+            confirm_run_unsafe_code: false,
         }
     }
 }
@@ -547,9 +554,10 @@ fn complete_code(model: &Model, problem: &Problem, p: &Code, seed: u64) -> Resul
 pub fn code_outcomes(problems: &[Problem], completions: &[Vec<String>], p: &Code, env: &Env) -> Result<Outcomes> {
     let limits = Limits { timeout: Duration::from_secs_f64(p.timeout_s), memory_bytes: p.memory_mb << 20 };
     let jobs: Vec<(usize, &String)> = completions.iter().enumerate().flat_map(|(i, samples)| samples.iter().map(move |c| (i, c))).collect();
+    let sandbox = Sandbox::new(&p.sandbox, env.scratch)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(env.threads.max(1)).build()?;
-    let outcomes: Vec<Outcome> = pool
-        .install(|| jobs.par_iter().map(|&(i, c)| code::execute(&p.python, &problems[i], c, limits, env.scratch)).collect::<Result<_>>())?;
+    let outcomes: Vec<Outcome> =
+        pool.install(|| jobs.par_iter().map(|&(i, c)| code::execute(&sandbox, &p.python, &problems[i], c, limits)).collect::<Result<_>>())?;
     let mut metrics = BTreeMap::new();
     let mut outcomes = outcomes.into_iter();
     let mut items = Vec::new();
