@@ -148,59 +148,8 @@ impl Pipeline {
         }
         let src = Source::new(&file, &text);
         let spans = DeTable::parse(&text).map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
-        // The values, from the tree already parsed (parsing twice costs a big pipeline tens of ms).
-        let doc = <toml::Table as serde::Deserialize>::deserialize(toml::de::Deserializer::from(spans.clone()))
-            .map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
+        let Parsed { name, artifacts, device, raw, expanded } = parse(&src, &spans, &root)?;
         let spans = spans.get_ref();
-
-        for key in doc.keys() {
-            if key != "pipeline" && key != "stages" {
-                let at = src.key_span(spans, &[key]);
-                return Err(src.error(at, format!("unknown section `[{key}]`{}", suggest(key, &["pipeline", "stages"]))));
-            }
-        }
-
-        let section = match doc.get("pipeline") {
-            None => toml::Table::new(),
-            Some(toml::Value::Table(t)) => t.clone(),
-            Some(_) => return Err(src.error(src.key_span(spans, &["pipeline"]), "`pipeline` must be a table")),
-        };
-        for key in section.keys() {
-            if !PIPELINE_KEYS.contains(&key.as_str()) {
-                let at = src.key_span(spans, &["pipeline", key]);
-                return Err(src.error(at, format!("unknown key `pipeline.{key}`{}", suggest(key, PIPELINE_KEYS))));
-            }
-        }
-        let string = |key: &str, default: &str| -> Result<String, ConfigError> {
-            match section.get(key) {
-                None => Ok(default.to_string()),
-                Some(toml::Value::String(s)) => Ok(s.clone()),
-                Some(_) => Err(src.error(src.key_span(spans, &["pipeline", key]), format!("`pipeline.{key}` must be a string"))),
-            }
-        };
-        let name = string("name", "pipeline")?;
-        let artifacts = root.join(string("artifacts", "artifacts")?);
-        check_store_location(&file, &text, &root, &artifacts)?;
-        let device = string("device", "auto")?;
-        if !valid_device(&device) {
-            let at = src.key_span(spans, &["pipeline", "device"]);
-            return Err(src.error(at, format!("unknown device `{device}`: use auto, cpu, cuda or cuda:N")));
-        }
-
-        let stage_tables = match doc.get("stages") {
-            None => toml::Table::new(),
-            Some(toml::Value::Table(t)) => t.clone(),
-            Some(_) => return Err(src.error(src.key_span(spans, &["stages"]), "`stages` must hold tables: [stages.NAME]")),
-        };
-        // File order, so `status` and `dag` list stages the way the user wrote them.
-        let mut order: Vec<(usize, &String)> =
-            stage_tables.keys().map(|k| (src.key_span(spans, &["stages", k]).unwrap_or(usize::MAX), k)).collect();
-        order.sort();
-        let mut raw = Vec::new();
-        for (_, name) in order {
-            raw.push(parse_stage(&src, spans, name, &stage_tables[name])?);
-        }
-        let expanded = expand(&src, spans, &raw)?;
         let request = ResolveRequest {
             stages: expanded
                 .iter()
@@ -235,6 +184,89 @@ impl Pipeline {
             snapshot.write(&pipeline, response.kinds);
         }
         Ok(pipeline)
+    }
+}
+
+/// What a pipeline file says, checked as far as the engine can without the
+/// stage runner: sections, keys, stage tables, references, sweeps.
+struct Parsed {
+    name: String,
+    artifacts: PathBuf,
+    device: String,
+    raw: Vec<RawStage>,
+    expanded: Vec<Expanded>,
+}
+
+fn parse(src: &Source, spans: &Spanned<DeTable>, root: &Path) -> Result<Parsed, ConfigError> {
+    // The values, from the tree already parsed (parsing twice costs a big pipeline tens of ms).
+    let doc = <toml::Table as serde::Deserialize>::deserialize(toml::de::Deserializer::from(spans.clone()))
+        .map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
+    let spans = spans.get_ref();
+
+    for key in doc.keys() {
+        if key != "pipeline" && key != "stages" {
+            let at = src.key_span(spans, &[key]);
+            return Err(src.error(at, format!("unknown section `[{key}]`{}", suggest(key, &["pipeline", "stages"]))));
+        }
+    }
+
+    let section = match doc.get("pipeline") {
+        None => toml::Table::new(),
+        Some(toml::Value::Table(t)) => t.clone(),
+        Some(_) => return Err(src.error(src.key_span(spans, &["pipeline"]), "`pipeline` must be a table")),
+    };
+    for key in section.keys() {
+        if !PIPELINE_KEYS.contains(&key.as_str()) {
+            let at = src.key_span(spans, &["pipeline", key]);
+            return Err(src.error(at, format!("unknown key `pipeline.{key}`{}", suggest(key, PIPELINE_KEYS))));
+        }
+    }
+    let string = |key: &str, default: &str| -> Result<String, ConfigError> {
+        match section.get(key) {
+            None => Ok(default.to_string()),
+            Some(toml::Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(src.error(src.key_span(spans, &["pipeline", key]), format!("`pipeline.{key}` must be a string"))),
+        }
+    };
+    let name = string("name", "pipeline")?;
+    let artifacts = root.join(string("artifacts", "artifacts")?);
+    check_store_location(src.file, src.text, root, &artifacts)?;
+    let device = string("device", "auto")?;
+    if !valid_device(&device) {
+        let at = src.key_span(spans, &["pipeline", "device"]);
+        return Err(src.error(at, format!("unknown device `{device}`: use auto, cpu, cuda or cuda:N")));
+    }
+
+    let stage_tables = match doc.get("stages") {
+        None => toml::Table::new(),
+        Some(toml::Value::Table(t)) => t.clone(),
+        Some(_) => return Err(src.error(src.key_span(spans, &["stages"]), "`stages` must hold tables: [stages.NAME]")),
+    };
+    // File order, so `status` and `dag` list stages the way the user wrote them.
+    let mut order: Vec<(usize, &String)> =
+        stage_tables.keys().map(|k| (src.key_span(spans, &["stages", k]).unwrap_or(usize::MAX), k)).collect();
+    order.sort();
+    let mut raw = Vec::new();
+    for (_, name) in order {
+        raw.push(parse_stage(src, spans, name, &stage_tables[name])?);
+    }
+    let expanded = expand(src, spans, &raw)?;
+    Ok(Parsed { name, artifacts, device, raw, expanded })
+}
+
+/// The path of the first nan or infinity in `value`: JSON, which carries
+/// params to the stage runner, has neither (they would arrive as null).
+fn non_finite(value: &toml::Value) -> Option<Vec<String>> {
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => Some(Vec::new()),
+        toml::Value::Table(t) => t.iter().find_map(|(k, v)| {
+            non_finite(v).map(|mut p| {
+                p.insert(0, k.clone());
+                p
+            })
+        }),
+        toml::Value::Array(items) => items.iter().find_map(non_finite),
+        _ => None,
     }
 }
 
@@ -597,7 +629,13 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
     for key in ENGINE_KEYS {
         params.remove(*key);
     }
-    let params = serde_json::to_value(toml::Value::Table(params)).map_err(|e| src.error(at(&[]), e.to_string()))?;
+    let params = toml::Value::Table(params);
+    if let Some(path) = non_finite(&params) {
+        let shown = path.join(".");
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        return Err(src.error(at(&path), format!("stage `{name}`: `{shown}` is nan or inf; give a finite number")));
+    }
+    let params = serde_json::to_value(params).map_err(|e| src.error(at(&[]), e.to_string()))?;
     let zip = match table.get("sweep_mode") {
         None => false,
         Some(toml::Value::String(m)) if m == "grid" => false,
@@ -671,6 +709,9 @@ fn parse_sweep(
             };
             if !sweep::valid_text(&text) {
                 return Err(fail(format!("`{text}` cannot stand in a variant name (no spaces, quotes, `[],=*/`)")));
+            }
+            if non_finite(v).is_some() {
+                return Err(fail(format!("`{text}` is not a finite number")));
             }
             let value = serde_json::to_value(v).map_err(|e| fail(e.to_string()))?;
             if !zip {
@@ -894,6 +935,101 @@ impl Source<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Malformed pipeline files, made by mutating real ones (the default
+    /// pipeline, the examples): every one loads or fails with a
+    /// ConfigError (exit 2) whose message starts with the file and a line;
+    /// none panics. The stage runner's half (params) is fuzzed in its crate.
+    #[test]
+    fn malformed_pipeline_files_fail_with_a_location_and_never_panic() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let seeds: Vec<String> = ["pipeline.toml", "examples/miniseries.toml"]
+            .iter()
+            .map(|f| std::fs::read_to_string(root.join(f)).unwrap())
+            .chain([
+                "[stages.a]\nkind = \"command\"\ncmd = \"echo {out}\"\nsweep = { x = [1, 2] }\n[stages.b]\nkind = \"eval\"\ninputs = { m = \"a[*]\" }\n".into(),
+            ])
+            .collect();
+        let pieces = [
+            "[",
+            "]",
+            "[[",
+            "]]",
+            "=",
+            "\"",
+            "'",
+            "{",
+            "}",
+            ",",
+            ".",
+            "\n",
+            "#",
+            "[stages.x]\n",
+            "[[stages.x.tasks]]\n",
+            "[pipeline]\n",
+            "sweep = { \"train.lr\" = [] }\n",
+            "inputs = { \"/tmp/x\" = \"a\" }\n",
+            "input = \"nope\"\n",
+            "sweep_mode = \"zip\"\n",
+            "1e300",
+            "-1",
+            "nan",
+            "inf",
+            "18446744073709551616",
+            "\"\u{e9}\u{1f600}\"",
+            "true",
+            "[1, \"a\"]",
+            "\u{0}",
+            "a[x=1,*]",
+        ];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n.max(1) as u64) as usize
+        };
+        let file = root.join("fuzzed.toml");
+        let (mut cases, mut errors) = (0, 0);
+        for _ in 0..4000 {
+            let seed = &seeds[next(seeds.len())];
+            let mut text = seed.clone();
+            for _ in 0..1 + next(3) {
+                let at = next(text.len() + 1);
+                let at = (0..=at).rev().find(|&i| text.is_char_boundary(i)).unwrap();
+                match next(4) {
+                    0 => text.insert_str(at, pieces[next(pieces.len())]),
+                    1 => {
+                        let end = (at + 1 + next(40)).min(text.len());
+                        let end = (end..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap();
+                        text.replace_range(at..end, "");
+                    }
+                    2 => text.truncate(at),
+                    _ => {
+                        let lines: Vec<&str> = text.lines().collect();
+                        let line = lines[next(lines.len())].to_string();
+                        text.insert_str(at, &format!("\n{line}\n"));
+                    }
+                }
+            }
+            cases += 1;
+            let outcome = std::panic::catch_unwind(|| {
+                let src = Source::new(&file, &text);
+                let spans = DeTable::parse(&text).map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
+                parse(&src, &spans, root).map(drop)
+            });
+            match outcome {
+                Err(_) => panic!("loading panicked on:\n{text}"),
+                Ok(Ok(())) => {}
+                Ok(Err(ConfigError(message))) => {
+                    errors += 1;
+                    let location = message.strip_prefix(&format!("{}:", file.display())).and_then(|rest| rest.split(':').next());
+                    assert!(location.is_some_and(|l| l.parse::<usize>().is_ok()), "no file:line in {message:?} for:\n{text}");
+                }
+            }
+        }
+        assert!(errors > cases / 2, "{errors} of {cases} mutated files failed: the mutations are too gentle");
+    }
 
     #[test]
     fn suggests_close_names_only() {

@@ -23,8 +23,8 @@
 //! [`Stage::VOLATILE`] (log intervals, progress, thread counts) are left out of
 //! the hash because they cannot change the output.
 
-// `!(x > 0.0)` in the params checks is meant: unlike `x <= 0.0`, it rejects NaN.
-#![allow(clippy::neg_cmp_op_on_partial_ord)]
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 
 use anyhow::{Context, Result};
 use schemars::JsonSchema;
@@ -34,6 +34,7 @@ use serde::Serialize;
 pub use llmflow_protocol::{KindInfo, ParamError, Report, Resolved, Resources, StageCtx};
 use llmflow_protocol::{ResolveRequest, ResolveResponse};
 
+pub mod bounds;
 pub mod data;
 pub mod describe;
 pub mod device;
@@ -75,8 +76,9 @@ pub trait Stage {
     /// Each field's doc comment is its line in `llmflow kinds KIND`.
     type Params: Serialize + DeserializeOwned + Default + JsonSchema;
 
-    /// Checks params beyond what serde can (non-empty strings, ranges, input
-    /// references). `inputs` are the slot names the user wired up.
+    /// Checks params beyond what serde and the bounds in the schema can
+    /// (non-empty strings, rules across fields, input references). `inputs`
+    /// are the slot names the user wired up.
     fn check(_params: &Self::Params, _inputs: &[String]) -> Result<(), ParamError> {
         Ok(())
     }
@@ -157,7 +159,9 @@ pub fn kinds() -> Vec<KindInfo> {
 /// the kind's default table key by key, so a fine-tuning stage's partly
 /// written `train = { lr = 5e-4 }` keeps that stage's step count, not
 /// pretraining's. Any other table replaces the default one whole (a model
-/// config resolves its own defaults from its `arch`).
+/// config resolves its own defaults from its `arch`). Numbers are checked
+/// against the bounds in the kind's schema (see [`bounds`]) before anything
+/// else, so [`Stage::check`] may take them as in range.
 pub fn params<S: Stage>(given: serde_json::Value) -> Result<S::Params, ParamError> {
     for (old, instead) in S::MOVED {
         if given.get(old).is_some() {
@@ -180,10 +184,19 @@ pub fn params<S: Stage>(given: serde_json::Value) -> Result<S::Params, ParamErro
         }
         (full, given) => *full = given,
     }
+    bounds::check(schema::<S>(), &full)?;
     serde_path_to_error::deserialize(full).map_err(|e| {
         let path = e.path().iter().filter_map(segment_name).collect();
         ParamError { path, message: e.into_inner().to_string() }
     })
+}
+
+/// The JSON schema of kind `S`'s params, made once per kind: a pipeline may
+/// have thousands of stages of one kind.
+fn schema<S: Stage>() -> &'static serde_json::Value {
+    static SCHEMAS: LazyLock<Mutex<HashMap<&str, &serde_json::Value>>> = LazyLock::new(Mutex::default);
+    let mut schemas = SCHEMAS.lock().expect("no panic while holding the lock");
+    schemas.entry(S::KIND).or_insert_with(|| Box::leak(Box::new(schemars::schema_for!(S::Params).to_value())))
 }
 
 /// Deserializes and checks params, applying defaults.
@@ -243,8 +256,7 @@ pub fn describe(kind: &str) -> Result<String> {
         fn visit<S: Stage + 'static>(&mut self) {
             if S::KIND == self.0 {
                 let defaults = serde_json::to_value(S::Params::default()).expect("params serialize to JSON");
-                let schema = schemars::schema_for!(S::Params).to_value();
-                self.1 = Some(describe::params_toml(S::KIND, S::SUMMARY, &defaults, &schema));
+                self.1 = Some(describe::params_toml(S::KIND, S::SUMMARY, &defaults, schema::<S>()));
             }
         }
     }

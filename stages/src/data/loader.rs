@@ -40,7 +40,7 @@ pub struct Split {
 
 impl Split {
     /// Opens split `name` (`train` or `val`) of the token shards in `dir`,
-    /// checking every shard against the manifest.
+    /// checking every shard against the manifest, token ids included.
     pub fn open(dir: &Path, name: &str) -> Result<Split> {
         let manifest = Manifest::read(dir)?;
         let mut shards = Vec::new();
@@ -54,6 +54,7 @@ impl Split {
             if shard.width() != manifest.width {
                 bail!("corrupt shard {}: {:?} tokens, but the manifest says {:?}", shard.path().display(), shard.width(), manifest.width);
             }
+            shard.check_ids(manifest.vocab_size)?;
             starts.push(len);
             len += info.tokens;
             shards.push(shard);

@@ -30,9 +30,24 @@ impl ModelArtifact {
         .with_context(|| format!("cannot parse {}", config_path.display()))?;
         let mut vs = nn::VarStore::new(device);
         let gpt = Gpt::new(&vs.root(), &config)?;
-        vs.load(dir.join("model.safetensors")).with_context(|| format!("cannot load the weights in {}", dir.display()))?;
+        let weights = dir.join("model.safetensors");
+        vs.load(&weights).with_context(|| format!("cannot load the weights in {}", dir.display()))?;
+        check_finite(&vs, &weights)?;
         Ok(ModelArtifact { vs, gpt, tokenizer: tokenizer::load(dir)? })
     }
+}
+
+/// Fails on the first tensor (by name) holding NaN or an infinity: such a
+/// model only produces NaN, and would otherwise load without a word.
+fn check_finite(vs: &nn::VarStore, weights: &Path) -> Result<()> {
+    let mut variables: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, tensor) in variables {
+        if tensor.isfinite().all().int64_value(&[]) == 0 {
+            anyhow::bail!("{}: tensor `{name}` holds NaN or infinite values", weights.display());
+        }
+    }
+    Ok(())
 }
 
 /// Writes a model artifact into `out`: the weights of `vs`, `config` and the
@@ -44,4 +59,25 @@ pub fn save_model(out: &Path, vs: &nn::VarStore, config: &ModelConfig, tokenizer
     std::fs::copy(tokenizer_dir.join(tokenizer::FILE), out.join(tokenizer::FILE))
         .with_context(|| format!("cannot copy the tokenizer of {}", tokenizer_dir.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{corpus, tiny_model};
+
+    #[test]
+    fn non_finite_weights_are_an_error_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, _) = tiny_model(dir.path(), &corpus("tinyshakespeare.txt")[..5_000], serde_json::json!({}));
+        ModelArtifact::open(&base, Device::Cpu).unwrap();
+        let weights = base.join("model.safetensors");
+        let mut tensors = tch::Tensor::read_safetensors(&weights).unwrap();
+        let (name, tensor) = tensors.iter_mut().find(|(name, _)| name.ends_with("ln_f.weight")).unwrap();
+        let _ = tensor.get(0).fill_(f64::NAN);
+        let name = name.clone();
+        tch::Tensor::write_safetensors(&tensors, &weights).unwrap();
+        let err = format!("{:#}", ModelArtifact::open(&base, Device::Cpu).err().unwrap());
+        assert!(err.contains(&format!("tensor `{name}` holds NaN")), "{err}");
+    }
 }

@@ -217,6 +217,25 @@ impl TokenShard {
         self.len == 0
     }
 
+    /// Checks that every token id is below `vocab_size`: an id past the
+    /// embedding table would otherwise fail deep inside libtorch, and only
+    /// when a batch happened to hold it.
+    pub fn check_ids(&self, vocab_size: usize) -> Result<()> {
+        let w = self.width.bytes();
+        let ids = self.map[HEADER_BYTES..].chunks_exact(w).map(|b| match self.width {
+            Width::U16 => u16::from_le_bytes([b[0], b[1]]) as usize,
+            Width::U32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+        });
+        if let Some((at, id)) = ids.enumerate().find(|&(_, id)| id >= vocab_size) {
+            bail!(
+                "corrupt shard {}: token {at} (byte offset {}) is id {id}, outside the vocabulary of {vocab_size}",
+                self.path.display(),
+                HEADER_BYTES + at * w
+            );
+        }
+        Ok(())
+    }
+
     /// Appends tokens `start..start + n` to `out`.
     pub fn read_into(&self, start: usize, n: usize, out: &mut Vec<i64>) {
         assert!(start + n <= self.len, "{}: tokens {start}..{} of {}", self.path.display(), start + n, self.len);
@@ -284,5 +303,16 @@ mod tests {
         }
         let err = format!("{:#}", TokenShard::open(&dir.path().join("missing.bin")).unwrap_err());
         assert!(err.contains("missing.bin"), "{err}");
+    }
+
+    #[test]
+    fn ids_outside_the_vocabulary_are_found_with_their_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train_000000.bin");
+        write(&path, Width::U16, &[1, 511, 512, 3]);
+        let shard = TokenShard::open(&path).unwrap();
+        shard.check_ids(513).unwrap();
+        let err = format!("{:#}", shard.check_ids(512).unwrap_err());
+        assert!(err.contains("train_000000.bin: token 2 (byte offset 1028) is id 512, outside the vocabulary of 512"), "{err}");
     }
 }

@@ -95,6 +95,7 @@ pub struct Params {
     /// Train, validation and test fractions, each class undersampled to the smallest.
     pub split: Vec<f64>,
     /// Tokens per text, the end token included; at most the model's context.
+    #[schemars(range(min = 2, max = 1_048_576))]
     pub max_tokens: usize,
     /// The class whose precision, recall and F1 are the stage's metrics.
     pub positive: String,
@@ -143,9 +144,6 @@ impl Stage for Classify {
         records::check_split(&params.split, &["train", "validation", "test"])?;
         if params.data.is_empty() {
             return Err(ParamError::new(&["data"], "`data` must name a labeled file"));
-        }
-        if params.max_tokens < 2 {
-            return Err(ParamError::new(&["max_tokens"], "`max_tokens` must be at least 2 (a token and the end token)"));
         }
         Ok(())
     }

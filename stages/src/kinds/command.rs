@@ -43,6 +43,7 @@ pub struct Params {
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
     /// CPU threads to reserve while it runs (default 1).
+    #[schemars(range(min = 1, max = 4096))]
     pub threads: Option<usize>,
 }
 
@@ -66,9 +67,6 @@ impl Stage for Command {
                     format!("`{{inputs.{name}}}` names no input of this stage (inputs: {wired}); add it to `inputs`"),
                 ));
             }
-        }
-        if params.threads == Some(0) {
-            return Err(ParamError::new(&["threads"], "`threads` must be at least 1"));
         }
         Ok(())
     }

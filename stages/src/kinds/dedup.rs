@@ -47,7 +47,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::data::text::{fmix64, ngram_hash};
 use crate::formats::docs;
-use crate::{Inputs, ParamError, Stage, StageCtx};
+use crate::{Inputs, Stage, StageCtx};
 
 pub struct Dedup;
 
@@ -70,16 +70,22 @@ pub struct Params {
     /// Runs of whitespace become one space before comparing.
     pub collapse_whitespace: bool,
     /// Words per shingle.
+    #[schemars(range(min = 1, max = 1024))]
     pub ngram: usize,
     /// MinHash bands (locality-sensitive hashing): a pair sharing one band is a candidate.
+    #[schemars(range(min = 1, max = 1024))]
     pub bands: usize,
     /// Permutations per band; the signature has `bands × rows`.
+    #[schemars(range(min = 1, max = 1024))]
     pub rows: usize,
     /// Jaccard similarity at which a verified pair is a duplicate.
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
     pub threshold: f64,
     /// Seeds the MinHash permutations.
     pub seed: u64,
     /// Largest band bucket compared pair by pair.
+    // Its pairs are held at once: 10,000 make 50 million.
+    #[schemars(range(min = 1, max = 10_000))]
     pub max_bucket: usize,
 }
 
@@ -106,18 +112,6 @@ impl Stage for Dedup {
     const SUMMARY: &'static str = "remove exact (hash) or near (MinHash LSH) duplicate documents";
     const INPUTS: Inputs = Inputs::Fixed(&["input"]);
     type Params = Params;
-
-    fn check(p: &Params, _inputs: &[String]) -> Result<(), ParamError> {
-        for (name, value) in [("ngram", p.ngram), ("bands", p.bands), ("rows", p.rows), ("max_bucket", p.max_bucket)] {
-            if value == 0 {
-                return Err(ParamError::new(&[name], format!("`{name}` must be at least 1")));
-            }
-        }
-        if !(p.threshold > 0.0 && p.threshold <= 1.0) {
-            return Err(ParamError::new(&["threshold"], "`threshold` is a Jaccard similarity in (0, 1]"));
-        }
-        Ok(())
-    }
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
         let df = docs::read(ctx.input("input")?)?;

@@ -36,8 +36,9 @@
 //! HTTP (reqwest): timeouts (`timeout_secs` for connecting and between
 //! reads), up to `retries` retries with exponential backoff from
 //! `backoff_ms` on connection errors, cut bodies and 408/429/5xx, and resume of
-//! a partial file with `Range` (kept in the stage's work directory). `retries`,
-//! `timeout_secs` and `backoff_ms` are volatile.
+//! a partial file with `Range` (kept in the stage's work directory). Gzip and
+//! zstd are decompressed streaming, up to `max_bytes` (8 GiB) per source.
+//! `retries`, `timeout_secs`, `backoff_ms` and `max_bytes` are volatile.
 //!
 //! Local sources are part of the stage's key (a glob through the directory
 //! before its first wildcard), so editing a corpus rebuilds the stage; HTTP
@@ -68,16 +69,23 @@ pub struct Params {
     /// Where the documents come from: a list of `{ url, mirrors, blake3, sha256, format, text_field, split }`.
     pub sources: Vec<Source>,
     /// Retries per HTTP URL after the first attempt.
+    #[schemars(range(max = 100))]
     pub retries: u32,
     /// HTTP timeout for connecting and between reads.
+    #[schemars(range(min = 1, max = 86400))]
     pub timeout_secs: u64,
     /// The first retry's delay; each later one doubles it.
+    #[schemars(range(max = 3_600_000))]
     pub backoff_ms: u64,
+    /// The most bytes one source may decompress to: a small archive that
+    /// expands without end (a decompression bomb) stops here.
+    #[schemars(range(min = 1))]
+    pub max_bytes: u64,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { sources: Vec::new(), retries: 5, timeout_secs: 30, backoff_ms: 1000 }
+        Params { sources: Vec::new(), retries: 5, timeout_secs: 30, backoff_ms: 1000, max_bytes: 8 << 30 }
     }
 }
 
@@ -135,7 +143,7 @@ impl Stage for Download {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "read local files, globs and URLs (checksummed, resumable) into documents";
     const INPUTS: Inputs = Inputs::Fixed(&[]);
-    const VOLATILE: &'static [&'static str] = &["retries", "timeout_secs", "backoff_ms"];
+    const VOLATILE: &'static [&'static str] = &["retries", "timeout_secs", "backoff_ms", "max_bytes"];
     type Params = Params;
 
     fn check(p: &Params, _inputs: &[String]) -> Result<(), ParamError> {
@@ -175,7 +183,7 @@ impl Stage for Download {
         for source in &p.sources {
             for (label, data) in fetch_source(source, p, ctx)? {
                 bytes += data.len();
-                let data = decompress(&data).with_context(|| format!("{label}: cannot decompress"))?;
+                let data = decompress(&data, p.max_bytes).with_context(|| format!("{label}: cannot decompress"))?;
                 let parsed = parse(&data, source, &label).with_context(|| format!("cannot read source {label}"))?;
                 if !labels.insert(label.clone()) {
                     bail!("{label} is listed by two sources; remove one of them");
@@ -375,14 +383,19 @@ fn content_range_start(response: &reqwest::Response) -> Option<u64> {
     value.strip_prefix("bytes ")?.split('-').next()?.parse().ok()
 }
 
-fn decompress(data: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    if data.starts_with(&[0x1f, 0x8b]) {
-        flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out)?;
+/// Gzip or zstd data decompressed, streaming, up to `max_bytes`; other data as it is.
+fn decompress(data: &[u8], max_bytes: u64) -> Result<Vec<u8>> {
+    let decoder: Box<dyn Read + '_> = if data.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(data))
     } else if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        zstd::stream::read::Decoder::new(data)?.read_to_end(&mut out)?;
+        Box::new(zstd::stream::read::Decoder::new(data)?)
     } else {
         return Ok(data.to_vec());
+    };
+    let mut out = Vec::new();
+    decoder.take(max_bytes.saturating_add(1)).read_to_end(&mut out)?;
+    if out.len() as u64 > max_bytes {
+        bail!("it decompresses to more than `max_bytes` ({max_bytes} bytes); raise `max_bytes` if the source is really this big");
     }
     Ok(out)
 }

@@ -104,6 +104,7 @@ pub struct Params {
     /// Train and validation fractions, shuffled by `train.seed`.
     pub split: Vec<f64>,
     /// How far the policy may move from the reference.
+    #[schemars(range(max = 100), extend("exclusiveMinimum" = 0))]
     pub beta: f64,
     /// `sigmoid` (DPO), `ipo` or `hinge`.
     pub loss: Loss,
@@ -154,9 +155,6 @@ impl Stage for Dpo {
         }
         params.template.check("template")?;
         records::check_split(&params.split, &["train", "validation"])?;
-        if !(params.beta > 0.0) {
-            return Err(ParamError::new(&["beta"], "`beta` must be positive"));
-        }
         params.trainable.check()?;
         params.train.check("train")?;
         params.every.check()
@@ -420,8 +418,7 @@ mod tests {
         assert_eq!((p.loss, &p.trainable), (Loss::Ipo, &Trainable::Lora(Lora { rank: 2, ..Lora::default() })));
         assert!(Dpo::check(&p, &[]).is_ok());
         assert!(crate::params::<Dpo>(json!({"loss": "kto"})).is_err());
-        let bad: Params = crate::params::<Dpo>(json!({"beta": 0.0})).unwrap();
-        assert_eq!(Dpo::check(&bad, &[]).unwrap_err().path, ["beta"]);
+        assert_eq!(crate::params::<Dpo>(json!({"beta": 0.0})).unwrap_err().path, ["beta"]);
         let bad: Params = crate::params::<Dpo>(json!({"split": [0.85, 0.1, 0.05]})).unwrap();
         assert_eq!(Dpo::check(&bad, &[]).unwrap_err().path, ["split"]);
         assert_eq!(Dpo::files(&Params::default()), ["data/instruct/preference-data.json"]);

@@ -116,6 +116,7 @@ pub struct Params {
     /// The benchmarks: `[[stages.NAME.tasks]]` tables with `name`, `type`, `file`, `limit` and the type's options.
     pub tasks: Vec<Task>,
     /// Padded positions per forward pass when scoring.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub batch_tokens: usize,
     /// Seeds few-shot draws and code sampling.
     pub seed: u64,
@@ -143,9 +144,6 @@ impl Stage for Eval {
         if params.tasks.is_empty() {
             return Err(ParamError::new(&["tasks"], "no tasks: add `[[stages.NAME.tasks]]` tables with a name, type and file"));
         }
-        if params.batch_tokens == 0 {
-            return Err(ParamError::new(&["batch_tokens"], "`batch_tokens` must be at least 1"));
-        }
         let mut names = BTreeSet::new();
         for (i, task) in params.tasks.iter().enumerate() {
             let at = |field: &str, message: String| Err(ParamError::new(&["tasks", &i.to_string(), field], message));
@@ -160,12 +158,6 @@ impl Stage for Eval {
                 return at("file", format!("task `{}` needs a `file`", task.name));
             }
             if let Kind::Code(c) = &task.kind {
-                if c.samples == 0 || c.max_tokens == 0 || !(c.timeout_s > 0.0) || c.memory_mb == 0 {
-                    return at(
-                        "samples",
-                        format!("task `{}`: `samples`, `max_tokens`, `timeout_s` and `memory_mb` must be positive", task.name),
-                    );
-                }
                 if !c.confirm_run_unsafe_code {
                     return at(
                         "confirm_run_unsafe_code",

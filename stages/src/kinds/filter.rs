@@ -67,8 +67,10 @@ pub struct Filter;
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     /// 0 keeps documents of any length.
+    #[schemars(range(max = 1_000_000_000_000_u64))]
     pub min_chars: usize,
     /// Longest document in characters; 0: no limit.
+    #[schemars(range(max = 1_000_000_000_000_u64))]
     pub max_chars: usize,
     /// Language identification (whatlang) on the first 4,000 bytes.
     pub language: Language,
@@ -92,6 +94,7 @@ pub struct Language {
     /// Kept languages (ISO 639-1 or 639-3 codes).
     pub languages: Vec<String>,
     /// Least confidence of the detection.
+    #[schemars(range(min = 0, max = 1))]
     pub threshold: f64,
 }
 
@@ -107,18 +110,26 @@ pub struct GopherRepetition {
     /// Apply this rule.
     pub enabled: bool,
     /// Largest share of lines that repeat an earlier line.
+    #[schemars(range(min = 0, max = 1))]
     pub dup_line_frac: f64,
     /// Largest share of paragraphs that repeat an earlier one.
+    #[schemars(range(min = 0, max = 1))]
     pub dup_para_frac: f64,
     /// Largest share of characters in repeated lines.
+    #[schemars(range(min = 0, max = 1))]
     pub dup_line_char_frac: f64,
     /// Largest share of characters in repeated paragraphs.
+    #[schemars(range(min = 0, max = 1))]
     pub dup_para_char_frac: f64,
     /// `(n, max share of characters in the most frequent n-gram)`.
-    pub top_ngrams: Vec<(usize, f64)>,
+    pub top_ngrams: Vec<NgramRule>,
     /// `(n, max share of characters in repeated n-grams)`.
-    pub dup_ngrams: Vec<(usize, f64)>,
+    pub dup_ngrams: Vec<NgramRule>,
 }
+
+/// `(n, largest share of characters)`: a rule on word n-grams.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema)]
+pub struct NgramRule(#[schemars(range(min = 1, max = 1024))] pub usize, #[schemars(range(min = 0, max = 1))] pub f64);
 
 impl Default for GopherRepetition {
     fn default() -> Self {
@@ -128,8 +139,8 @@ impl Default for GopherRepetition {
             dup_para_frac: 0.3,
             dup_line_char_frac: 0.2,
             dup_para_char_frac: 0.2,
-            top_ngrams: vec![(2, 0.2), (3, 0.18), (4, 0.16)],
-            dup_ngrams: vec![(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)],
+            top_ngrams: [(2, 0.2), (3, 0.18), (4, 0.16)].map(|(n, share)| NgramRule(n, share)).to_vec(),
+            dup_ngrams: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)].map(|(n, share)| NgramRule(n, share)).to_vec(),
         }
     }
 }
@@ -140,22 +151,31 @@ pub struct GopherQuality {
     /// Apply this rule.
     pub enabled: bool,
     /// Fewest words.
+    #[schemars(range(max = 1_000_000_000))]
     pub min_words: usize,
     /// Most words.
+    #[schemars(range(max = 1_000_000_000))]
     pub max_words: usize,
     /// Shortest mean word length.
+    #[schemars(range(min = 0, max = 1_000_000))]
     pub min_avg_word_length: f64,
     /// Longest mean word length.
+    #[schemars(range(min = 0, max = 1_000_000))]
     pub max_avg_word_length: f64,
     /// Most `#` and ellipses per word.
+    #[schemars(range(min = 0, max = 1000))]
     pub max_symbol_word_ratio: f64,
     /// Largest share of lines starting with a bullet.
+    #[schemars(range(min = 0, max = 1))]
     pub max_bullet_lines_ratio: f64,
     /// Largest share of lines ending in an ellipsis.
+    #[schemars(range(min = 0, max = 1))]
     pub max_ellipsis_lines_ratio: f64,
     /// Least share of words with a letter.
+    #[schemars(range(min = 0, max = 1))]
     pub min_alpha_words_ratio: f64,
     /// Fewest stop words.
+    #[schemars(range(max = 1_000_000_000))]
     pub min_stop_words: usize,
     /// The stop words counted.
     pub stop_words: Vec<String>,
@@ -185,10 +205,13 @@ pub struct C4 {
     /// Apply this rule.
     pub enabled: bool,
     /// Fewest sentences left after the line rules.
+    #[schemars(range(max = 1_000_000_000))]
     pub min_sentences: usize,
     /// Lines with fewer words are dropped.
+    #[schemars(range(max = 1_000_000_000))]
     pub min_words_per_line: usize,
     /// Lines with a longer word are dropped.
+    #[schemars(range(max = 1_000_000_000))]
     pub max_word_length: usize,
     /// Drop lines that do not end in terminal punctuation.
     pub terminal_punctuation: bool,
@@ -224,14 +247,19 @@ pub struct FineWeb {
     /// Apply this rule.
     pub enabled: bool,
     /// Least share of lines ending in punctuation.
+    #[schemars(range(min = 0, max = 1))]
     pub line_punct_thr: f64,
     /// Largest share of short lines.
+    #[schemars(range(min = 0, max = 1))]
     pub short_line_thr: f64,
     /// Characters at most of a short line.
+    #[schemars(range(max = 1_000_000_000))]
     pub short_line_length: usize,
     /// Largest share of characters in duplicated lines.
+    #[schemars(range(min = 0, max = 1))]
     pub char_duplicates_ratio: f64,
     /// Most newlines per word.
+    #[schemars(range(min = 0, max = 1000))]
     pub new_line_ratio: f64,
 }
 
@@ -270,10 +298,6 @@ impl Stage for Filter {
                     return Err(ParamError::new(&["language", "languages", &i.to_string()], message));
                 }
             }
-        }
-        let zero_n = p.gopher_repetition.top_ngrams.iter().chain(&p.gopher_repetition.dup_ngrams).any(|&(n, _)| n == 0);
-        if zero_n {
-            return Err(ParamError::new(&["gopher_repetition"], "n-gram sizes must be at least 1"));
         }
         Ok(())
     }
@@ -532,7 +556,7 @@ fn gopher_repetition(text: &str, g: &GopherRepetition) -> Result<(), Rule> {
         Some(*total)
     }));
     let chars = |i: usize, n: usize| offsets[i + n] - offsets[i];
-    for &(n, max) in &g.top_ngrams {
+    for &NgramRule(n, max) in &g.top_ngrams {
         let mut counts: HashMap<u64, (usize, usize)> = HashMap::new();
         for (i, w) in hashes.windows(n).enumerate() {
             counts.entry(ngram_hash(w)).or_insert((0, chars(i, n))).0 += 1;
@@ -545,7 +569,7 @@ fn gopher_repetition(text: &str, g: &GopherRepetition) -> Result<(), Rule> {
             }
         }
     }
-    for &(n, max) in &g.dup_ngrams {
+    for &NgramRule(n, max) in &g.dup_ngrams {
         // Overlapping repeats are counted once: skip past a repeated n-gram.
         let mut seen = HashSet::new();
         let (mut i, mut repeated) = (0, 0usize);

@@ -41,13 +41,14 @@ pub fn each_kind(v: &mut impl KindVisitor) {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use llmflow_protocol::{ResolveRequest, StageRequest};
+    use serde_json::{json, Value};
 
     use super::*;
     use crate::model::Lora;
     use crate::train::finetune::Trainable;
     use crate::train::{trainer, Hyper};
-    use crate::{params, Stage};
+    use crate::{params, ParamError, Stage};
 
     #[test]
     fn left_out_params_take_the_kinds_own_defaults() {
@@ -90,5 +91,64 @@ mod tests {
         let mut check = Check(Vec::new());
         each_kind(&mut check);
         assert!(check.0.is_empty(), "params without a doc comment: {:#?}", check.0);
+    }
+
+    #[test]
+    fn every_kinds_defaults_are_within_the_bounds() {
+        struct Check(Vec<String>);
+        impl KindVisitor for Check {
+            fn visit<S: Stage + 'static>(&mut self) {
+                let schema = schemars::schema_for!(S::Params).to_value();
+                let defaults = serde_json::to_value(S::Params::default()).unwrap();
+                if let Err(e) = crate::bounds::check(&schema, &defaults) {
+                    self.0.push(format!("{}: {}", S::KIND, e.message));
+                }
+            }
+        }
+        let mut check = Check(Vec::new());
+        each_kind(&mut check);
+        assert!(check.0.is_empty(), "defaults out of bounds: {:#?}", check.0);
+    }
+
+    /// Numbers that used to crash a stage (a panic in `Duration`, a 2^62
+    /// or 80 GB allocation) are param errors at resolve, naming the field.
+    #[test]
+    fn resolve_rejects_numbers_out_of_bounds_naming_the_field_and_range() {
+        let stage = |kind: &str, inputs: &[&str], params: Value| StageRequest {
+            name: "s".into(),
+            kind: kind.into(),
+            params,
+            inputs: inputs.iter().map(|i| i.to_string()).collect(),
+        };
+        let task = |name: &str, kind: &str| json!({"name": name, "type": kind, "file": "f.jsonl"});
+        let code = json!({"name": "humaneval", "type": "code", "file": "h.jsonl", "timeout_s": 1e300, "confirm_run_unsafe_code": true});
+        // TOML's nan reaches the params as JSON has it: null.
+        let nan: toml::Table = toml::from_str("lr = nan").unwrap();
+        let request = ResolveRequest {
+            stages: vec![
+                stage(
+                    "eval",
+                    &["model"],
+                    json!({"tasks": [task("a", "perplexity"), task("b", "lambada"), task("c", "minimal_pairs"), code]}),
+                ),
+                stage("dedup", &["input"], json!({"bands": 1u64 << 62})),
+                stage("dedup", &["input"], json!({"bands": 100_000_000})),
+                stage("pretrain", &["data", "tokenizer"], json!({"train": {"batch_size": 1_000_000_000_000u64}})),
+                stage("pretrain", &["data", "tokenizer"], json!({"train": serde_json::to_value(nan).unwrap()})),
+            ],
+        };
+        let errors: Vec<ParamError> = crate::resolve(&request).stages.into_iter().map(|s| s.unwrap().unwrap_err()).collect();
+        let expected = [
+            (&["tasks", "3", "timeout_s"][..], "`tasks[3].timeout_s` must be in (0, 86400], not 1e+300"),
+            (&["bands"], "`bands` must be between 1 and 1024, not 4611686018427387904"),
+            (&["bands"], "`bands` must be between 1 and 1024, not 100000000"),
+            (&["train", "batch_size"], "`train.batch_size` must be between 1 and 1048576, not 1000000000000"),
+            (&["train", "lr"], "`train.lr` must be in (0, 10], not nan or inf"),
+        ];
+        for (error, (path, message)) in errors.iter().zip(expected) {
+            assert_eq!(error.path, path);
+            assert_eq!(error.message, message);
+        }
+        assert_eq!(errors.len(), expected.len());
     }
 }

@@ -130,36 +130,50 @@ pub struct Params {
     /// How a record becomes a prompt: the one the policy was tuned with.
     pub template: Template,
     /// The share of prompts held out to score before and after.
+    #[schemars(extend("exclusiveMinimum" = 0, "exclusiveMaximum" = 1))]
     pub val_fraction: f64,
     /// Seeds the held-out split (`reward_model`'s, so its held-out prompts are new to the reward model).
     pub split_seed: u64,
     /// Held-out prompts scored before and after; all of them if unset.
+    #[schemars(range(min = 1, max = 1_000_000_000))]
     pub eval_prompts: Option<usize>,
     /// The optimizer; `steps` counts iterations, `batch_size × grad_accum × minibatches` prompts each.
     pub train: Hyper,
     /// Optimizer updates per pass over a rollout.
+    #[schemars(range(min = 1, max = 1024))]
     pub minibatches: usize,
     /// Passes over each rollout.
+    #[schemars(range(min = 1, max = 1024))]
     pub ppo_epochs: usize,
     /// Tokens per sampled response at most.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_new_tokens: usize,
     /// Sampling temperature of the rollouts; the log-probabilities are those of this distribution.
+    #[schemars(range(max = 100), extend("exclusiveMinimum" = 0))]
     pub temperature: f64,
     /// Weight of the per-token KL penalty to the starting policy.
+    #[schemars(range(min = 0, max = 100))]
     pub kl_coef: f64,
     /// ε of the clipped policy-ratio objective.
+    #[schemars(range(max = 100), extend("exclusiveMinimum" = 0))]
     pub cliprange: f64,
     /// ε of the clipped value loss.
+    #[schemars(range(max = 100), extend("exclusiveMinimum" = 0))]
     pub cliprange_value: f64,
     /// Weight of the value loss.
+    #[schemars(range(min = 0, max = 100))]
     pub vf_coef: f64,
     /// Discount of future rewards.
+    #[schemars(range(min = 0, max = 1))]
     pub gamma: f64,
     /// λ of generalized advantage estimation.
+    #[schemars(range(min = 0, max = 1))]
     pub lam: f64,
     /// Subtracted from the score of a response that did not end (none if unset).
+    #[schemars(range(min = 0, max = 1000))]
     pub missing_eos_penalty: Option<f64>,
     /// Held-out prompts whose responses before and after go to `samples.jsonl`.
+    #[schemars(range(max = 1_000_000))]
     pub samples: usize,
     pub trainable: Trainable,
     #[serde(flatten)]
@@ -228,27 +242,6 @@ impl Stage for Ppo {
         p.template.check("template")?;
         if p.data.trim().is_empty() {
             return err("data", "`data` must name a JSON or JSON Lines file of instructions");
-        }
-        if !(p.val_fraction > 0.0 && p.val_fraction < 1.0) {
-            return err("val_fraction", "`val_fraction` must be between 0 and 1");
-        }
-        if p.eval_prompts == Some(0) {
-            return err("eval_prompts", "`eval_prompts` must be at least 1 (leave it out for all held-out prompts)");
-        }
-        if p.minibatches == 0 || p.ppo_epochs == 0 || p.max_new_tokens == 0 {
-            return err("minibatches", "`minibatches`, `ppo_epochs` and `max_new_tokens` must be at least 1");
-        }
-        if !(p.temperature > 0.0) {
-            return err("temperature", "`temperature` must be positive: PPO needs the sampling distribution");
-        }
-        if !(p.cliprange > 0.0 && p.cliprange_value > 0.0) {
-            return err("cliprange", "`cliprange` and `cliprange_value` must be positive");
-        }
-        if p.kl_coef < 0.0 || p.vf_coef < 0.0 {
-            return err("kl_coef", "`kl_coef` and `vf_coef` must not be negative");
-        }
-        if !(0.0..=1.0).contains(&p.gamma) || !(0.0..=1.0).contains(&p.lam) {
-            return err("gamma", "`gamma` and `lam` must be between 0 and 1");
         }
         Ok(())
     }
@@ -622,10 +615,11 @@ mod tests {
         assert_eq!(p.rollout_size(), 32);
         assert!(crate::params::<Ppo>(json!({"train": {"stpes": 3}})).is_err());
         assert!(crate::params::<Ppo>(json!({"kl_coeff": 0.1})).is_err());
+        let out_of_bounds = |v: Value| crate::params::<Ppo>(v).unwrap_err().path;
+        assert_eq!(out_of_bounds(json!({"temperature": 0.0})), ["temperature"]);
+        assert_eq!(out_of_bounds(json!({"lam": 1.5})), ["lam"]);
+        assert_eq!(out_of_bounds(json!({"train": {"steps": 0}})), ["train", "steps"]);
         let bad = |v: Value| Ppo::check(&crate::params::<Ppo>(v).unwrap(), &[]).unwrap_err().path;
-        assert_eq!(bad(json!({"temperature": 0.0})), ["temperature"]);
-        assert_eq!(bad(json!({"lam": 1.5})), ["gamma"]);
-        assert_eq!(bad(json!({"train": {"steps": 0}})), ["train", "steps"]);
         assert_eq!(bad(json!({"template": "no placeholder"})), ["template"]);
         assert!(Ppo::check(&Params::default(), &[]).is_ok());
         assert_eq!(Ppo::files(&Params::default()), ["data/instruct/preference-data.json"]);

@@ -97,6 +97,7 @@ pub struct Params {
     /// AdamW, warmup then cosine decay, clipping, accumulation, seed.
     pub train: Hyper,
     /// Validation batches (the same ones every time) per evaluation.
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub eval_batches: usize,
     #[serde(flatten)]
     pub every: Every,
@@ -108,12 +109,16 @@ pub struct Params {
 #[serde(default, deny_unknown_fields)]
 pub struct Samples {
     /// How many texts.
+    #[schemars(range(max = 10_000))]
     pub count: usize,
     /// New tokens per text.
+    #[schemars(range(max = 1_048_576))]
     pub max_tokens: usize,
     /// 0 decodes greedily.
+    #[schemars(range(min = 0, max = 100))]
     pub temperature: f64,
     /// Keep only the K most likely tokens (all if unset).
+    #[schemars(range(min = 1, max = 10_000_000))]
     pub top_k: Option<usize>,
     /// Where each text starts; empty: a fresh document.
     pub prompt: String,
@@ -151,9 +156,6 @@ impl Stage for Pretrain {
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
         params.train.check("train")?;
         params.every.check()?;
-        if params.eval_batches == 0 {
-            return Err(ParamError::new(&["eval_batches"], "`eval_batches` must be at least 1"));
-        }
         if params.samples.count > 0 && params.samples.max_tokens == 0 {
             return Err(ParamError::new(&["samples", "max_tokens"], "`max_tokens` must be at least 1"));
         }
@@ -540,8 +542,7 @@ pub(crate) mod tests {
     fn params_are_checked_and_volatile_ones_listed() {
         let bad = Params { every: Every { spike_factor: 0.5, ..Default::default() }, ..Default::default() };
         assert_eq!(Pretrain::check(&bad, &[]).unwrap_err().path, ["spike_factor"]);
-        let bad: Params = crate::params::<Pretrain>(json!({"train": {"steps": 0}})).unwrap();
-        assert_eq!(Pretrain::check(&bad, &[]).unwrap_err().path, ["train", "steps"]);
+        assert_eq!(crate::params::<Pretrain>(json!({"train": {"steps": 0}})).unwrap_err().path, ["train", "steps"]);
         assert!(crate::params::<Pretrain>(json!({"train": {"stpes": 1}})).is_err());
         assert!(Pretrain::VOLATILE.contains(&"log_every"));
     }

@@ -95,8 +95,10 @@ pub struct Params {
     /// Train and validation fractions, shuffled by `train.seed`; `ppo` holds out the same validation part.
     pub split: Vec<f64>,
     /// m in −log σ(r_chosen − r_rejected − m).
+    #[schemars(range(min = -100, max = 100))]
     pub margin: f64,
     /// Weight of (r_chosen + r_rejected)², which keeps rewards centered at 0.
+    #[schemars(range(min = 0, max = 100))]
     pub center_coef: f64,
     pub trainable: Trainable,
     pub train: Hyper,
@@ -137,9 +139,6 @@ impl Stage for RewardModel {
         records::check_split(&params.split, &["train", "validation"])?;
         if params.data.is_empty() {
             return Err(ParamError::new(&["data"], "`data` must name a preference file"));
-        }
-        if !params.margin.is_finite() || !(params.center_coef >= 0.0) {
-            return Err(ParamError::new(&["center_coef"], "`margin` must be finite and `center_coef` not negative"));
         }
         Ok(())
     }

@@ -106,10 +106,13 @@ pub struct Params {
 #[serde(default, deny_unknown_fields)]
 pub struct Responses {
     /// New tokens per answer at most.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_tokens: usize,
     /// 0 decodes greedily.
+    #[schemars(range(min = 0, max = 100))]
     pub temperature: f64,
     /// Keep only the K most likely tokens (all if unset).
+    #[schemars(range(min = 1, max = 10_000_000))]
     pub top_k: Option<usize>,
 }
 
@@ -152,11 +155,7 @@ impl Stage for Sft {
         records::check_split(&params.split, &["train", "validation", "test"])?;
         params.trainable.check()?;
         params.train.check("train")?;
-        params.every.check()?;
-        if params.responses.max_tokens == 0 {
-            return Err(ParamError::new(&["responses", "max_tokens"], "`max_tokens` must be at least 1"));
-        }
-        Ok(())
+        params.every.check()
     }
 
     fn files(params: &Params) -> Vec<String> {

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::formats::docs;
 use crate::formats::tokenizer::{self, BatchEncoder, END_OF_TEXT};
 use crate::formats::tokens::{Manifest, ShardInfo, ShardWriter, SplitInfo, Width};
-use crate::{Inputs, ParamError, Stage, StageCtx};
+use crate::{Inputs, Stage, StageCtx};
 
 pub struct Shard;
 
@@ -42,8 +42,11 @@ pub struct Shard;
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     /// The share of documents held out for validation; 0 writes no validation shards.
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub val_fraction: f64,
     /// Tokens per shard; documents run across shard boundaries, as in llm.c.
+    // The shard header counts tokens in an int32.
+    #[schemars(range(min = 1, max = i32::MAX))]
     pub shard_tokens: u64,
 }
 
@@ -62,19 +65,6 @@ impl Stage for Shard {
     const SUMMARY: &'static str = "encode documents into llm.c token shards (train/val) with a tokenizer";
     const INPUTS: Inputs = Inputs::Fixed(&["docs", "tokenizer"]);
     type Params = Params;
-
-    fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
-        if !(0.0..1.0).contains(&params.val_fraction) {
-            return Err(ParamError::new(&["val_fraction"], "`val_fraction` must be at least 0 and below 1"));
-        }
-        if params.shard_tokens == 0 || params.shard_tokens > i32::MAX as u64 {
-            return Err(ParamError::new(
-                &["shard_tokens"],
-                format!("`shard_tokens` must be between 1 and {} (the header counts tokens in an int32)", i32::MAX),
-            ));
-        }
-        Ok(())
-    }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
         let docs_dir = ctx.input("docs")?.to_path_buf();

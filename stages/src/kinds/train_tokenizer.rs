@@ -66,16 +66,20 @@ pub enum PreTokenizer {
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     /// The vocabulary size, the special tokens and the 256 byte tokens included.
+    #[schemars(range(min = 256, max = 10_000_000))]
     pub vocab_size: usize,
     /// A pair seen fewer times is never merged.
+    #[schemars(range(max = 1_000_000_000_000_u64))]
     pub min_frequency: u64,
     /// Added first (ids 0, 1, …); `<|endoftext|>` is required, the chat tokens are what `sft` formats with.
     pub special_tokens: Vec<String>,
     /// How text is split into words before BPE: `gpt2` (GPT-2's regex) or `gpt4` (cl100k's).
     pub pre_tokenizer: PreTokenizer,
     /// Train on at most this many characters (all if unset).
+    #[schemars(range(min = 1, max = 1_000_000_000_000_u64))]
     pub max_chars: Option<u64>,
     /// Characters held out of training to measure compression on.
+    #[schemars(range(max = 1_000_000_000_000_u64))]
     pub holdout_chars: u64,
 }
 
@@ -112,9 +116,6 @@ impl Stage for TrainTokenizer {
         }
         if let Some(i) = params.special_tokens.iter().position(|t| t.is_empty()) {
             return Err(ParamError::new(&["special_tokens", &i.to_string()], "a special token cannot be empty"));
-        }
-        if params.max_chars == Some(0) {
-            return Err(ParamError::new(&["max_chars"], "`max_chars` must be positive; leave it out to use every document"));
         }
         Ok(())
     }

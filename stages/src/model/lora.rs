@@ -15,10 +15,13 @@ use crate::ParamError;
 #[serde(default, deny_unknown_fields)]
 pub struct Lora {
     /// r, the adapters' inner dimension.
+    #[schemars(range(min = 1, max = 65_536))]
     pub rank: i64,
     /// α: the update is scaled by α/r, so changing r keeps its size.
+    #[schemars(range(max = 65_536), extend("exclusiveMinimum" = 0))]
     pub alpha: f64,
     /// Dropout on the adapters' input while training.
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub dropout: f64,
     /// The projections to adapt in every block: `q`, `k`, `v`, `o`, `gate`
     /// (Llama only), `up`, `down`.
@@ -34,19 +37,10 @@ impl Default for Lora {
 impl Lora {
     pub const TARGETS: [&'static str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 
-    /// Checks ranges and target names; errors name fields under `table`
-    /// (e.g. `lora`).
+    /// Checks the target names (the numbers have bounds in the schema);
+    /// errors name fields under `table` (e.g. `lora`).
     pub fn check(&self, table: &[&str]) -> Result<(), ParamError> {
         let err = |field: &str, message: String| Err(ParamError::new(&[table, &[field]].concat(), message));
-        if self.rank < 1 {
-            return err("rank", format!("`rank` must be at least 1, got {}", self.rank));
-        }
-        if !(self.alpha > 0.0) {
-            return err("alpha", format!("`alpha` must be positive, got {}", self.alpha));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return err("dropout", format!("`dropout` must be in [0, 1), got {}", self.dropout));
-        }
         if self.targets.is_empty() {
             return err("targets", format!("name at least one projection to adapt: {:?}", Self::TARGETS));
         }

@@ -178,35 +178,47 @@ pub struct ModelConfig {
     pub checkpoint_activations: bool,
 }
 
-/// [`ModelConfig`] as users write it: `None` takes the arch's default.
+/// [`ModelConfig`] as users write it: `None` takes the arch's default. It is
+/// also [`ModelConfig`]'s schema (schemars follows `try_from`), so the bounds
+/// of the model params are here.
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 struct ModelConfigToml {
     /// `gpt2` or `llama` (see the module docs).
     arch: Arch,
     /// 0 takes the tokenizer's vocabulary size.
+    #[schemars(range(min = 0, max = 10_000_000))]
     vocab_size: i64,
     /// Transformer blocks.
+    #[schemars(range(min = 1, max = 1024))]
     n_layer: i64,
     /// Attention heads per block.
+    #[schemars(range(min = 1, max = 1024))]
     n_head: i64,
     /// Key/value heads (Llama's grouped-query attention); `n_head` if unset, and always for GPT-2.
+    #[schemars(range(min = 1, max = 1024))]
     n_kv_head: Option<i64>,
     /// Width of the residual stream (C).
+    #[schemars(range(min = 1, max = 65_536))]
     d_model: i64,
     /// The longest sequence the model reads.
+    #[schemars(range(min = 1, max = 1_048_576))]
     context: i64,
     /// Dropout on embeddings, attention weights and residual branches while training.
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     dropout: f64,
     /// Biases in dense layers (and GPT-2's LayerNorms); GPT-2 true, Llama false if unset.
     bias: Option<bool>,
     /// The output head shares the token embedding; GPT-2 true, Llama false if unset.
     tie_embeddings: Option<bool>,
     /// Rotary embedding base (Llama only).
+    #[schemars(range(max = 1_000_000_000), extend("exclusiveMinimum" = 0))]
     rope_theta: f64,
     /// Norm epsilon; GPT-2 1e-5, Llama 1e-6 if unset.
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
     norm_eps: Option<f64>,
     /// MLP width; GPT-2 4·d_model, Llama 8/3·d_model rounded up to 64 if unset.
+    #[schemars(range(min = 1, max = 1_048_576))]
     ffn_hidden: Option<i64>,
     /// `sdpa` (libtorch's fused kernels) or `explicit`; both give the same result.
     attention: Attention,

@@ -40,7 +40,7 @@ use crate::{ParamError, StageCtx};
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Trainable {
     All,
-    LastBlocks(usize),
+    LastBlocks(#[schemars(range(max = 1024))] usize),
     Lora(Lora),
 }
 

@@ -51,26 +51,37 @@ pub fn trainable(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
 #[serde(default, deny_unknown_fields)]
 pub struct Hyper {
     /// Optimizer updates.
+    #[schemars(range(min = 1, max = 1_000_000_000))]
     pub steps: u64,
     /// Sequences per micro-batch.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub batch_size: usize,
     /// Micro-batches whose gradients add up to one update.
+    #[schemars(range(min = 1, max = 65_536))]
     pub grad_accum: usize,
     /// Peak learning rate, reached at the end of warmup.
+    #[schemars(range(max = 10), extend("exclusiveMinimum" = 0))]
     pub lr: f64,
     /// Learning rate at the last step.
+    #[schemars(range(min = 0, max = 10))]
     pub min_lr: f64,
     /// Steps of linear warmup.
+    #[schemars(range(max = 1_000_000_000))]
     pub warmup: u64,
     /// Decoupled weight decay, applied to the weights [`decays`] picks.
+    #[schemars(range(min = 0, max = 10))]
     pub weight_decay: f64,
     /// AdamW's β1, the decay of the gradient mean.
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub beta1: f64,
     /// AdamW's β2, the decay of the squared-gradient mean.
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub beta2: f64,
     /// AdamW's ε, added to the root of the squared-gradient mean.
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
     pub eps: f64,
     /// Largest global gradient norm; 0 disables clipping.
+    #[schemars(range(min = 0, max = 1_000_000))]
     pub grad_clip: f64,
     /// Seeds the initial weights, the data order and dropout.
     pub seed: u64,
@@ -96,23 +107,11 @@ impl Default for Hyper {
 }
 
 impl Hyper {
-    /// Checks ranges; errors name fields under `table` (e.g. `train`).
+    /// Checks what the bounds of single fields cannot; errors name fields
+    /// under `table` (e.g. `train`).
     pub fn check(&self, table: &str) -> Result<(), ParamError> {
-        let err = |field: &str, message: &str| Err(ParamError::new(&[table, field], message));
-        if self.steps == 0 {
-            return err("steps", "`steps` must be at least 1");
-        }
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            return err("batch_size", "`batch_size` and `grad_accum` must be at least 1");
-        }
-        if !(self.lr > 0.0) || !(0.0..=self.lr).contains(&self.min_lr) {
-            return err("lr", "`lr` must be positive and `min_lr` between 0 and `lr`");
-        }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return err("beta1", "`beta1` and `beta2` must be in [0, 1)");
-        }
-        if !(self.eps > 0.0) || self.weight_decay < 0.0 || self.grad_clip < 0.0 {
-            return err("eps", "`eps` must be positive, `weight_decay` and `grad_clip` not negative");
+        if self.min_lr > self.lr {
+            return Err(ParamError::new(&[table, "lr"], "`min_lr` must not be above `lr`"));
         }
         Ok(())
     }

@@ -131,14 +131,19 @@ pub struct Trainer<'a> {
 #[serde(default, deny_unknown_fields)]
 pub struct Every {
     /// Evaluate every so many updates, and after the last.
+    #[schemars(range(min = 1, max = 1_000_000_000))]
     pub eval_every: u64,
     /// Skip an update whose loss exceeds this × the running mean; 0: never.
+    #[schemars(range(min = 0, max = 1000))]
     pub spike_factor: f64,
     /// Checkpoint every so many updates (volatile); 0: never.
+    #[schemars(range(max = 1_000_000_000))]
     pub checkpoint_every: u64,
     /// Checkpoints kept (volatile).
+    #[schemars(range(max = 1000))]
     pub keep_checkpoints: usize,
     /// A progress line on stderr every so many updates (volatile).
+    #[schemars(range(max = 1_000_000_000))]
     pub log_every: u64,
 }
 
@@ -157,10 +162,7 @@ pub const STOP_ENV: &str = "LLMFLOW_STOP_AFTER_STEP";
 
 impl Every {
     pub fn check(&self) -> Result<(), ParamError> {
-        if self.eval_every == 0 {
-            return Err(ParamError::new(&["eval_every"], "`eval_every` must be at least 1"));
-        }
-        if self.spike_factor < 0.0 || (self.spike_factor > 0.0 && self.spike_factor <= 1.0) {
+        if self.spike_factor > 0.0 && self.spike_factor <= 1.0 {
             return Err(ParamError::new(&["spike_factor"], "`spike_factor` must be above 1, or 0 to turn the guard off"));
         }
         Ok(())

@@ -12,7 +12,7 @@ fn source(url: &str) -> Source {
 }
 
 fn params(sources: Vec<Source>) -> Params {
-    Params { sources, retries: 2, timeout_secs: 5, backoff_ms: 20 }
+    Params { sources, retries: 2, timeout_secs: 5, backoff_ms: 20, ..Params::default() }
 }
 
 /// Runs the stage in a fresh project directory; returns it, the output
@@ -119,6 +119,21 @@ fn formats_compression_and_globs() {
     let (_, r) = run(&params(vec![missing]), project.path());
     let message = format!("{:#}", r.unwrap_err());
     assert!(message.contains("raw/a.jsonl.zst") && message.contains("no string field `body`"), "{message}");
+}
+
+#[test]
+fn a_decompression_bomb_stops_at_max_bytes() {
+    let project = tempfile::tempdir().unwrap();
+    // 64 MiB of zeros: about 64 KB of gzip.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![b'a'; 64 << 20]).unwrap();
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 100_000, "{}", bomb.len());
+    fs::write(project.path().join("bomb.txt.gz"), &bomb).unwrap();
+    let p = Params { max_bytes: 1 << 20, ..params(vec![source("bomb.txt.gz")]) };
+    let (_, r) = run(&p, project.path());
+    let message = format!("{:#}", r.unwrap_err());
+    assert!(message.contains("bomb.txt.gz") && message.contains("more than `max_bytes` (1048576 bytes)"), "{message}");
 }
 
 /// A scripted HTTP/1.1 server on 127.0.0.1: `respond(n, request)` gets the

@@ -30,6 +30,7 @@ pub struct Task {
     pub file: String,
     /// Items to evaluate (the first ones); 0 takes all. For `perplexity`,
     /// bytes of text; for `minimal_pairs`, pairs per file.
+    #[schemars(range(max = 1_000_000_000_000_u64))]
     pub limit: usize,
     /// The task type (`type = "…"`) and its options.
     #[serde(flatten)]
@@ -58,6 +59,7 @@ pub struct Perplexity {
 #[serde(default, deny_unknown_fields)]
 pub struct MultipleChoice {
     /// Solved examples before each query, drawn from the same file.
+    #[schemars(range(max = 1000))]
     pub shots: usize,
     /// Between the query and a choice.
     pub delimiter: String,
@@ -90,18 +92,24 @@ pub struct MinimalPairs {}
 #[serde(default, deny_unknown_fields)]
 pub struct Code {
     /// Completions per problem (n).
+    #[schemars(range(min = 1, max = 10_000))]
     pub samples: usize,
     /// The k of each pass@k reported; each at most `samples`.
     pub k: Vec<usize>,
     /// 0 decodes greedily.
+    #[schemars(range(min = 0, max = 100))]
     pub temperature: f64,
     /// Keep the smallest set of tokens whose probability reaches this.
+    #[schemars(range(min = 0, max = 1))]
     pub top_p: f64,
     /// New tokens per completion.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_tokens: usize,
     /// Wall-time limit of one test run.
+    #[schemars(range(max = 86_400), extend("exclusiveMinimum" = 0))]
     pub timeout_s: f64,
     /// Address-space limit of one test run.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub memory_mb: u64,
     /// The interpreter that runs the tests (inside the sandbox, found in /usr/bin).
     pub python: String,
