@@ -306,11 +306,16 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
         .env("OMP_NUM_THREADS", &threads)
         .env("POLARS_MAX_THREADS", &threads)
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe. If we die, the runner gets SIGTERM
-    // and kills its whole process group (llmflow-stage's `die_with_group`).
+    // SAFETY: prctl and getppid are async-signal-safe. If we die, the runner
+    // gets SIGTERM and kills its whole process group (llmflow-stage's
+    // `die_with_group`); if we died before the prctl, it does not start.
+    let engine = std::process::id() as libc::pid_t;
     unsafe {
-        child.pre_exec(|| {
+        child.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if libc::getppid() != engine {
+                return Err(std::io::Error::other("llmflow exited"));
+            }
             Ok(())
         });
     }

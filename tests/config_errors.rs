@@ -127,12 +127,14 @@ fn kinds_kind_prints_every_param_with_its_default_and_doc() {
 }
 
 #[test]
-fn numbers_out_of_range_and_non_finite_name_the_field_and_range() {
+fn numbers_out_of_range_non_finite_and_path_slot_names_are_errors() {
     let stages = "[stages.a]\nkind = \"command\"\ncmd = \"true\"\n[stages.d]\nkind = \"dedup\"\ninput = \"a\"\n";
     let e = error_of(&format!("{stages}bands = 4611686018427387904\n"));
     assert!(e.contains("pipeline.toml:7:1: stage `d` (dedup): `bands` must be between 1 and 1024, not 4611686018427387904"), "{e}");
     let e = error_of(&format!("{stages}threshold = nan\n"));
     assert!(e.contains("pipeline.toml:7:1: stage `d`: `threshold` is nan or inf; give a finite number"), "{e}");
+    let e = error_of(&format!("{stages}[stages.m]\nkind = \"command\"\ninputs = {{ \"/tmp/x\" = \"a\" }}\ncmd = \"true\"\n"));
+    assert!(e.contains("stage `m`: input slot `/tmp/x` may use only letters, digits, `_` and `-`"), "{e}");
     let e = error_of("[stages.a]\nkind = \"download\"\nsources = [{ url = \"x.txt\" }]\ntimeout_secs = 0\n");
     assert!(e.contains("`timeout_secs` must be between 1 and 86400, not 0"), "{e}");
 }

@@ -252,3 +252,46 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn gc_sweeps_left_over_temp_and_state_files() {
+    let p = Project::new(AB);
+    assert_eq!(p.llmflow(&["run"]).code, 0);
+    p.write("artifacts/.state/.a.json.tmp12345", "half written");
+    p.write("artifacts/.tmp/b.0123456789ab.3.3/out/data.txt", "a killed build");
+    let gc = p.llmflow(&["gc"]);
+    assert_eq!(gc.code, 0, "{}", gc.all());
+    assert!(!p.artifacts().join(".state/.a.json.tmp12345").exists());
+    assert!(!p.artifacts().join(".tmp/b.0123456789ab.3.3").exists());
+    assert!(p.states().iter().all(|(_, s)| s == "fresh"));
+}
+
+/// A run in another PID namespace (`unshare --pid`, as a container would
+/// be) and a run here share the store: neither removes the other's build.
+#[test]
+fn runs_in_two_pid_namespaces_share_a_store() {
+    let slow = AB.replace("echo alpha > {out}/data.txt", "touch started && sleep 2 && echo alpha > {out}/data.txt");
+    let p = Project::new(&slow);
+    p.write("other.toml", &AB.replace("echo alpha", "echo ALPHA"));
+    let probe = std::process::Command::new("unshare").args(["--pid", "--fork", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: cannot make a PID namespace here (unshare --pid needs root or user namespaces)");
+        return;
+    }
+    let mut inside = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", env!("CARGO_BIN_EXE_llmflow"), "run"])
+        .current_dir(p.path())
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the stage in the other namespace to start", || p.path().join("started").exists());
+    // Meanwhile a run here, of another version of the pipeline, on the same store.
+    let here = p.llmflow(&["run", "-f", "other.toml"]);
+    assert_eq!(here.code, 0, "{}", here.all());
+    let out = inside.wait_with_output().unwrap();
+    assert!(out.status.success(), "the run in the other namespace failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read_to_string(p.out_dir("b").join("data.txt")).unwrap(), "alpha\nbeta\n");
+    assert_eq!(p.llmflow(&["verify"]).code, 0);
+}

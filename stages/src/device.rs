@@ -48,6 +48,15 @@ pub fn resolve(spec: &str) -> Result<Device> {
     }
 }
 
+/// Bytes of memory free for a new process (the kernel's `MemAvailable`),
+/// where the kernel says.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// One line about the compute this machine offers, for `llmflow doctor`.
 pub fn describe() -> String {
     let cuda = match load_cuda() {

@@ -90,11 +90,6 @@ fn die_with_group() {
     }
     // SAFETY: installs a handler that only calls an async-signal-safe function.
     unsafe { libc::signal(libc::SIGTERM, kill_group as *const () as libc::sighandler_t) };
-    // The engine may have died before the handler was in place.
-    // SAFETY: getppid cannot fail.
-    if unsafe { libc::getppid() } == 1 {
-        kill_group(libc::SIGTERM);
-    }
 }
 
 /// Kills every process the stage started and has not waited for, before
