@@ -278,7 +278,7 @@ fn runs_in_two_pid_namespaces_share_a_store() {
         eprintln!("SKIPPED: cannot make a PID namespace here (unshare --pid needs root or user namespaces)");
         return;
     }
-    let mut inside = std::process::Command::new("unshare")
+    let inside = std::process::Command::new("unshare")
         .args(["--pid", "--fork", env!("CARGO_BIN_EXE_llmflow"), "run"])
         .current_dir(p.path())
         .env("NO_COLOR", "1")
