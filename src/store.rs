@@ -567,17 +567,7 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 /// a later stage or a user cannot change an artifact by accident. Done
 /// before the files are listed, so the manifest records their final state.
 pub fn seal(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            seal(&entry.path())?;
-        } else if kind.is_file() {
-            fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o444))?;
-        }
-    }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o555))?;
-    Ok(())
+    each_in_tree(dir, &mut |path, is_dir| Ok(fs::set_permissions(path, fs::Permissions::from_mode(if is_dir { 0o555 } else { 0o444 }))?))
 }
 
 /// Removes a tree that may hold sealed (read-only) folders.
@@ -648,16 +638,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn sync_tree(dir: &Path) -> Result<()> {
+    each_in_tree(dir, &mut |path, is_dir| if is_dir { sync_dir(path) } else { Ok(File::open(path)?.sync_all()?) })
+}
+
+/// Calls `f` on every file and folder under `dir`, each folder after what
+/// it holds, `dir` last; `f` is told which are folders.
+fn each_in_tree(dir: &Path, f: &mut impl FnMut(&Path, bool) -> Result<()>) -> Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            sync_tree(&entry.path())?;
+            each_in_tree(&entry.path(), f)?;
         } else if kind.is_file() {
-            File::open(entry.path())?.sync_all()?;
+            f(&entry.path(), false)?;
         }
     }
-    sync_dir(dir)
+    f(dir, true)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
