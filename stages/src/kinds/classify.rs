@@ -343,6 +343,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let parts = records::balanced_split(&classes, labels.len(), &params.split, params.train.seed);
 
     let mut scorer = HeadModel::from_model(&model_dir, labels.clone(), &params.trainable, device, params.train.seed)?;
+    crate::train::check_memory(scorer.model.gpt.config(), &params.train, device)?;
     let context = scorer.model.gpt.config().context as usize;
     ensure!(params.max_tokens <= context, "param `max_tokens` is {}, above the model's context of {context}", params.max_tokens);
     let eot = i64::from(scorer.model.tokenizer.token_to_id(END_OF_TEXT).context("the model's tokenizer has no <|endoftext|>")?);

@@ -200,6 +200,7 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let input = ctx.input("model")?.to_path_buf();
     let hyper = &params.train;
     let mut tuning = Tuning::open(&input, &params.trainable, device, hyper.seed)?;
+    crate::train::check_memory(tuning.gpt.config(), hyper, device)?;
     let records = read_records(ctx, &params.data)?;
     let parts = records::split(records.len(), &params.split, hyper.seed);
     // Its own copy: the model is borrowed mutably for training below.

@@ -304,6 +304,7 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let mut tuning = Tuning::open(&policy_dir, &p.trainable, device, hyper.seed)?;
     let config = tuning.gpt.config().clone();
+    crate::train::check_memory(&config, hyper, device)?;
     let v_head = tuning.add_zeros("v_head", &[1, config.d_model]);
     let tokenizer = tuning.tokenizer.clone();
     let mut reference = ModelArtifact::open(&policy_dir, device)?;

@@ -84,7 +84,7 @@ use crate::model::{self, Gpt, ModelConfig};
 use crate::sample::{complete, Sampling};
 use crate::train::replicas::Replicas;
 use crate::train::trainer::{self, Every, Objective, Outcome, Trainer};
-use crate::train::Hyper;
+use crate::train::{self, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Pretrain;
@@ -185,44 +185,6 @@ impl Stage for Pretrain {
     }
 }
 
-/// Bytes training needs: the model state (fp32 weights, gradients and
-/// AdamW's two moments, 16 bytes a parameter) and the activations kept for
-/// backward (per token and layer about 16·d_model floats for the block's
-/// intermediates and 2·n_head·context for the attention scores and
-/// probabilities; plus the logits and their gradient).
-fn memory(config: &ModelConfig, hyper: &Hyper) -> (f64, f64) {
-    let rows = hyper.batch_size as f64 * config.context as f64;
-    let per_layer = (16 * config.d_model + 2 * config.n_head * config.context) as f64;
-    let activations = 4.0 * rows * (config.n_layer as f64 * per_layer + 2.0 * config.vocab_size as f64);
-    (16.0 * config.num_params() as f64, activations)
-}
-
-/// Fails before anything is allocated when training would need more memory
-/// than the machine has free: libtorch would abort the process, or the
-/// kernel kill it, part-way through.
-fn check_memory(config: &ModelConfig, hyper: &Hyper, device: Device) -> Result<()> {
-    let Some(free) = (device == Device::Cpu).then(device::available_memory).flatten() else { return Ok(()) };
-    let (state, activations) = memory(config, hyper);
-    if state + activations > free as f64 {
-        let gib = |b: f64| b / (1u64 << 30) as f64;
-        anyhow::bail!(
-            "training needs about {:.1} GiB but {:.1} GiB of memory is free: the model (model.n_layer {}, model.d_model {}, vocab {}) \
-             takes {:.1} GiB with its gradients and AdamW state, and the activations of train.batch_size {} × model.context {} \
-             take {:.1} GiB; lower train.batch_size (raise train.grad_accum to keep the batch) or the model's size",
-            gib(state + activations),
-            gib(free as f64),
-            config.n_layer,
-            config.d_model,
-            config.vocab_size,
-            gib(state),
-            hyper.batch_size,
-            config.context,
-            gib(activations)
-        );
-    }
-    Ok(())
-}
-
 /// Size, compute, memory and expected time of a training run. The time comes
 /// from timing forward and backward passes of this very model on this
 /// machine (one sequence, after a warm-up pass), so it is a pessimistic
@@ -232,7 +194,7 @@ fn estimate(config: &ModelConfig, hyper: &Hyper, device: &Device, threads: usize
     let (n, per_token) = (config.num_params(), config.flops_per_token());
     let tokens = hyper.tokens_per_step(config.context) as f64 * hyper.steps as f64;
     let total = per_token as f64 * tokens;
-    let (state, activations) = memory(config, hyper);
+    let (state, activations) = train::memory(config, hyper);
 
     let vs = nn::VarStore::new(*device);
     let measured = Gpt::new(&vs.root(), config).map(|gpt| {
@@ -282,7 +244,7 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
     let tokenizer_dir = ctx.input("tokenizer")?.to_path_buf();
     let tokenizer = tokenizer::load(&tokenizer_dir)?;
     let config = model_config(&params.model, &tokenizer)?;
-    check_memory(&config, hyper, device)?;
+    train::check_memory(&config, hyper, device)?;
     let data = ctx.input("data")?.to_path_buf();
     let context = config.context as usize;
     let loader = Loader::new(Split::open(&data, "train")?, hyper.batch_size, context, Order::Random { seed: hyper.seed })?;
@@ -474,16 +436,6 @@ pub(crate) mod tests {
 
     const MODEL_FILE: &str = "model.safetensors";
 
-    #[test]
-    fn a_batch_beyond_the_machines_memory_fails_before_training_naming_the_params() {
-        let config = crate::testing::tiny("gpt2", serde_json::json!({"context": 512}));
-        let small = Hyper { batch_size: 2, ..Hyper::default() };
-        check_memory(&config, &small, Device::Cpu).unwrap();
-        let huge = Hyper { batch_size: 1 << 20, ..Hyper::default() };
-        let err = format!("{:#}", check_memory(&config, &huge, Device::Cpu).unwrap_err());
-        assert!(err.contains("train.batch_size 1048576 × model.context 512"), "{err}");
-        assert!(err.contains("lower train.batch_size"), "{err}");
-    }
     use crate::formats::tokenizer::BatchEncoder;
     use crate::formats::tokenizer::END_OF_TEXT;
     use crate::formats::tokens::{Manifest, ShardInfo, ShardWriter, SplitInfo, Width};

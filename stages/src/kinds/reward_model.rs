@@ -174,6 +174,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let records: Vec<Record> = records::read(&data).with_context(|| "the preference data (param `data`)")?;
 
     let mut scorer = HeadModel::from_model(&model_dir, vec!["reward".into()], &params.trainable, device, params.train.seed)?;
+    crate::train::check_memory(scorer.model.gpt.config(), &params.train, device)?;
     let encoder = Encoder::new(&scorer.model.tokenizer, &params.template)?;
     let all = encoder.pairs(&records, scorer.model.gpt.config().context as usize, &data.display().to_string())?;
     let parts = records::split(all.len(), &params.split, params.train.seed);

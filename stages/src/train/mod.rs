@@ -28,6 +28,7 @@ pub mod plot;
 pub mod replicas;
 pub mod trainer;
 
+use anyhow::Result;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,7 @@ pub use adamw::{decays, AdamW};
 pub use checkpoint::Checkpoints;
 pub use metrics::MetricsLog;
 
+use crate::model::ModelConfig;
 use crate::ParamError;
 
 /// The variables of `vs` that train (`requires_grad`), in name order: the
@@ -133,6 +135,45 @@ impl Hyper {
     }
 }
 
+/// Bytes training needs: the model state (fp32 weights, gradients and
+/// AdamW's two moments, 16 bytes a parameter) and the activations kept for
+/// backward (per token and layer about 16·d_model floats for the block's
+/// intermediates and 2·n_head·context for the attention scores and
+/// probabilities; plus the logits and their gradient).
+pub fn memory(config: &ModelConfig, hyper: &Hyper) -> (f64, f64) {
+    let rows = hyper.batch_size as f64 * config.context as f64;
+    let per_layer = (16 * config.d_model + 2 * config.n_head * config.context) as f64;
+    let activations = 4.0 * rows * (config.n_layer as f64 * per_layer + 2.0 * config.vocab_size as f64);
+    (16.0 * config.num_params() as f64, activations)
+}
+
+/// Fails before training when it would need more memory than the machine
+/// has free: libtorch would abort the process, or the kernel kill it,
+/// part-way through. A lower bound for stages that hold more than one model
+/// (dpo's reference, ppo's reference and value head).
+pub fn check_memory(config: &ModelConfig, hyper: &Hyper, device: tch::Device) -> Result<()> {
+    let Some(free) = (device == tch::Device::Cpu).then(crate::device::available_memory).flatten() else { return Ok(()) };
+    let (state, activations) = memory(config, hyper);
+    if state + activations > free as f64 {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        anyhow::bail!(
+            "training needs about {:.1} GiB but {:.1} GiB of memory is free: the model (model.n_layer {}, model.d_model {}, vocab {}) \
+             takes {:.1} GiB with its gradients and AdamW state, and the activations of train.batch_size {} × model.context {} \
+             take {:.1} GiB; lower train.batch_size (raise train.grad_accum to keep the batch) or the model's size",
+            gib(state + activations),
+            gib(free as f64),
+            config.n_layer,
+            config.d_model,
+            config.vocab_size,
+            gib(state),
+            hyper.batch_size,
+            config.context,
+            gib(activations)
+        );
+    }
+    Ok(())
+}
+
 /// The libtorch seed for micro-batch `micro` of update `step`: a function of
 /// the run's seed and the position only, so a resumed run draws the dropout
 /// masks the uninterrupted one would have.
@@ -186,6 +227,17 @@ impl SpikeGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_beyond_the_machines_memory_fails_before_training_naming_the_params() {
+        let config = crate::testing::tiny("gpt2", serde_json::json!({"context": 512}));
+        let small = Hyper { batch_size: 2, ..Hyper::default() };
+        check_memory(&config, &small, tch::Device::Cpu).unwrap();
+        let huge = Hyper { batch_size: 1 << 20, ..Hyper::default() };
+        let err = format!("{:#}", check_memory(&config, &huge, tch::Device::Cpu).unwrap_err());
+        assert!(err.contains("train.batch_size 1048576 × model.context 512"), "{err}");
+        assert!(err.contains("lower train.batch_size"), "{err}");
+    }
 
     #[test]
     fn lr_warms_up_linearly_then_decays_to_min_lr() {
