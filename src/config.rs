@@ -915,18 +915,25 @@ impl Source<'_> {
 
     /// The offset of the deepest key along `path` that exists in the file.
     fn key_span(&self, table: &DeTable, path: &[&str]) -> Option<usize> {
-        let mut table = table;
-        let mut found = None;
-        for (i, segment) in path.iter().enumerate() {
-            let Some((key, value)) = table.get_key_value(*segment) else {
+        let (mut table, mut found, mut i) = (table, None, 0);
+        while i < path.len() {
+            let Some((key, value)) = table.get_key_value(path[i]) else {
                 return found;
             };
-            let (key, value): (&Spanned<_>, &Spanned<DeValue>) = (key, value);
+            let (key, mut value): (&Spanned<_>, &Spanned<DeValue>) = (key, value);
             found = Some(key.span().start);
+            // An array's items are named by index: `tasks.3.timeout_s`.
+            while let DeValue::Array(items) = value.get_ref() {
+                let Some(item) = path.get(i + 1).and_then(|s| s.parse::<usize>().ok()).and_then(|n| items.get(n)) else {
+                    return found;
+                };
+                (value, found, i) = (item, Some(item.span().start), i + 1);
+            }
             match value.get_ref() {
                 DeValue::Table(t) if i + 1 < path.len() => table = t,
                 _ => return found,
             }
+            i += 1;
         }
         found
     }

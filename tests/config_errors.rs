@@ -138,3 +138,14 @@ fn numbers_out_of_range_non_finite_and_path_slot_names_are_errors() {
     let e = error_of("[stages.a]\nkind = \"download\"\nsources = [{ url = \"x.txt\" }]\ntimeout_secs = 0\n");
     assert!(e.contains("`timeout_secs` must be between 1 and 86400, not 0"), "{e}");
 }
+
+#[test]
+fn an_error_in_one_of_an_array_of_tables_points_at_its_line() {
+    let e = error_of(
+        "[stages.a]\nkind = \"command\"\ncmd = \"true\"\n\
+         [stages.e]\nkind = \"eval\"\ninputs = { m = \"a\" }\n\
+         [[stages.e.tasks]]\nname = \"x\"\ntype = \"perplexity\"\nfile = \"f.txt\"\n\
+         [[stages.e.tasks]]\nname = \"y\"\ntype = \"code\"\nfile = \"h.jsonl\"\nconfirm_run_unsafe_code = true\ntimeout_s = 1e300\n",
+    );
+    assert!(e.contains("pipeline.toml:16:1: stage `e` (eval): `tasks[1].timeout_s` must be in (0, 86400], not 1e+300"), "{e}");
+}
