@@ -314,7 +314,8 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
         child.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             if libc::getppid() != engine {
-                return Err(std::io::Error::other("llmflow exited"));
+                // No allocation between fork and exec: a bare OS error.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
