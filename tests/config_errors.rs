@@ -3,44 +3,31 @@
 
 mod common;
 
-use common::Project;
-
-fn error_of(pipeline: &str) -> String {
-    let p = Project::new(pipeline);
-    let r = p.llmflow(&["run"]);
-    assert_eq!(r.code, 2, "expected a config error, got:\n{}", r.all());
-    let built: Vec<_> = std::fs::read_dir(p.artifacts())
-        .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().starts_with('.')).collect())
-        .unwrap_or_default();
-    assert!(built.is_empty(), "nothing may run on a config error: {built:?}");
-    let status = p.llmflow(&["status"]);
-    assert_eq!(status.code, 2, "status must reject the same file");
-    r.stderr
-}
+use common::{config_error, Project};
 
 #[test]
 fn unknown_param_names_line_column_stage_and_suggests() {
-    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = \"true\"\ndpes = [\"x\"]\n");
+    let e = config_error("[stages.s]\nkind = \"command\"\ncmd = \"true\"\ndpes = [\"x\"]\n");
     assert!(e.contains("pipeline.toml:4:1: stage `s` (command): unknown field `dpes`"), "{e}");
     assert!(e.contains("did you mean `deps`?"), "{e}");
 }
 
 #[test]
 fn unknown_kind_lists_known_kinds() {
-    let e = error_of("[stages.s]\nkind = \"comand\"\n");
+    let e = config_error("[stages.s]\nkind = \"comand\"\n");
     assert!(e.contains("pipeline.toml:2:1: stage `s`: unknown kind `comand`, did you mean `command`?"), "{e}");
     assert!(e.contains("known kinds: command"), "{e}");
 }
 
 #[test]
 fn wrong_type_names_the_field() {
-    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = 42\n");
+    let e = config_error("[stages.s]\nkind = \"command\"\ncmd = 42\n");
     assert!(e.contains("pipeline.toml:3:1: stage `s` (command): invalid type: integer `42`, expected a string"), "{e}");
 }
 
 #[test]
 fn cycle_is_printed() {
-    let e = error_of(
+    let e = config_error(
         "[stages.a]\nkind = \"command\"\ninput = \"c\"\ncmd = \"true\"\n\
          [stages.b]\nkind = \"command\"\ninput = \"a\"\ncmd = \"true\"\n\
          [stages.c]\nkind = \"command\"\ninput = \"b\"\ncmd = \"true\"\n",
@@ -50,7 +37,7 @@ fn cycle_is_printed() {
 
 #[test]
 fn missing_reference_is_named() {
-    let e = error_of("[stages.b]\nkind = \"command\"\ninputs = { docs = \"clen\" }\ncmd = \"true\"\n[stages.clean]\nkind = \"command\"\ncmd = \"true\"\n");
+    let e = config_error("[stages.b]\nkind = \"command\"\ninputs = { docs = \"clen\" }\ncmd = \"true\"\n[stages.clean]\nkind = \"command\"\ncmd = \"true\"\n");
     assert!(
         e.contains("pipeline.toml:3:12: stage `b`: input `docs` names stage `clen`, which does not exist, did you mean `clean`?"),
         "{e}"
@@ -59,21 +46,21 @@ fn missing_reference_is_named() {
 
 #[test]
 fn placeholder_for_unwired_input_is_rejected() {
-    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = \"cat {inputs.docs}\"\n");
+    let e = config_error("[stages.s]\nkind = \"command\"\ncmd = \"cat {inputs.docs}\"\n");
     assert!(e.contains("`{inputs.docs}` names no input of this stage (inputs: none)"), "{e}");
 }
 
 #[test]
 fn toml_syntax_error_has_a_location() {
-    let e = error_of("[stages.s]\nkind = \"command\"\ncmd = \"true\n");
+    let e = config_error("[stages.s]\nkind = \"command\"\ncmd = \"true\n");
     assert!(e.contains("pipeline.toml:3:"), "{e}");
 }
 
 #[test]
 fn missing_kind_and_bad_device() {
-    let e = error_of("[stages.s]\ncmd = \"true\"\n");
+    let e = config_error("[stages.s]\ncmd = \"true\"\n");
     assert!(e.contains("stage `s` has no `kind`; known kinds:"), "{e}");
-    let e = error_of("[pipeline]\ndevice = \"gpu\"\n");
+    let e = config_error("[pipeline]\ndevice = \"gpu\"\n");
     assert!(e.contains("pipeline.toml:2:1: unknown device `gpu`"), "{e}");
 }
 
@@ -93,18 +80,18 @@ fn missing_file_and_unknown_target() {
 
 #[test]
 fn dependency_file_missing_is_a_config_error() {
-    let e = error_of("[stages.s]\nkind = \"command\"\ndeps = [\"gone.py\"]\ncmd = \"true\"\n");
+    let e = config_error("[stages.s]\nkind = \"command\"\ndeps = [\"gone.py\"]\ncmd = \"true\"\n");
     assert!(e.contains("stage `s` reads `gone.py`"), "{e}");
 }
 
 #[test]
 fn a_moved_param_says_what_to_write_instead() {
-    let e = error_of(
+    let e = config_error(
         "[stages.s]\nkind = \"sft\"\ninputs = { model = \"m\" }\nlora = { rank = 4 }\n[stages.m]\nkind = \"command\"\ncmd = \"true\"\n",
     );
     assert!(e.contains("pipeline.toml:4:1: stage `s` (sft): `lora` is no longer a param of `sft`"), "{e}");
     assert!(e.contains("write `trainable = { lora = {"), "{e}");
-    let e = error_of("[stages.s]\nkind = \"dpo\"\ninputs = { model = \"m\" }\ntrainable = { last_block = 2 }\n[stages.m]\nkind = \"command\"\ncmd = \"true\"\n");
+    let e = config_error("[stages.s]\nkind = \"dpo\"\ninputs = { model = \"m\" }\ntrainable = { last_block = 2 }\n[stages.m]\nkind = \"command\"\ncmd = \"true\"\n");
     assert!(e.contains("stage `s` (dpo)") && e.contains("unknown variant `last_block`"), "{e}");
 }
 
@@ -129,19 +116,19 @@ fn kinds_kind_prints_every_param_with_its_default_and_doc() {
 #[test]
 fn numbers_out_of_range_non_finite_and_path_slot_names_are_errors() {
     let stages = "[stages.a]\nkind = \"command\"\ncmd = \"true\"\n[stages.d]\nkind = \"dedup\"\ninput = \"a\"\n";
-    let e = error_of(&format!("{stages}bands = 4611686018427387904\n"));
+    let e = config_error(&format!("{stages}bands = 4611686018427387904\n"));
     assert!(e.contains("pipeline.toml:7:1: stage `d` (dedup): `bands` must be between 1 and 1024, not 4611686018427387904"), "{e}");
-    let e = error_of(&format!("{stages}threshold = nan\n"));
+    let e = config_error(&format!("{stages}threshold = nan\n"));
     assert!(e.contains("pipeline.toml:7:1: stage `d`: `threshold` is nan or inf; give a finite number"), "{e}");
-    let e = error_of(&format!("{stages}[stages.m]\nkind = \"command\"\ninputs = {{ \"/tmp/x\" = \"a\" }}\ncmd = \"true\"\n"));
+    let e = config_error(&format!("{stages}[stages.m]\nkind = \"command\"\ninputs = {{ \"/tmp/x\" = \"a\" }}\ncmd = \"true\"\n"));
     assert!(e.contains("stage `m`: input slot `/tmp/x` may use only letters, digits, `_` and `-`"), "{e}");
-    let e = error_of("[stages.a]\nkind = \"download\"\nsources = [{ url = \"x.txt\" }]\ntimeout_secs = 0\n");
+    let e = config_error("[stages.a]\nkind = \"download\"\nsources = [{ url = \"x.txt\" }]\ntimeout_secs = 0\n");
     assert!(e.contains("`timeout_secs` must be between 1 and 86400, not 0"), "{e}");
 }
 
 #[test]
 fn an_error_in_one_of_an_array_of_tables_points_at_its_line() {
-    let e = error_of(
+    let e = config_error(
         "[stages.a]\nkind = \"command\"\ncmd = \"true\"\n\
          [stages.e]\nkind = \"eval\"\ninputs = { m = \"a\" }\n\
          [[stages.e.tasks]]\nname = \"x\"\ntype = \"perplexity\"\nfile = \"f.txt\"\n\

@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::Project;
+use common::{wait_for, Project};
 
 /// a → b → c, plus an independent d. Each stage counts its runs in runs/NAME
 /// and its output includes its input's, so a change propagates.
@@ -157,7 +157,7 @@ cmd = "echo partial > {out}/part.txt && touch started && sleep 30 && echo done >
 "#,
     );
     let mut child = p.cmd(&["run"]).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0).spawn().unwrap();
-    wait_for(|| p.path().join("started").exists());
+    wait_for("the stage to start", || p.path().join("started").exists());
     // Kill the scheduler and the stage process, as a power cut would.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
     let _ = child.wait();
@@ -182,7 +182,7 @@ cmd = "touch started && sleep 30 && echo done > {out}/done.txt && touch finished
 "#,
     );
     let child = p.cmd(&["run"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    wait_for(|| p.path().join("started").exists());
+    wait_for("the stage to start", || p.path().join("started").exists());
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = Instant::now();
     let out = child.wait_with_output().unwrap();
@@ -345,12 +345,4 @@ fn dag_renders_text_dot_and_mermaid() {
     assert!(dot.contains("\"a\" -> \"b\";") && dot.contains("\"b\" -> \"c\";"), "{dot}");
     let mermaid = p.llmflow(&["dag", "--format", "mermaid"]).stdout;
     assert!(mermaid.starts_with("flowchart LR") && mermaid.contains("b --> c"), "{mermaid}");
-}
-
-fn wait_for(cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -9,9 +9,9 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::Project;
+use common::{wait_for, Project};
 
 const AB: &str = r#"
 [pipeline]
@@ -26,14 +26,6 @@ kind = "command"
 input = "a"
 cmd = "cat {inputs.input}/data.txt > {out}/data.txt && echo beta >> {out}/data.txt"
 "#;
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn a_store_that_is_or_holds_the_pipeline_folder_is_refused() {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Project, TINY_DATA};
+use common::{config_error, Project, TINY_DATA};
 
 /// data → train (swept over LR × N) → eval (fans out) → summary (gathers every eval).
 /// Each command logs its run in runs/STAGE with the values it saw.
@@ -154,46 +154,38 @@ cmd = "cat {inputs.a}/x > {out}/x"
     assert_eq!(pick[0]["inputs"]["a"], "a[X=3,Y=c]");
 }
 
-fn error_of(pipeline: &str) -> String {
-    let p = Project::new(pipeline);
-    let r = p.llmflow(&["run"]);
-    assert_eq!(r.code, 2, "expected a config error, got:\n{}", r.all());
-    assert!(r.built().is_empty());
-    r.stderr
-}
-
 const STAGE: &str = "[stages.s]\nkind = \"command\"\ncmd = \"true\"\n";
 
 #[test]
 fn sweep_mistakes_are_config_errors_with_a_location() {
-    let e = error_of(&format!("{STAGE}sweep = {{ \"cmdd\" = [\"true\", \"false\"] }}\n"));
+    let e = config_error(&format!("{STAGE}sweep = {{ \"cmdd\" = [\"true\", \"false\"] }}\n"));
     assert!(e.contains("pipeline.toml:4:11: stage `s[cmdd=true]` (command): sweep `cmdd`: unknown field `cmdd`"), "{e}");
     assert!(e.contains("did you mean `cmd`?"), "{e}");
-    let e = error_of(&format!("{STAGE}sweep = {{ \"env.A\" = [] }}\n"));
+    let e = config_error(&format!("{STAGE}sweep = {{ \"env.A\" = [] }}\n"));
     assert!(e.contains("pipeline.toml:4:11: stage `s`: sweep `env.A`: the list is empty"), "{e}");
-    let e = error_of(&format!("{STAGE}sweep = {{ \"threads\" = [1, 1.0] }}\n"));
+    let e = config_error(&format!("{STAGE}sweep = {{ \"threads\" = [1, 1.0] }}\n"));
     assert!(e.contains("sweep `threads`: `1.0` repeats `1`; each value once"), "{e}");
-    let e = error_of(&format!("{STAGE}sweep = {{ \"env.A\" = [\"1\", \"2\"], \"env.B\" = [\"x\"] }}\nsweep_mode = \"zip\"\n"));
+    let e = config_error(&format!("{STAGE}sweep = {{ \"env.A\" = [\"1\", \"2\"], \"env.B\" = [\"x\"] }}\nsweep_mode = \"zip\"\n"));
     assert!(e.contains("sweep_mode = \"zip\" pairs the lists by position, but `env.A` has 2 values and `env.B` has 1"), "{e}");
-    let e = error_of(&format!("{STAGE}sweep = {{ \"env.A\" = [\"1\", \"1\"], \"env.B\" = [\"x\", \"x\"] }}\nsweep_mode = \"zip\"\n"));
+    let e = config_error(&format!("{STAGE}sweep = {{ \"env.A\" = [\"1\", \"1\"], \"env.B\" = [\"x\", \"x\"] }}\nsweep_mode = \"zip\"\n"));
     assert!(e.contains("two variants of `s` are both named `s[A=1,B=x]`"), "{e}");
-    let e = error_of(&format!("{STAGE}sweep = {{ \"env.A\" = [\"a b\"] }}\n"));
+    let e = config_error(&format!("{STAGE}sweep = {{ \"env.A\" = [\"a b\"] }}\n"));
     assert!(e.contains("`a b` cannot stand in a variant name"), "{e}");
-    let e = error_of(&format!("{STAGE}env = {{ A = \"1\" }}\nsweep = {{ \"env.A\" = [\"2\"] }}\n"));
+    let e = config_error(&format!("{STAGE}env = {{ A = \"1\" }}\nsweep = {{ \"env.A\" = [\"2\"] }}\n"));
     assert!(e.contains("`env.A` is also set in the table; set it in one place"), "{e}");
-    let e = error_of(&format!("{STAGE}sweep_mode = \"grd\"\n"));
+    let e = config_error(&format!("{STAGE}sweep_mode = \"grd\"\n"));
     assert!(e.contains("`sweep_mode` is \"grid\""), "{e}");
 
     // Gathering needs a kind that takes any inputs; a pattern must match.
     let swept = format!("{STAGE}sweep = {{ \"env.A\" = [\"1\", \"2\"] }}\n");
-    let e = error_of(&format!("{swept}[stages.f]\nkind = \"filter\"\ninput = \"s[*]\"\n"));
+    let e = config_error(&format!("{swept}[stages.f]\nkind = \"filter\"\ninput = \"s[*]\"\n"));
     assert!(e.contains("stage `f` (filter) reads one artifact in `input`, but `s[*]` gathers variants"), "{e}");
-    let e = error_of(&format!("{swept}[stages.t]\nkind = \"command\"\ninputs = {{ x = \"s[A=3,*]\" }}\ncmd = \"true\"\n"));
+    let e = config_error(&format!("{swept}[stages.t]\nkind = \"command\"\ninputs = {{ x = \"s[A=3,*]\" }}\ncmd = \"true\"\n"));
     assert!(
         e.contains("pipeline.toml:7:12: stage `t`: input `x`: no variant of `s` matches `s[A=3,*]`; its variants: s[A=1], s[A=2]"),
         "{e}"
     );
-    let e = error_of(&format!("{swept}[stages.t]\nkind = \"command\"\ninputs = {{ x = \"s[B=3,*]\" }}\ncmd = \"true\"\n"));
+    let e = config_error(&format!("{swept}[stages.t]\nkind = \"command\"\ninputs = {{ x = \"s[B=3,*]\" }}\ncmd = \"true\"\n"));
     assert!(e.contains("input `x`: `s` varies A; `B` is not one of them"), "{e}");
 }
 

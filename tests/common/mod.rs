@@ -119,6 +119,30 @@ impl Project {
     }
 }
 
+/// The stderr of `run` on `pipeline`, which must be a config error (exit 2)
+/// that builds nothing and that `status` rejects too.
+pub fn config_error(pipeline: &str) -> String {
+    let p = Project::new(pipeline);
+    let r = p.llmflow(&["run"]);
+    assert_eq!(r.code, 2, "expected a config error, got:\n{}", r.all());
+    let built: Vec<_> = fs::read_dir(p.artifacts())
+        .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| !n.to_string_lossy().starts_with('.')).collect())
+        .unwrap_or_default();
+    assert!(built.is_empty(), "nothing may run on a config error: {built:?}");
+    let status = p.llmflow(&["status"]);
+    assert_eq!(status.code, 2, "status must reject the same file");
+    r.stderr
+}
+
+/// Waits until `done`, failing after a minute with `what`.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A command stage that counts its runs and writes `text` to out/data.txt.
 pub fn counting_stage(name: &str, inputs: &str, text: &str) -> String {
     let read_inputs = if inputs.is_empty() { String::new() } else { format!("inputs = {{ {inputs} }}\n") };
