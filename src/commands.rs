@@ -495,6 +495,9 @@ pub fn gc(file: &Path, dry_run: bool, wait: bool, only_this_pipeline: bool) -> R
             }
         }
     }
+    // Results a kind caches across builds go with the last artifact linking them.
+    let unlinked = store.unlinked_cache_files(&doomed);
+    doomed.extend(unlinked);
     // No run holds the store, so every temporary build and state file is left over.
     doomed.extend(fs::read_dir(store.tmp_root()).into_iter().flatten().flatten().map(|e| e.path()));
     let state = store.root.join(".state");

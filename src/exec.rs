@@ -284,6 +284,8 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
 
     let mut ctx = StageCtx::new(&job.stage, root, &dir.join("out"), &work);
     ctx.inputs = job.input_heads.iter().map(|(slot, m)| (slot.clone(), store.out_dir(&m.stage, &m.key))).collect();
+    ctx.cache = store.cache_dir(&job.kind);
+    fs::create_dir_all(&ctx.cache)?;
     ctx.device = device.to_string();
     ctx.threads = job.threads;
     ctx.progress_file = Some(dir.join("progress"));

@@ -18,7 +18,7 @@
 //! directory renamed into place (or swapped with the one it replaces), so a
 //! crash at any moment leaves either the old artifact or the new one, whole.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -284,6 +284,37 @@ impl Store {
 
     pub fn log_path(&self, stage: &str, key: &str) -> PathBuf {
         self.root.join(".logs").join(stage).join(format!("{key}.log"))
+    }
+
+    /// Results a kind shares across its builds; see `StageCtx::cache`.
+    pub fn cache_dir(&self, kind: &str) -> PathBuf {
+        self.root.join(".cache").join(kind)
+    }
+
+    /// The cache files no artifact outside `doomed` links: each file's link
+    /// count less its links inside `doomed` is 1 (only the cache holds it).
+    pub fn unlinked_cache_files(&self, doomed: &[PathBuf]) -> Vec<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let mut links: HashMap<(u64, u64), u64> = HashMap::new();
+        for dir in doomed.iter().filter(|d| d.is_dir()) {
+            let _ = each_in_tree(dir, &mut |path, is_dir| {
+                if let (false, Ok(m)) = (is_dir, fs::symlink_metadata(path)) {
+                    *links.entry((m.dev(), m.ino())).or_default() += 1;
+                }
+                Ok(())
+            });
+        }
+        let mut unlinked = Vec::new();
+        for kind in fs::read_dir(self.root.join(".cache")).into_iter().flatten().flatten() {
+            for entry in fs::read_dir(kind.path()).into_iter().flatten().flatten() {
+                let Ok(m) = entry.metadata() else { continue };
+                if !m.is_file() || m.nlink() - links.get(&(m.dev(), m.ino())).copied().unwrap_or(0) <= 1 {
+                    unlinked.push(entry.path());
+                }
+            }
+        }
+        unlinked.sort();
+        unlinked
     }
 
     pub fn tmp_root(&self) -> PathBuf {

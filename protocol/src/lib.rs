@@ -158,6 +158,11 @@ pub struct StageCtx {
     /// A directory that survives an interrupted run of the same key
     /// (checkpoints); removed once the artifact is published.
     pub work: PathBuf,
+    /// Results finer than the stage, shared by every build of its kind across
+    /// keys (`STORE/.cache/KIND`): files named by a hash of everything they
+    /// depend on, written whole (rename) and hard-linked into `out/` by the
+    /// build that uses them. `gc` keeps the files a kept artifact links.
+    pub cache: PathBuf,
     /// `auto`, `cpu`, `cuda` or `cuda:N`, from the pipeline.
     pub device: String,
     /// Threads the stage may use.
@@ -178,6 +183,7 @@ impl StageCtx {
             inputs: BTreeMap::new(),
             out: out.to_path_buf(),
             work: work.to_path_buf(),
+            cache: work.join("cache"),
             device: "cpu".to_string(),
             threads: 1,
             progress_file: None,

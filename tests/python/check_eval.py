@@ -160,10 +160,28 @@ def check(label, export):
                 acc_norm.append(float(max(range(len(norm)), key=lambda j: (norm[j], -j)) == doc["gold"]))
             metrics["acc"], metrics["acc_stderr"] = mean_stderr(acc)
             metrics["acc_norm"], metrics["acc_norm_stderr"] = mean_stderr(acc_norm)
-        elif kind == "lambada":
-            docs = read_records(task["file"])
-            docs = docs[:limit] if limit else docs
-            scored = [loglikelihood(*encode_pair(d["context"] + task.get("delimiter", " "), d["continuation"])) for d in docs]
+        elif kind == "schema":
+            pool = read_records(task["file"])
+            docs = pool[:limit] if limit else pool
+            shots, delim = task.get("shots", 0), task.get("delimiter", " ")
+            acc = []
+            for i, (doc, item) in enumerate(zip(docs, items)):
+                chosen = [j for j in shuffled(len(pool), case["seed"] + i) if j != i][:shots]
+                prefix = "".join(pool[j]["context_options"][pool[j]["gold"]] + delim + pool[j]["continuation"] + "\n\n" for j in chosen)
+                lls = [loglikelihood(*encode_pair(prefix + option + delim, doc["continuation"]))[0] for option in doc["context_options"]]
+                for j, (a, b) in enumerate(zip(lls, item["logprobs"])):
+                    close(f"{name} item {i} option {j}", a, b)
+                acc.append(float(max(range(len(lls)), key=lambda j: (lls[j], -j)) == doc["gold"]))
+            metrics["acc"], metrics["acc_stderr"] = mean_stderr(acc)
+        elif kind == "language_modeling":
+            pool = read_records(task["file"])
+            docs = pool[:limit] if limit else pool
+            shots, delim = task.get("shots", 0), task.get("delimiter", " ")
+            scored = []
+            for i, d in enumerate(docs):
+                chosen = [j for j in shuffled(len(pool), case["seed"] + i) if j != i][:shots]
+                prefix = "".join(pool[j]["context"] + delim + pool[j]["continuation"] + "\n\n" for j in chosen)
+                scored.append(loglikelihood(*encode_pair(prefix + d["context"] + delim, d["continuation"])))
             for i, ((ll, greedy), item) in enumerate(zip(scored, items)):
                 close(f"{name} item {i}", ll, item["logprob"])
                 if greedy != item["greedy"]:

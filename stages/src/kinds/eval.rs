@@ -47,11 +47,16 @@
 //! * `multiple_choice`: JSONL `{"query", "choices", "gold"}`. Each choice is
 //!   scored by the summed log-likelihood of `delimiter` (default `" "`) +
 //!   choice after the query; `acc` takes the best, `acc_norm` (the centered
-//!   metric) the best per character. `shots` (0) prefixes solved examples
-//!   drawn deterministically from the same file. Chance: 1 / choices.
-//! * `lambada`: JSONL `{"context", "continuation"}`. `acc`: greedy decoding
-//!   reproduces the target (every token is the argmax); `perplexity`:
-//!   exp(−mean log-likelihood of the targets), as lm-eval. Chance 0.
+//!   metric) the best per character. Chance: 1 / choices.
+//! * `schema` (lm-eval's partial scoring, WinoGrande and Winograd): JSONL
+//!   `{"context_options", "continuation", "gold"}`. The continuation is
+//!   scored after each context option and `delimiter` (default `" "`); `acc`
+//!   takes the option under which it is most likely. Chance: 1 / options.
+//! * `language_modeling` (DCLM's type; `lambada` is another name for it):
+//!   JSONL `{"context", "continuation"}`. `acc`: greedy decoding of the
+//!   continuation after context + `delimiter` (`" "`) reproduces it (every
+//!   token is the argmax); `perplexity`: exp(−mean log-likelihood of the
+//!   continuations), as lm-eval. Chance 0.
 //! * `minimal_pairs`: JSONL `{"sentence_good", "sentence_bad"}` (BLiMP), one
 //!   file per paradigm. `acc`: the share of pairs whose good sentence has the
 //!   higher total log-probability, overall and per file. Chance 0.5.
@@ -65,19 +70,37 @@
 //!   true`. Reports `pass@k` for each of `k` ([1]), the unbiased estimator
 //!   of Chen et al. (2021). Chance 0.
 //!
+//! `shots` (0), for the last three types: solved examples before each item,
+//! drawn from the same file by a shuffle seeded with (`seed`, item), each
+//! followed by a blank line (lm-eval's few-shot delimiter).
+//!
+//! An item longer than the model's context is cut as lm-eval cuts it: the
+//! last context + 1 tokens are kept, so the context loses its start (at
+//! least one token of it stays) and the continuation is scored whole; a
+//! continuation longer than the context loses its end.
+//!
 //! Every accuracy comes with its standard error (sample standard deviation
 //! over √n). A task with a chance level gets a centered score
-//! (metric − chance) / (1 − chance), nanochat's CORE normalization, and each
-//! model a CORE score: their mean.
+//! (metric − chance) / (1 − chance), nanochat's CORE normalization. A
+//! model's CORE is the mean centered score over its `multiple_choice`,
+//! `schema` and `language_modeling` tasks (DCLM's) of at least 100 scored
+//! items; a smaller task is reported as a sample and left out.
+//!
+//! Each (model, task) pair is its own cached unit ([`units`]): adding a task
+//! or a model to the stage scores only the new pairs, and a task that fails
+//! (a missing file, an unknown format) fails alone: the others are scored,
+//! cached and logged, and the stage fails at the end naming it. The log has
+//! one line per pair, `scored` or `cached`.
 //!
 //! Output: `results.json` (every metric, the centered scores, examples/s per
 //! task, each model's size and training steps and tokens), `report.md` (the
 //! same as tables), `centered.png` (a bar per model and task),
 //! `bits_per_byte.png` (perplexity tasks), `loss_LABEL.png` (each model's
 //! loss curve, where its artifact has one) and `items/LABEL/TASK.jsonl` (per
-//! item: log-likelihoods, predictions, completions and test outcomes).
-//! `llmflow report` prints the report. Metrics: `LABEL.TASK.METRIC` (each
-//! task's centered metric) and `LABEL.core`.
+//! item: log-likelihoods, predictions, completions and test outcomes),
+//! `units/KEY.json` (each pair's cached unit). `llmflow report` prints the
+//! report. Metrics: `LABEL.TASK.METRIC` (each task's centered metric) and
+//! `LABEL.core`.
 //!
 //! Training tokens are the last `tokens` that the model's `metrics.jsonl`
 //! logs (pretrain logs the tokens trained on so far in every step's row).
@@ -94,11 +117,12 @@ pub mod code;
 pub mod report;
 pub mod score;
 pub mod tasks;
+pub mod units;
 
 use std::collections::BTreeSet;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +131,7 @@ use crate::formats::tokenizer::END_OF_TEXT;
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 use report::{ModelInfo, Scored};
 use tasks::{Env, Kind, Model, Task};
+use units::{KeyParts, Units};
 
 pub struct Eval;
 
@@ -130,7 +155,7 @@ impl Default for Params {
 
 impl Stage for Eval {
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str = "score models on benchmarks (perplexity, multiple choice, LAMBADA, BLiMP, HumanEval); report card";
     const INPUTS: Inputs = Inputs::Any;
     const REPORT: Option<(&'static str, &'static str)> = Some(("report.md", "results.json"));
@@ -201,9 +226,19 @@ impl Stage for Eval {
         std::fs::create_dir_all(&scratch)?;
         let project_dir = ctx.project_dir.clone();
         let env = Env { project_dir: &project_dir, seed: params.seed, threads: ctx.threads, scratch: &scratch };
+        let parts = KeyParts {
+            project_dir: &project_dir,
+            seed: params.seed,
+            batch_tokens: params.batch_tokens,
+            device: format!("{device:?}"),
+            version: Self::VERSION,
+        };
+        let units = Units { cache: ctx.cache.clone(), units: ctx.out.join("units") };
+        std::fs::create_dir_all(&units.cache)?;
+        std::fs::create_dir_all(&units.units)?;
         let inputs: Vec<(String, std::path::PathBuf)> = ctx.inputs.clone().into_iter().collect();
         let total = (inputs.len() * params.tasks.len()) as u64;
-        let (mut models, mut scores) = (Vec::new(), Vec::new());
+        let (mut models, mut scores, mut failed) = (Vec::new(), Vec::new(), Vec::new());
         for (label, dir) in &inputs {
             let loaded = ModelArtifact::open(dir, device).with_context(|| format!("input `{label}`"))?;
             let eot = loaded
@@ -211,32 +246,57 @@ impl Stage for Eval {
                 .token_to_id(END_OF_TEXT)
                 .with_context(|| format!("input `{label}`: the tokenizer has no {END_OF_TEXT}"))?;
             let info = ModelInfo::read(label, dir, loaded.gpt.config().clone(), &ctx.out)?;
+            let digest = units::model_digest(dir).with_context(|| format!("input `{label}`"))?;
             eprintln!("eval: {label}: {} parameters on {device:?}, {} threads", info.config.num_params(), ctx.threads);
             let model = Model { gpt: &loaded.gpt, tokenizer: &loaded.tokenizer, eot: i64::from(eot), batch_tokens: params.batch_tokens };
             let items_dir = ctx.out.join("items").join(label);
             std::fs::create_dir_all(&items_dir)?;
             let mut row = Vec::new();
-            for task in &params.tasks {
-                let started = Instant::now();
-                let outcomes = tasks::evaluate(task, &model, &env).with_context(|| format!("task `{}` on `{label}`", task.name))?;
-                let scored = Scored { outcomes, seconds: started.elapsed().as_secs_f64() };
-                let o = &scored.outcomes;
-                eprintln!(
-                    "eval: {label} | {} | {} {:.4} | {} examples in {:.1} s, {:.1} examples/s",
-                    task.name,
-                    o.primary,
-                    o.metrics[&o.primary],
-                    o.examples,
-                    scored.seconds,
-                    scored.examples_per_s()
-                );
-                let lines: String = o.items.iter().map(|item| format!("{item}\n")).collect();
-                std::fs::write(items_dir.join(format!("{}.jsonl", task.name)), lines)?;
-                row.push(scored);
-                ctx.progress((models.len() * params.tasks.len() + row.len()) as u64, total, "tasks");
+            for (t, task) in params.tasks.iter().enumerate() {
+                // A task that fails fails alone: the others are scored, cached and logged.
+                let unit = || -> Result<(Scored, &str)> {
+                    let key = units::key(task, &digest, &parts)?;
+                    if let Some(scored) = units.load(&key)? {
+                        return Ok((scored, "cached"));
+                    }
+                    let started = Instant::now();
+                    let outcomes = tasks::evaluate(task, &model, &env)?;
+                    let scored = Scored { outcomes, seconds: started.elapsed().as_secs_f64() };
+                    units.save(&key, &scored)?;
+                    Ok((scored, "scored"))
+                };
+                match unit() {
+                    Ok((scored, how)) => {
+                        let o = &scored.outcomes;
+                        eprintln!(
+                            "eval: {label} | {} | {how} | {} {:.4} | {} examples in {:.1} s, {:.1} examples/s",
+                            task.name,
+                            o.primary,
+                            o.metrics[&o.primary],
+                            o.examples,
+                            scored.seconds,
+                            scored.examples_per_s()
+                        );
+                        let lines: String = o.items.iter().map(|item| format!("{item}\n")).collect();
+                        std::fs::write(items_dir.join(format!("{}.jsonl", task.name)), lines)?;
+                        row.push(scored);
+                    }
+                    Err(e) => {
+                        eprintln!("eval: {label} | {} | failed: {e:#}", task.name);
+                        failed.push(format!("task `{}` on `{label}`: {e:#}", task.name));
+                    }
+                }
+                ctx.progress((models.len() * params.tasks.len() + t + 1) as u64, total, "tasks");
             }
             models.push(info);
             scores.push(row);
+        }
+        if !failed.is_empty() {
+            bail!(
+                "{} of {total} (model, task) pairs failed; the others are cached, and the next run scores only what failed:\n  {}",
+                failed.len(),
+                failed.join("\n  ")
+            );
         }
         report::write(&ctx.out, &params.tasks, &models, &scores)?;
         for (name, value) in report::manifest_metrics(&params.tasks, &models, &scores) {
@@ -303,7 +363,8 @@ mod tests {
             {"name": "shakespeare", "type": "perplexity", "file": data("corpora/tinyshakespeare.txt"), "limit": 1500, "from_end": true},
             {"name": "arc_easy", "type": "multiple_choice", "file": data("eval/arc_easy.jsonl"), "limit": 5, "shots": 1, "delimiter": "\nAnswer: "},
             {"name": "hellaswag", "type": "multiple_choice", "file": data("eval/hellaswag_format_sample.jsonl")},
-            {"name": "lambada", "type": "lambada", "file": data("eval/lambada_openai.jsonl"), "limit": 6},
+            {"name": "lambada", "type": "language_modeling", "file": data("eval/lambada_openai.jsonl"), "limit": 6, "shots": 1},
+            {"name": "winogrande", "type": "schema", "file": data("eval/winogrande_format_sample.jsonl"), "limit": 6, "shots": 1},
             {"name": "blimp", "type": "minimal_pairs", "file": data("eval/blimp/anaphor_*.jsonl.gz"), "limit": 4},
             {"name": "humaneval", "type": "code", "file": data("eval/HumanEval.jsonl.gz"), "limit": 2, "max_tokens": 8, "confirm_run_unsafe_code": true},
         ]))
@@ -345,6 +406,10 @@ mod tests {
         let centered = base["lambada"]["centered"].as_f64().unwrap();
         assert_eq!(centered, base["lambada"]["metrics"]["acc"].as_f64().unwrap());
         assert!(base["wikitext"]["centered"].is_null());
+        assert_eq!(base["winogrande"]["chance"], 0.5);
+        // CORE: the in-context types with 100 items or more; here none.
+        assert_eq!((base["hellaswag"]["in_core"].as_bool(), base["blimp"]["in_core"].as_bool()), (Some(false), Some(false)));
+        assert!(results["core"]["base"].is_null());
         assert!(base["arc_easy"]["examples_per_s"].as_f64().unwrap() > 0.0);
         // An untrained model is close to uniform over its 300 tokens.
         let token_ppl = base["wikitext"]["metrics"]["token_perplexity"].as_f64().unwrap();
@@ -356,7 +421,8 @@ mod tests {
         assert!(report.contains("| task | metric | base | llama |"), "{report}");
         assert!(report.contains("| arc_easy (multiple_choice, 5 examples) | acc_norm |"), "{report}");
         assert!(report.contains("[loss.png](loss_base.png)"), "{report}");
-        assert!(ctx.metrics().contains_key("llama.blimp.acc") && ctx.metrics().contains_key("base.core"));
+        assert!(ctx.metrics().contains_key("llama.blimp.acc") && !ctx.metrics().contains_key("base.core"));
+        assert!(report.contains("| hellaswag (not in CORE: a sample of 4 items) | 0.2500 |"), "{report}");
 
         let Some(python) = python_with("transformers") else { return };
         let case = dir.join("case.json");
@@ -380,11 +446,11 @@ mod tests {
         twice.tasks.push(twice.tasks[0].clone());
         assert!(Eval::check(&twice, &inputs).unwrap_err().message.contains("two tasks are named `wikitext`"));
         let mut greedy = ok.clone();
-        if let Kind::Code(c) = &mut greedy.tasks[6].kind {
+        if let Kind::Code(c) = &mut greedy.tasks[7].kind {
             c.samples = 5;
             c.k = vec![1, 5];
         }
-        assert_eq!(Eval::check(&greedy, &inputs).unwrap_err().path, ["tasks", "6", "temperature"]);
+        assert_eq!(Eval::check(&greedy, &inputs).unwrap_err().path, ["tasks", "7", "temperature"]);
         // A glob's directory is part of the key.
         let files = Eval::files(&ok);
         assert!(files.iter().any(|f| f.ends_with("eval/blimp")), "{files:?}");

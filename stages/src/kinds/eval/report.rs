@@ -63,9 +63,25 @@ impl Scored {
     }
 }
 
-/// The mean centered score over the tasks that have a chance level.
-pub fn core(scores: &[Scored]) -> Option<f64> {
-    let centered: Vec<f64> = scores.iter().filter_map(|s| s.outcomes.centered()).collect();
+/// A task scored on fewer items is a sample: reported, but left out of CORE.
+pub const CORE_MIN_EXAMPLES: usize = 100;
+
+/// Why a task's centered score is not in CORE, if it is not.
+pub fn not_in_core(task: &Task, scored: &Scored) -> Option<String> {
+    if !task.kind.in_core() {
+        Some(format!("{} is not a CORE type", task.kind.type_name()))
+    } else if scored.outcomes.examples < CORE_MIN_EXAMPLES {
+        Some(format!("a sample of {} items", scored.outcomes.examples))
+    } else {
+        None
+    }
+}
+
+/// CORE as DCLM and nanochat define it: the mean centered score over the
+/// multiple-choice, schema and language-modelling tasks, samples excluded.
+pub fn core(tasks: &[Task], scores: &[Scored]) -> Option<f64> {
+    let centered: Vec<f64> =
+        tasks.iter().zip(scores).filter(|(t, s)| not_in_core(t, s).is_none()).filter_map(|(_, s)| s.outcomes.centered()).collect();
     (!centered.is_empty()).then(|| centered.iter().sum::<f64>() / centered.len() as f64)
 }
 
@@ -101,13 +117,14 @@ fn results_json(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>]) ->
             .map(|(task, s)| {
                 let mut v = serde_json::to_value(&s.outcomes).expect("serializable");
                 v["centered"] = json!(s.outcomes.centered());
+                v["in_core"] = json!(not_in_core(task, s).is_none());
                 v["seconds"] = json!(s.seconds);
                 v["examples_per_s"] = json!(s.examples_per_s());
                 (task.name.clone(), v)
             })
             .collect();
         results.insert(model.label.clone(), Value::Object(per_task));
-        cores.insert(model.label.clone(), json!(core(row)));
+        cores.insert(model.label.clone(), json!(core(tasks, row)));
     }
     let models: Vec<Value> = models
         .iter()
@@ -179,14 +196,19 @@ fn markdown(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>], center
     }
 
     md += "\n## Centered scores\n\n(score − chance) / (1 − chance), as nanochat's CORE: 0 is guessing, 1 is perfect. ";
-    md += "CORE is their mean over the tasks that have a chance level.\n\n";
+    md += "CORE is their mean over the multiple-choice, schema and language-modelling tasks of at least ";
+    let _ = write!(md, "{CORE_MIN_EXAMPLES} items (as DCLM's); the others are shown, not averaged.\n\n");
     md += &header("task", "chance");
     for (t, task) in tasks.iter().enumerate() {
         let Some(chance) = scores[0][t].outcomes.chance else { continue };
         let cells: Vec<String> = scores.iter().map(|row| row[t].outcomes.centered().map_or("—".into(), number)).collect();
-        let _ = writeln!(md, "| {} | {} | {} |", task.name, number(chance), cells.join(" | "));
+        let name = match not_in_core(task, &scores[0][t]) {
+            Some(why) => format!("{} (not in CORE: {why})", task.name),
+            None => task.name.clone(),
+        };
+        let _ = writeln!(md, "| {name} | {} | {} |", number(chance), cells.join(" | "));
     }
-    let cores: Vec<String> = scores.iter().map(|row| core(row).map_or("—".into(), number)).collect();
+    let cores: Vec<String> = scores.iter().map(|row| core(tasks, row).map_or("—".into(), number)).collect();
     let _ = writeln!(md, "| **CORE** | | {} |", cores.join(" | "));
     let legend = || {
         let names: Vec<String> = models.iter().enumerate().map(|(m, i)| format!("{} {}", COLOURS[m % COLOURS.len()].0, i.label)).collect();
@@ -269,9 +291,44 @@ pub fn manifest_metrics(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scor
         for (task, s) in tasks.iter().zip(row) {
             metrics.insert(format!("{}.{}.{}", model.label, task.name, s.outcomes.primary), s.outcomes.metrics[&s.outcomes.primary]);
         }
-        if let Some(core) = core(row) {
+        if let Some(core) = core(tasks, row) {
             metrics.insert(format!("{}.core", model.label), core);
         }
     }
     metrics
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// CORE averages the centered scores of the in-context types over 100
+    /// items or more: a 4-item sample and BLiMP stay out.
+    #[test]
+    fn core_averages_the_in_context_tasks_that_are_not_samples() {
+        let task = |name: &str, kind: &str| -> Task { serde_json::from_value(json!({"name": name, "type": kind, "file": "f"})).unwrap() };
+        let scored = |primary: &str, value: f64, chance: f64, examples: usize| Scored {
+            outcomes: Outcomes {
+                metrics: BTreeMap::from([(primary.to_string(), value)]),
+                counts: BTreeMap::new(),
+                primary: primary.into(),
+                chance: Some(chance),
+                examples,
+                breakdown: BTreeMap::new(),
+                items: Vec::new(),
+            },
+            seconds: 1.0,
+        };
+        let tasks =
+            [task("arc", "multiple_choice"), task("wino", "schema"), task("lambada", "language_modeling"), task("blimp", "minimal_pairs")];
+        let row =
+            [scored("acc_norm", 0.5, 0.25, 100), scored("acc", 1.0, 0.5, 4), scored("acc", 0.2, 0.0, 150), scored("acc", 0.9, 0.5, 200)];
+        let expected = (1.0 / 3.0 + 0.2) / 2.0;
+        assert!((core(&tasks, &row).unwrap() - expected).abs() < 1e-12);
+        assert_eq!(not_in_core(&tasks[1], &row[1]).unwrap(), "a sample of 4 items");
+        assert_eq!(not_in_core(&tasks[3], &row[3]).unwrap(), "minimal_pairs is not a CORE type");
+        assert_eq!(core(&tasks[1..2], &row[1..2]), None);
+    }
 }

@@ -43,7 +43,9 @@ pub struct Task {
 pub enum Kind {
     Perplexity(Perplexity),
     MultipleChoice(MultipleChoice),
-    Lambada(Lambada),
+    Schema(Schema),
+    #[serde(alias = "lambada")]
+    LanguageModeling(LanguageModeling),
     MinimalPairs(MinimalPairs),
     Code(Code),
 }
@@ -73,14 +75,33 @@ impl Default for MultipleChoice {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
-pub struct Lambada {
-    /// Between the context and the target word.
+pub struct Schema {
+    /// Solved examples before each item (its gold context and the continuation).
+    #[schemars(range(max = 1000))]
+    pub shots: usize,
+    /// Between a context option and the continuation.
     pub delimiter: String,
 }
 
-impl Default for Lambada {
+impl Default for Schema {
     fn default() -> Self {
-        Lambada { delimiter: " ".into() }
+        Schema { shots: 0, delimiter: " ".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct LanguageModeling {
+    /// Solved examples (context and continuation) before each item.
+    #[schemars(range(max = 1000))]
+    pub shots: usize,
+    /// Between the context and the continuation.
+    pub delimiter: String,
+}
+
+impl Default for LanguageModeling {
+    fn default() -> Self {
+        LanguageModeling { shots: 0, delimiter: " ".into() }
     }
 }
 
@@ -148,7 +169,7 @@ impl<'de> Deserialize<'de> for Task {
         let limit = field("limit").ok().map(usize::deserialize).transpose().map_err(D::Error::custom)?.unwrap_or(0);
         if !map.contains_key("type") {
             return Err(D::Error::custom(format!(
-                "task `{name}`: missing field `type` (perplexity, multiple_choice, lambada, minimal_pairs or code)"
+                "task `{name}`: missing field `type` (perplexity, multiple_choice, schema, language_modeling, minimal_pairs or code)"
             )));
         }
         let kind = Kind::deserialize(Value::Object(map)).map_err(|e| D::Error::custom(format!("task `{name}`: {e}")))?;
@@ -161,10 +182,17 @@ impl Kind {
         match self {
             Kind::Perplexity(_) => "perplexity",
             Kind::MultipleChoice(_) => "multiple_choice",
-            Kind::Lambada(_) => "lambada",
+            Kind::Schema(_) => "schema",
+            Kind::LanguageModeling(_) => "language_modeling",
             Kind::MinimalPairs(_) => "minimal_pairs",
             Kind::Code(_) => "code",
         }
+    }
+
+    /// The in-context task types CORE averages (DCLM's: multiple choice,
+    /// schema and language modelling).
+    pub fn in_core(&self) -> bool {
+        matches!(self, Kind::MultipleChoice(_) | Kind::Schema(_) | Kind::LanguageModeling(_))
     }
 }
 
@@ -198,13 +226,13 @@ pub struct Env<'a> {
 }
 
 /// A task's scores on one model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcomes {
     /// Metric name → value (`acc`, `acc_stderr`, `bits_per_byte`, …).
     pub metrics: BTreeMap<String, f64>,
     /// What the metrics were computed from (`tokens`, `words`, `bytes` and
     /// the summed `logprob` of a text).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub counts: BTreeMap<String, f64>,
     /// The metric the centered score and the charts use.
     pub primary: String,
@@ -213,7 +241,7 @@ pub struct Outcomes {
     /// Items scored (windows for perplexity).
     pub examples: usize,
     /// Per-file accuracy of `minimal_pairs` (the BLiMP paradigms).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub breakdown: BTreeMap<String, f64>,
     /// One record per item, for `items/MODEL/TASK.jsonl`.
     #[serde(skip)]
@@ -240,7 +268,8 @@ pub fn evaluate(task: &Task, model: &Model, env: &Env) -> Result<Outcomes> {
     match &task.kind {
         Kind::Perplexity(p) => perplexity(single()?, task.limit, p, model),
         Kind::MultipleChoice(p) => multiple_choice(single()?, task.limit, p, model, env.seed),
-        Kind::Lambada(p) => lambada(single()?, task.limit, p, model),
+        Kind::Schema(p) => schema(single()?, task.limit, p, model, env.seed),
+        Kind::LanguageModeling(p) => language_modeling(single()?, task.limit, p, model, env.seed),
         Kind::MinimalPairs(_) => minimal_pairs(&files, task.limit, model),
         Kind::Code(p) => {
             let problems = take(records::read::<Problem>(single()?)?, task.limit);
@@ -420,11 +449,11 @@ fn multiple_choice(path: &Path, limit: usize, p: &MultipleChoice, model: &Model,
             item.choices.len()
         );
     }
-    ensure!(p.shots < pool.len(), "{}: {} shots need more than {} items", path.display(), p.shots, pool.len());
-    let n = if limit == 0 { pool.len() } else { limit.min(pool.len()) };
+    let n = items_and_shots(path, pool.len(), limit, p.shots)?;
     let mut requests = Vec::new();
     for (i, item) in pool[..n].iter().enumerate() {
-        let context = format!("{}{}{}", few_shot_prefix(&pool, i, p, seed), item.query, p.delimiter);
+        let solved = |x: &ChoiceItem| format!("{}{}{}", x.query, p.delimiter, x.choices[x.gold]);
+        let context = format!("{}{}{}", few_shot(&pool, i, p.shots, seed, solved), item.query, p.delimiter);
         for choice in &item.choices {
             requests.push(model.pair(&context, choice)?);
         }
@@ -454,29 +483,99 @@ fn multiple_choice(path: &Path, limit: usize, p: &MultipleChoice, model: &Model,
     })
 }
 
-/// `shots` solved examples other than item `i`, drawn by a shuffle seeded
-/// with (seed, i), each ending in a blank line.
-fn few_shot_prefix(pool: &[ChoiceItem], i: usize, p: &MultipleChoice, seed: u64) -> String {
+/// How many items a task scores (the first `limit`, 0 for all), once the
+/// file is known to hold enough to draw `shots` others from.
+fn items_and_shots(path: &Path, items: usize, limit: usize, shots: usize) -> Result<usize> {
+    ensure!(shots < items, "{}: {shots} shots need more than {items} items", path.display());
+    Ok(if limit == 0 { items } else { limit.min(items) })
+}
+
+/// `shots` solved examples other than item `i` of `pool`, drawn by a
+/// shuffle seeded with (seed, i), each ending in a blank line (lm-eval's
+/// few-shot delimiter).
+fn few_shot<T>(pool: &[T], i: usize, shots: usize, seed: u64, solved: impl Fn(&T) -> String) -> String {
     crate::data::rng::shuffled(pool.len(), seed.wrapping_add(i as u64))
         .into_iter()
         .filter(|&j| j != i)
-        .take(p.shots)
-        .map(|j| format!("{}{}{}\n\n", pool[j].query, p.delimiter, pool[j].choices[pool[j].gold]))
+        .take(shots)
+        .map(|j| solved(&pool[j]) + "\n\n")
         .collect()
 }
 
 #[derive(Deserialize)]
-struct LambadaItem {
+struct SchemaItem {
+    context_options: Vec<String>,
+    continuation: String,
+    gold: usize,
+}
+
+/// lm-eval's partial scoring (WinoGrande): the same continuation after each
+/// context option; `acc` picks the option under which it is most likely.
+fn schema(path: &Path, limit: usize, p: &Schema, model: &Model, seed: u64) -> Result<Outcomes> {
+    let pool: Vec<SchemaItem> = records::read(path)?;
+    for (i, item) in pool.iter().enumerate() {
+        ensure!(
+            item.gold < item.context_options.len(),
+            "{}: record {}: `gold` is {} but there are {} context options",
+            path.display(),
+            i + 1,
+            item.gold,
+            item.context_options.len()
+        );
+    }
+    let n = items_and_shots(path, pool.len(), limit, p.shots)?;
+    let mut requests = Vec::new();
+    for (i, item) in pool[..n].iter().enumerate() {
+        let solved = |x: &SchemaItem| format!("{}{}{}", x.context_options[x.gold], p.delimiter, x.continuation);
+        let prefix = few_shot(&pool, i, p.shots, seed, solved);
+        for option in &item.context_options {
+            requests.push(model.pair(&format!("{prefix}{option}{}", p.delimiter), &item.continuation)?);
+        }
+    }
+    let mut scores = model.score(&requests).into_iter();
+    let (mut acc, mut items) = (Vec::new(), Vec::new());
+    for item in &pool[..n] {
+        let lls: Vec<f64> = scores.by_ref().take(item.context_options.len()).map(|s| s.logprob).collect();
+        let pred = argmax(lls.iter().copied());
+        acc.push(indicator(pred == item.gold));
+        items.push(json!({"gold": item.gold, "logprobs": lls, "pred": pred}));
+    }
+    let mut metrics = BTreeMap::new();
+    with_stderr(&mut metrics, "acc", &acc);
+    let chance = pool[..n].iter().map(|item| 1.0 / item.context_options.len() as f64).sum::<f64>() / n as f64;
+    Ok(Outcomes {
+        metrics,
+        counts: BTreeMap::new(),
+        primary: "acc".into(),
+        chance: Some(chance),
+        examples: n,
+        breakdown: BTreeMap::new(),
+        items,
+    })
+}
+
+#[derive(Deserialize)]
+struct ContinuationItem {
     context: String,
     continuation: String,
 }
 
-/// Whether greedy decoding reproduces the target word (`acc`), and lm-eval's
-/// `perplexity`: exp of minus the mean log-likelihood of the targets.
-fn lambada(path: &Path, limit: usize, p: &Lambada, model: &Model) -> Result<Outcomes> {
-    let items = take(records::read::<LambadaItem>(path)?, limit);
-    let requests =
-        items.iter().map(|item| model.pair(&format!("{}{}", item.context, p.delimiter), &item.continuation)).collect::<Result<Vec<_>>>()?;
+/// DCLM's language-modelling type (LAMBADA and its kin): whether greedy
+/// decoding reproduces the continuation (`acc`), and lm-eval's
+/// `perplexity`: exp of minus the mean log-likelihood of the continuations.
+fn language_modeling(path: &Path, limit: usize, p: &LanguageModeling, model: &Model, seed: u64) -> Result<Outcomes> {
+    let pool: Vec<ContinuationItem> = records::read(path)?;
+    let n = items_and_shots(path, pool.len(), limit, p.shots)?;
+    let items = &pool[..n];
+    let solved = |x: &ContinuationItem| format!("{}{}{}", x.context, p.delimiter, x.continuation);
+    let requests = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let prefix = few_shot(&pool, i, p.shots, seed, solved);
+            model.pair(&format!("{prefix}{}{}", item.context, p.delimiter), &item.continuation)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let scores = model.score(&requests);
     let acc: Vec<f64> = scores.iter().map(|s| indicator(s.greedy)).collect();
     let mut metrics = BTreeMap::new();
@@ -606,6 +705,10 @@ mod tests {
         assert_eq!(again, task);
         let err = serde_json::from_value::<Task>(json!({"name": "w", "type": "perplexity", "file": "w", "shots": 2}));
         assert!(err.unwrap_err().to_string().contains("task `w`: unknown field `shots`"));
+        // `lambada` is the old name of `language_modeling`.
+        let task: Task = serde_json::from_value(json!({"name": "l", "type": "lambada", "file": "l.jsonl", "shots": 3})).unwrap();
+        assert_eq!(task.kind, Kind::LanguageModeling(LanguageModeling { shots: 3, delimiter: " ".into() }));
+        assert_eq!(serde_json::to_value(&task).unwrap()["type"], "language_modeling");
         let err = serde_json::from_value::<Task>(json!({"name": "w", "file": "w"}));
         assert!(err.unwrap_err().to_string().contains("missing field `type`"));
         let err = serde_json::from_value::<Task>(json!({"name": "w", "type": "trivia", "file": "w"}));

@@ -1,0 +1,119 @@
+//! Each (model, task) result is its own cached unit, kept across builds of
+//! the stage in the store's cache for the kind ([`crate::StageCtx::cache`]).
+//!
+//! A unit's key hashes everything its scores depend on: the model
+//! artifact's output digest, the task's params (not its name), the digest
+//! of every file the task reads, the stage's seed and `batch_tokens`, the
+//! device and the eval implementation's version. Adding a task or a model
+//! to a stage therefore scores only the new pairs, and a task that fails
+//! leaves the others' units for the next run.
+//!
+//! A unit is one JSON file (`KEY.json`: outcomes, per-item records, seconds
+//! spent scoring), written into the artifact's `units/` and hard-linked
+//! into the cache; a cached unit is linked back into the new artifact, so
+//! `gc` keeps a unit while an artifact holds it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::report::Scored;
+use super::tasks::{task_files, Outcomes, Task};
+
+/// What goes into a unit's key besides the model and the task.
+pub struct KeyParts<'a> {
+    pub project_dir: &'a Path,
+    pub seed: u64,
+    pub batch_tokens: usize,
+    pub device: String,
+    pub version: u32,
+}
+
+/// The output digest in the model artifact's manifest (beside its `out/`);
+/// for a model folder outside a store, a hash of the files that make it.
+pub fn model_digest(dir: &Path) -> Result<String> {
+    let manifest = dir.parent().map(|d| d.join("manifest.json"));
+    if let Some(text) = manifest.and_then(|m| fs::read_to_string(m).ok()) {
+        let value: Value = serde_json::from_str(&text).with_context(|| format!("cannot parse the manifest beside {}", dir.display()))?;
+        if let Some(digest) = value["output_digest"].as_str() {
+            return Ok(digest.to_string());
+        }
+    }
+    let mut hasher = blake3::Hasher::new();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let path = dir.join(file);
+        hasher.update_mmap(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// The key of `task` on the model whose digest is `model`.
+pub fn key(task: &Task, model: &str, parts: &KeyParts) -> Result<String> {
+    let mut params = serde_json::to_value(task)?;
+    params.as_object_mut().expect("a task is a table").remove("name");
+    let files = task_files(parts.project_dir, &task.file)?
+        .iter()
+        .map(|path| {
+            let digest = blake3::Hasher::new().update_mmap(path).with_context(|| format!("cannot read {}", path.display()))?.finalize();
+            let name = path.strip_prefix(parts.project_dir).unwrap_or(path).to_string_lossy().into_owned();
+            Ok(json!([name, digest.to_hex().to_string()]))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let material = json!({
+        "eval": parts.version, "model": model, "task": params, "files": files,
+        "seed": parts.seed, "batch_tokens": parts.batch_tokens, "device": parts.device,
+    });
+    Ok(blake3::hash(material.to_string().as_bytes()).to_hex().to_string())
+}
+
+#[derive(Serialize, Deserialize)]
+struct UnitFile {
+    outcomes: Outcomes,
+    items: Vec<Value>,
+    seconds: f64,
+}
+
+/// Where units go: `cache` (shared) and `units` (the artifact's folder).
+pub struct Units {
+    pub cache: PathBuf,
+    pub units: PathBuf,
+}
+
+impl Units {
+    /// The unit `key` from the cache, linked into the artifact; `None` when
+    /// it was never scored (or its file does not parse: it is scored again).
+    pub fn load(&self, key: &str) -> Result<Option<Scored>> {
+        let cached = self.cache.join(format!("{key}.json"));
+        let Ok(text) = fs::read_to_string(&cached) else { return Ok(None) };
+        let Ok(unit) = serde_json::from_str::<UnitFile>(&text) else {
+            eprintln!("warning: {} does not parse; scoring it again", cached.display());
+            return Ok(None);
+        };
+        link_or_copy(&cached, &self.units.join(format!("{key}.json")))?;
+        let mut outcomes = unit.outcomes;
+        outcomes.items = unit.items;
+        Ok(Some(Scored { outcomes, seconds: unit.seconds }))
+    }
+
+    /// Writes unit `key` into the artifact and links it into the cache.
+    pub fn save(&self, key: &str, scored: &Scored) -> Result<()> {
+        let unit = UnitFile { outcomes: scored.outcomes.clone(), items: scored.outcomes.items.clone(), seconds: scored.seconds };
+        let path = self.units.join(format!("{key}.json"));
+        fs::write(&path, serde_json::to_vec(&unit)?).with_context(|| format!("cannot write {}", path.display()))?;
+        // Whole or absent: a reader never sees a unit half written.
+        let tmp = self.cache.join(format!(".{key}.{}.tmp", std::process::id()));
+        link_or_copy(&path, &tmp)?;
+        fs::rename(&tmp, self.cache.join(format!("{key}.json"))).with_context(|| format!("cannot cache {}", path.display()))
+    }
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    let _ = fs::remove_file(to);
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
+}
