@@ -45,6 +45,7 @@ pub mod kinds;
 mod layers;
 pub mod model;
 pub mod sample;
+pub mod sandbox;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod train;

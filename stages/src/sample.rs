@@ -75,26 +75,38 @@ pub fn generate(model: &Gpt, prompt: &[i64], s: &Sampling) -> Vec<i64> {
 /// drawn one. No row ever sees a pad. Every prompt plus `max_tokens` must fit
 /// the context (no sliding window here).
 pub fn generate_batch(model: &Gpt, prompts: &[Vec<i64>], s: &Sampling, stop: Option<i64>) -> Vec<Vec<i64>> {
+    generate_groups(model, prompts, 1, s, stop)
+}
+
+/// [`generate_batch`] with `group` continuations of each prompt: rows
+/// `p · group .. (p + 1) · group` continue prompt `p`, row `i` with seed
+/// `s.seed + i`. The prompts' common prefix is computed once per prompt,
+/// then its keys and values are copied to the prompt's rows.
+pub fn generate_groups(model: &Gpt, prompts: &[Vec<i64>], group: usize, s: &Sampling, stop: Option<i64>) -> Vec<Vec<i64>> {
     let context = model.config().context as usize;
     let shortest = prompts.iter().map(Vec::len).min().expect("a batch needs at least one prompt");
-    assert!(shortest > 0, "generation needs a prompt of at least one token");
+    assert!(shortest > 0 && group > 0, "generation needs a prompt of at least one token and a group of at least one");
     assert!(
         prompts.iter().all(|p| p.len() + s.max_tokens <= context),
         "every prompt plus {} new tokens must fit the context of {context}",
         s.max_tokens
     );
-    let rows = prompts.len() as i64;
-    let mut rngs: Vec<Rng> = (0..prompts.len()).map(|i| Rng::new(s.seed.wrapping_add(i as u64))).collect();
-    let mut new: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
-    let mut done = vec![s.max_tokens == 0; prompts.len()];
-    let mut cache = model.kv_cache(rows);
+    let rows = prompts.len() * group;
+    let prompt_of = |i: usize| &prompts[i / group];
+    let mut rngs: Vec<Rng> = (0..rows).map(|i| Rng::new(s.seed.wrapping_add(i as u64))).collect();
+    let mut new: Vec<Vec<i64>> = vec![Vec::new(); rows];
+    let mut done = vec![s.max_tokens == 0; rows];
+    let mut cache = model.kv_cache(prompts.len() as i64);
     let prefix: Vec<i64> = prompts.iter().flat_map(|p| &p[..shortest]).copied().collect();
-    let idx = Tensor::from_slice(&prefix).view([rows, shortest as i64]).to_device(model.device());
-    let mut last = model.forward_cached(&idx, &mut cache).select(1, -1).to_device(Device::Cpu); // [B, V]
-                                                                                                // `position` is where the token fed next goes.
+    let idx = Tensor::from_slice(&prefix).view([prompts.len() as i64, shortest as i64]).to_device(model.device());
+    let last = model.forward_cached(&idx, &mut cache).select(1, -1); // [P, V]
+    cache.repeat_rows(group as i64);
+    let mut last = last.repeat_interleave_self_int(group as i64, 0, None).to_device(Device::Cpu); // [P·G, V]
+                                                                                                  // `position` is where the token fed next goes.
     for position in shortest.. {
-        let mut feed = Vec::with_capacity(prompts.len());
-        for (i, prompt) in prompts.iter().enumerate() {
+        let mut feed = Vec::with_capacity(rows);
+        for i in 0..rows {
+            let prompt = prompt_of(i);
             let token = if position < prompt.len() {
                 prompt[position]
             } else if !done[i] {
@@ -110,7 +122,7 @@ pub fn generate_batch(model: &Gpt, prompts: &[Vec<i64>], s: &Sampling, stop: Opt
         if done.iter().all(|&d| d) {
             break;
         }
-        let idx = Tensor::from_slice(&feed).view([rows, 1]).to_device(model.device());
+        let idx = Tensor::from_slice(&feed).view([rows as i64, 1]).to_device(model.device());
         last = model.forward_cached(&idx, &mut cache).select(1, 0).to_device(Device::Cpu);
     }
     new
@@ -233,6 +245,26 @@ mod tests {
             }
             assert!(stopped_early > 0, "{arch}: no row drew a stop token");
         }
+    }
+
+    /// A group shares its prompt's prefill; each row still draws as it would alone.
+    #[test]
+    fn grouped_generation_matches_one_row_at_a_time() {
+        let _rng = torch_rng();
+        let config = tiny("llama", json!({"context": 16, "n_kv_head": 2}));
+        let (_, model) = build(&config, 5);
+        let prompts = vec![vec![3, 1, 4, 1, 5], vec![9, 2, 6]];
+        let s = Sampling { max_tokens: 6, temperature: 1.0, top_k: None, top_p: None, seed: 21 };
+        let grouped = tch::no_grad(|| generate_groups(&model, &prompts, 3, &s, Some(7)));
+        assert_eq!(grouped.len(), 6);
+        for (i, got) in grouped.iter().enumerate() {
+            let mut alone = generate(&model, &prompts[i / 3], &Sampling { seed: 21 + i as u64, ..s });
+            if let Some(end) = alone.iter().position(|&t| t == 7) {
+                alone.truncate(end + 1);
+            }
+            assert_eq!(got, &alone, "row {i}");
+        }
+        assert_ne!(grouped[0], grouped[1], "a group's rows draw differently");
     }
 
     #[test]

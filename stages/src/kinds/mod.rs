@@ -13,6 +13,7 @@ pub mod download;
 pub mod dpo;
 pub mod eval;
 pub mod filter;
+pub mod grpo;
 pub mod ppo;
 pub mod pretrain;
 pub mod reward_model;
@@ -33,6 +34,7 @@ pub fn each_kind(v: &mut impl KindVisitor) {
     v.visit::<sft::Sft>();
     v.visit::<reward_model::RewardModel>();
     v.visit::<ppo::Ppo>();
+    v.visit::<grpo::Grpo>();
     v.visit::<dpo::Dpo>();
     v.visit::<classify::Classify>();
     v.visit::<eval::Eval>();

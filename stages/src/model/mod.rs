@@ -502,6 +502,15 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Repeats each row `n` times in place ([B, …] → [B·n, …], row `b`'s
+    /// copies together): one prompt's keys and values for `n` continuations.
+    pub fn repeat_rows(&mut self, n: i64) {
+        for layer in &mut self.layers {
+            layer.k = layer.k.repeat_interleave_self_int(n, 0, None);
+            layer.v = layer.v.repeat_interleave_self_int(n, 0, None);
+        }
+    }
 }
 
 /// The query, key and value projections.

@@ -13,6 +13,8 @@
 //! * [`MetricsLog`] and [`plot::loss_curve`]: `metrics.jsonl` that survives a
 //!   resume, and its picture.
 //! * [`trainer`]: the loop itself, over a stage's [`trainer::Objective`].
+//! * [`rl`]: the clipped policy-ratio objective and entropy that the
+//!   policy-gradient stages share.
 //! * [`parallel`]: a micro-batch split across the CPU cores, one
 //!   single-threaded model replica each.
 //! * [`step_seed`]: the libtorch seed for each micro-batch, which makes
@@ -26,6 +28,7 @@ pub mod head;
 mod metrics;
 pub mod plot;
 pub mod replicas;
+pub mod rl;
 pub mod trainer;
 
 use anyhow::Result;

@@ -12,6 +12,8 @@
 
 use tch::{Kind, Tensor};
 
+use crate::train::rl::{clipped_surrogate, masked_mean};
+
 /// Per-token rewards of one response: the KL penalty at each token, plus
 /// `score` at the last.
 pub fn rewards(logp: &[f64], ref_logp: &[f64], score: f64, kl_coef: f64) -> Vec<f64> {
@@ -51,20 +53,12 @@ pub fn whiten(x: &mut [f64]) {
     x.iter_mut().for_each(|v| *v = (*v - mean) * scale);
 }
 
-/// Mean of `x` over the positions where `mask` is 1.
-pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Tensor {
-    (x * mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0)
-}
-
-/// The clipped surrogate: the mean of `max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))`
-/// with `ρ = exp(logp − old_logp)`, and the fraction of tokens where the
-/// clipped term wins (those get no gradient). Both scalar tensors.
+/// The clipped surrogate averaged over response tokens, and the fraction of
+/// tokens where the clipped term wins (those get no gradient). Both scalar
+/// tensors.
 pub fn policy_loss(logp: &Tensor, old_logp: &Tensor, advantages: &Tensor, mask: &Tensor, cliprange: f64) -> (Tensor, Tensor) {
-    let ratio = (logp - old_logp).exp();
-    let unclipped = -advantages * &ratio;
-    let clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange);
-    let clipfrac = masked_mean(&clipped.gt_tensor(&unclipped).to_kind(Kind::Float), mask);
-    (masked_mean(&unclipped.maximum(&clipped), mask), clipfrac)
+    let (loss, clipped) = clipped_surrogate(logp, old_logp, advantages, cliprange, cliprange);
+    (masked_mean(&loss, mask), masked_mean(&clipped, mask))
 }
 
 /// The clipped value loss: half the mean of `max((V − R)², (V_clip − R)²)`
@@ -78,18 +72,8 @@ pub fn value_loss(values: &Tensor, old_values: &Tensor, returns: &Tensor, mask: 
     (masked_mean(&unclipped_loss.maximum(&clipped_loss), mask) * 0.5, clipfrac)
 }
 
-/// Mean entropy (nats) of the next-token distributions of logits [B, T, V]
-/// at the positions where `mask` [B, T] is 1.
-pub fn entropy(logits: &Tensor, mask: &Tensor) -> Tensor {
-    let logp = logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-    let h = -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Float);
-    masked_mean(&h, mask)
-}
-
 #[cfg(test)]
 mod tests {
-    use tch::Device;
-
     use super::*;
 
     fn close(a: &[f64], b: &[f64]) -> bool {
@@ -157,14 +141,5 @@ mod tests {
             value_loss(&t(&[1.0, 0.0, 0.5, 9.0]), &t(&[0.5, 0.1, 0.5, 0.0]), &t(&[2.0, -1.0, 0.0, 0.0]), &t(&[1.0, 1.0, 1.0, 0.0]), 0.2);
         assert!((loss.double_value(&[]) - 0.49).abs() < 1e-6, "{loss}");
         assert!((clipfrac.double_value(&[]) - 1.0 / 3.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn entropy_of_uniform_and_certain_distributions() {
-        let logits = Tensor::from_slice(&[0.0f32, 0.0, 0.0, 0.0, 100.0, 0.0, 0.0, 0.0]).view([1, 2, 4]);
-        let both = entropy(&logits, &Tensor::ones([1, 2], (Kind::Float, Device::Cpu)));
-        assert!((both.double_value(&[]) - 4f64.ln() / 2.0).abs() < 1e-5);
-        let first = entropy(&logits, &Tensor::from_slice(&[1.0f32, 0.0]).view([1, 2]));
-        assert!((first.double_value(&[]) - 4f64.ln()).abs() < 1e-5);
     }
 }

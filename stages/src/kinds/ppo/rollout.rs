@@ -12,12 +12,13 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::objective::{self, entropy, gae, whiten};
+use super::objective::{self, gae, whiten};
 use super::Params;
 use crate::data::sequences::{pad, token_logprobs, Padded, Sequence};
 use crate::model::Gpt;
 use crate::sample::{generate_batch, Sampling};
 use crate::train::head::HeadModel;
+use crate::train::rl::entropy;
 
 /// The models PPO runs.
 pub struct Models<'a> {
