@@ -42,7 +42,7 @@ kind = "filter"
 input = "corpus"
 min_chars = 20
 language = { enabled = false }
-gopher_quality = { min_words = 3, min_stop_words = 1 }
+gopher_quality = { min_words = 3, min_stop_words = 1, min_alpha_words_ratio = 0.5 }
 c4 = { enabled = false }
 fineweb = { enabled = false }
 
