@@ -1,8 +1,8 @@
 #!/bin/sh
 # Size and word counts of a documents artifact: the example user stage.
-# usage: corpus_stats.sh DOCS.parquet OUT.txt
+# usage: corpus_stats.sh DOCS_DIR OUT.txt   (DOCS_DIR: the artifact's docs/ folder of Parquet parts)
 set -eu
 {
-  echo "file: $(basename "$1")"
-  echo "bytes: $(wc -c < "$1")"
+  echo "parts: $(ls "$1" | wc -l)"
+  echo "bytes: $(cat "$1"/*.parquet | wc -c)"
 } > "$2"

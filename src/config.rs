@@ -784,8 +784,8 @@ fn check_stage(
             format!("stage `{name}`: unknown kind `{kind_name}`{}\n  known kinds: {}", suggest(kind_name, &names), names.join(", ")),
         ));
     };
-    if let Some(slots) = &kind.inputs {
-        let slots: Vec<&str> = slots.iter().map(String::as_str).collect();
+    if let Some(required) = &kind.inputs {
+        let slots: Vec<&str> = required.iter().chain(&kind.optional_inputs).map(String::as_str).collect();
         for (slot, pattern) in &raw.inputs {
             let path: &[&str] = if slot == "input" { &["input"] } else { &["inputs", slot] };
             if !slots.contains(&slot.as_str()) {
@@ -810,9 +810,9 @@ fn check_stage(
                 ));
             }
         }
-        for slot in &slots {
-            if !raw.inputs.contains_key(*slot) {
-                let how = if slots.len() == 1 && *slot == "input" {
+        for slot in required {
+            if !raw.inputs.contains_key(slot) {
+                let how = if required.len() == 1 && slot == "input" {
                     "input = \"STAGE\"".to_string()
                 } else {
                     format!("inputs = {{ {slot} = \"STAGE\" }}")

@@ -80,11 +80,12 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert_eq!(built, ["clean", "corpus", "dedup", "dpo", "eval", "ppo", "pretrain", "reward", "sft", "spam", "stats", "tok", "tokens"]);
 
     for (stage, file) in [
-        ("corpus", "docs.parquet"),
-        ("clean", "docs.parquet"),
-        ("clean", "removed.parquet"),
-        ("dedup", "docs.parquet"),
-        ("dedup", "clusters.parquet"),
+        ("corpus", "docs/part-00000.parquet"),
+        ("clean", "docs/part-00000.parquet"),
+        ("clean", "removed/part-00000.parquet"),
+        ("dedup", "docs/part-00000.parquet"),
+        ("dedup", "clusters/part-00000.parquet"),
+        ("dedup", "index.json"),
         ("tok", "tokenizer.json"),
         ("tokens", "train_000000.bin"),
         ("tokens", "val_000000.bin"),

@@ -33,6 +33,9 @@ pub struct KindInfo {
     pub summary: String,
     /// Input slot names; `None` means any names (the `command` kind).
     pub inputs: Option<Vec<String>>,
+    /// Slots a stage of the kind may leave out (`dedup`'s `against`).
+    #[serde(default)]
+    pub optional_inputs: Vec<String>,
     /// Params excluded from the key.
     pub volatile: Vec<String>,
     /// What `llmflow report` prints of this kind's artifact, if anything.

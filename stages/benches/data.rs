@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use llmflow_protocol::{ResolveRequest, StageCtx, StageRequest};
 use llmflow_stages::formats::{docs, tokenizer};
-use polars::prelude::{ParquetReader, SerReader};
 use serde_json::{json, Value};
 
 fn main() {
@@ -48,8 +47,8 @@ fn run(kind: &str, params: Value, input: &Path, out: &Path) -> StageCtx {
 fn documents(dir: &Path, texts: &[String]) {
     std::fs::create_dir_all(dir).unwrap();
     let ids = (0..texts.len()).map(|i| format!("d{i}")).collect();
-    let mut df = docs::frame(ids, texts.to_vec(), vec!["bench".to_string(); texts.len()]).unwrap();
-    docs::write(dir, &mut df).unwrap();
+    let df = docs::frame(ids, texts.to_vec(), vec!["bench".to_string(); texts.len()]).unwrap();
+    docs::write(dir, &df).unwrap();
 }
 
 /// The benchmark corpus of `bench/make_corpus.py`: its directory and texts.
@@ -76,8 +75,7 @@ fn minhash() {
     let started = Instant::now();
     let ctx = run("dedup", json!({}), &tmp.path().join("in"), &tmp.path().join("out"));
     let seconds = started.elapsed().as_secs_f64();
-    let file = std::fs::File::open(tmp.path().join("out").join("clusters.parquet")).unwrap();
-    let clusters = ParquetReader::new(file).finish().unwrap();
+    let clusters = docs::read_table(&tmp.path().join("out").join("clusters")).unwrap();
     let cluster: Vec<&str> = clusters.column("cluster").unwrap().str().unwrap().iter().map(Option::unwrap).collect();
     let truth: Vec<Value> =
         std::fs::read_to_string(dir.join("truth.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -60,6 +60,8 @@ pub trait Stage {
     const SUMMARY: &'static str;
     /// The input slots this kind reads (`inputs = { NAME = "stage" }`).
     const INPUTS: Inputs;
+    /// More slots of [`Inputs::Fixed`] that a stage may leave out.
+    const OPTIONAL_INPUTS: &'static [&'static str] = &[];
     /// Top-level params that cannot change the output; excluded from the key.
     const VOLATILE: &'static [&'static str] = &[];
     /// The report card (`text`, `json`) `llmflow report` prints, if the kind
@@ -132,6 +134,7 @@ fn info<S: Stage>() -> KindInfo {
             Inputs::Fixed(slots) => Some(slots.iter().map(|s| s.to_string()).collect()),
             Inputs::Any => None,
         },
+        optional_inputs: S::OPTIONAL_INPUTS.iter().map(|s| s.to_string()).collect(),
         volatile: S::VOLATILE.iter().map(|s| s.to_string()).collect(),
         report: S::REPORT.map(|(text, json)| Report { text: text.into(), json: json.into() }),
         show: S::SHOW.iter().map(|s| s.to_string()).collect(),

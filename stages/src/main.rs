@@ -71,8 +71,20 @@ fn run(spec_path: &Path) -> Result<()> {
     let spec: Spec = serde_json::from_slice(&fs::read(spec_path).context("reading the stage spec")?)?;
     let mut ctx = spec.ctx;
     llmflow_stages::run(&spec.kind, spec.params, &mut ctx)?;
+    if let Some(peak) = peak_rss_mb() {
+        ctx.metric("peak_rss_mb", peak);
+    }
     fs::write(spec_path.with_file_name("metrics.json"), serde_json::to_vec_pretty(ctx.metrics())?)?;
     Ok(())
+}
+
+/// The most resident memory the stage process has held (`VmHWM`), in MB:
+/// what a memory budget (`memory_mb`) is checked against.
+fn peak_rss_mb() -> Option<f64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
 /// The engine starts each stage as the leader of its own process group and

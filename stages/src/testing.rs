@@ -29,9 +29,9 @@ pub fn write_docs(dir: &Path, name: &str, text: &str) {
     let paragraphs: Vec<&str> = text.split("\n\n").filter(|p| !p.trim().is_empty()).collect();
     let ids: Vec<String> = (0..paragraphs.len()).map(|i| format!("{name}:{i}")).collect();
     let sources = vec![name; paragraphs.len()];
-    let mut df = polars::df!("id" => ids, "text" => paragraphs, "source" => sources).unwrap();
+    let df = polars::df!("id" => ids, "text" => paragraphs, "source" => sources).unwrap();
     std::fs::create_dir_all(dir).unwrap();
-    docs::write(dir, &mut df).unwrap();
+    docs::write(dir, &df).unwrap();
 }
 
 /// The blank-line separated paragraphs of a corpus with at least
@@ -46,8 +46,8 @@ pub fn novel_paragraphs(name: &str, min_words: usize) -> Vec<String> {
 pub fn run_stage<S: Stage>(params: &S::Params, texts: &[&str]) -> (tempfile::TempDir, StageCtx) {
     let input = tempfile::tempdir().unwrap();
     let ids = (0..texts.len()).map(|i| format!("d{i}")).collect();
-    let mut df = docs::frame(ids, texts.iter().map(|t| t.to_string()).collect(), vec!["test".to_string(); texts.len()]).unwrap();
-    docs::write(input.path(), &mut df).unwrap();
+    let df = docs::frame(ids, texts.iter().map(|t| t.to_string()).collect(), vec!["test".to_string(); texts.len()]).unwrap();
+    docs::write(input.path(), &df).unwrap();
     let out = tempfile::tempdir().unwrap();
     let mut ctx = StageCtx::new("test", input.path(), out.path(), input.path());
     ctx.inputs.insert("input".into(), input.path().to_path_buf());

@@ -9,13 +9,27 @@
 //! * [`instruct`]: instruction and chat templates.
 //! * [`rng`]: SplitMix64 and the unbiased shuffle.
 //! * [`text`]: word and n-gram hashes.
+//! * [`spill`]: external sorting of fixed-size records within a memory budget.
+//! * [`units`]: per-input-file units of the data stages, cached in the store.
 
 pub mod instruct;
 pub mod loader;
 pub mod records;
 pub mod rng;
 pub mod sequences;
+pub mod spill;
 pub mod text;
+pub mod units;
+
+/// What the stage runner holds resident before a data stage starts (the
+/// runtime and libtorch's libraries), in MB. A data stage's `memory_mb` is
+/// the whole process's peak (`VmHWM`), so its own buffers get what is left.
+pub const RUNTIME_MB: usize = 128;
+
+/// The memory, in MB, a data stage's buffers may use under `memory_mb`.
+pub fn working_memory_mb(memory_mb: usize) -> usize {
+    memory_mb.saturating_sub(RUNTIME_MB)
+}
 
 /// What the engine must hash for a local source: the file, or for a glob the
 /// directory before its first wildcard.

@@ -28,25 +28,55 @@
 //! In every cluster the document that comes first in the input is kept, so the
 //! result does not depend on thread scheduling.
 //!
-//! Outputs: `docs.parquet` (the kept documents, all input columns) and
-//! `clusters.parquet` (`id`, `cluster` = the id of the kept document of its
-//! cluster, `kept`). Metrics: `documents_in`, `documents_out`, `clusters`
-//! (clusters with more than one document), `duplicate_fraction`, and for
-//! MinHash `candidate_pairs` and `verified_pairs`.
+//! At scale: each input part is a unit ([`crate::data::units`], cached in the
+//! store under a hash of its bytes and the params that shape signatures)
+//! holding its index: the LSH bucket records `(band, key, document)` sorted
+//! (spilled to disk as sorted runs and merged when they exceed the budget),
+//! each document's shingle set, and its id. The stage merges the sorted
+//! bucket files of all parts in one streaming pass (an external merge),
+//! takes candidate pairs from each bucket (spilled and sorted the same way),
+//! verifies them by reading the two shingle sets from disk, and joins
+//! clusters by union-find over one integer per document. `exact` goes
+//! through the same merge with the normalized text's hash as the bucket.
+//! Memory is bounded by `memory_mb` (volatile) whatever the corpus size,
+//! apart from 5 bytes per document. A new input file adds only its own
+//! part's signatures; the merge and the verified pairs are redone, so the
+//! result is the one a full rebuild gives.
 //!
-//! No param is volatile: every one can change the output.
+//! `inputs = { input = "new", against = "old_dedup" }`: also deduplicates
+//! against the documents another `dedup` stage indexed (its `index/`, built
+//! with the same normalization and signature params): a document of the new
+//! corpus that is a duplicate of one there is removed, its `cluster` the
+//! other document's id. Pairs within the other corpus are not looked at.
+//!
+//! Outputs: `docs/` (the kept documents, all input columns, sharded Parquet
+//! of about `part_mb` of text per part), `clusters/` (`id`, `cluster` = the
+//! id of the kept document of its cluster, `kept`), `index/` and
+//! `index.json` (the signature index, for `against`), `units/`. Metrics:
+//! `documents_in`, `documents_out`, `clusters` (clusters with more than one
+//! document), `duplicate_fraction`, `parts_cached`, for MinHash
+//! `candidate_pairs` and `verified_pairs`, and with `against`
+//! `against_duplicates`.
 
 use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-use polars::prelude::{Column, DataFrame};
+use anyhow::{bail, Context, Result};
+use polars::prelude::Column;
 use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::data::spill::{merge, read_records, write_records, Sorter};
 use crate::data::text::{fmix64, ngram_hash};
-use crate::formats::docs;
+use crate::data::units::{self, Unit, Units};
+use crate::data::working_memory_mb;
+use crate::formats::docs::{self, PartWriter, RowGroups};
 use crate::{Inputs, Stage, StageCtx};
 
 pub struct Dedup;
@@ -83,10 +113,15 @@ pub struct Params {
     pub threshold: f64,
     /// Seeds the MinHash permutations.
     pub seed: u64,
-    /// Largest band bucket compared pair by pair.
-    // Its pairs are held at once: 10,000 make 50 million.
+    /// Largest band bucket compared pair by pair; a larger one is compared against its first document.
     #[schemars(range(min = 1, max = 10_000))]
     pub max_bucket: usize,
+    /// Text per output part, in MB.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub part_mb: usize,
+    /// Peak memory of the stage process in MB, the runtime's 128 included; volatile: how many bucket records and pairs are held before they spill to disk.
+    #[schemars(range(min = 256, max = 1_000_000_000))]
+    pub memory_mb: usize,
 }
 
 impl Default for Params {
@@ -102,31 +137,344 @@ impl Default for Params {
             threshold: 0.8,
             seed: 1,
             max_bucket: 64,
+            part_mb: 256,
+            memory_mb: 1024,
         }
     }
 }
 
+/// The memory held besides the spilled records: a row group being read and
+/// its signatures, the output being written, the runtime itself.
+const FIXED_MB: usize = 48;
+
+/// A bucket record: band (u16), key (u64), document (u32), big-endian so
+/// the bytes sort as the tuple.
+const BUCKET: usize = 14;
+/// An exact-method record: the normalized text's hash (16 bytes), document.
+const HASHED: usize = 20;
+
 impl Stage for Dedup {
     const KIND: &'static str = "dedup";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "remove exact (hash) or near (MinHash LSH) duplicate documents";
     const INPUTS: Inputs = Inputs::Fixed(&["input"]);
+    const OPTIONAL_INPUTS: &'static [&'static str] = &["against"];
+    const VOLATILE: &'static [&'static str] = &["memory_mb"];
     type Params = Params;
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
-        let df = docs::read(ctx.input("input")?)?;
-        let texts = docs::texts(&df)?;
-        let normalized: Vec<String> = texts.par_iter().map(|t| normalize(t, p)).collect();
-        let clusters = match p.method {
-            Method::Exact => exact(&normalized),
-            Method::Minhash => {
-                let (clusters, stats) = minhash(&normalized, p, ctx);
-                ctx.metric("candidate_pairs", stats.candidates);
-                ctx.metric("verified_pairs", stats.verified);
-                clusters
+        let parts = docs::parts(ctx.input("input")?)?;
+        let units = Units::new(ctx)?;
+        let spill = ctx.work.join("spill");
+        let budget = (working_memory_mb(p.memory_mb).saturating_sub(FIXED_MB) << 20).max(1 << 20);
+        let signature = signature_params(p);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads).build()?;
+
+        // Signatures: one cached unit per input part.
+        let mut ours = Vec::new();
+        let mut cached = 0;
+        for (n, part) in parts.iter().enumerate() {
+            let key = units::key(&json!({ "dedup": Dedup::VERSION, "index": signature, "part": units::file_digest(part)? }));
+            match units.load(&key) {
+                Some(unit) => {
+                    cached += 1;
+                    ours.push(unit);
+                }
+                None => ours.push(units.build(&key, |dir| pool.install(|| index_part(part, p, dir, &spill, budget / 2)))?),
             }
+            ctx.progress(n as u64 + 1, parts.len() as u64, "parts");
+        }
+        units.link(&ours, "index", "index", false)?;
+        units.link(&ours, "ids", "index", false)?;
+        let index = json!({ "signature": signature, "units": ours });
+        fs::write(ctx.out.join("index.json"), serde_json::to_vec_pretty(&index)?)?;
+
+        // The other corpus's index comes first, so its documents are the
+        // roots of any cluster they share with ours.
+        let against = match ctx.inputs.get("against") {
+            Some(dir) => Some(Index::open(dir, &signature)?),
+            None => None,
         };
-        write_outputs(&df, &clusters, ctx)
+        let mut sets = Vec::new();
+        let mut start = 0u32;
+        if let Some(other) = &against {
+            for unit in &other.units {
+                sets.push(UnitFiles::open(&other.dir, unit, start)?);
+                start += documents(unit);
+            }
+        }
+        let first_ours = start;
+        for unit in &ours {
+            sets.push(UnitFiles::open(&ctx.cache, unit, start)?);
+            start += documents(unit);
+        }
+        let total = start as usize;
+
+        let mut parent: Vec<u32> = (0..start).collect();
+        let pairs = pool.install(|| candidates(&sets, p, first_ours, &spill, budget / 2))?;
+        let mut verified = 0;
+        match p.method {
+            Method::Exact => {
+                for pair in pairs {
+                    let (a, b) = split_pair(pair?);
+                    union(&mut parent, a, b);
+                }
+            }
+            Method::Minhash => {
+                let mut candidate_pairs = 0;
+                let mut chunk = Vec::with_capacity(1 << 16);
+                let verify = |chunk: &mut Vec<(u32, u32)>, parent: &mut Vec<u32>| -> Result<usize> {
+                    let similar: Vec<bool> = pool.install(|| {
+                        chunk
+                            .par_iter()
+                            .map(|&(a, b)| Ok(jaccard(&shingle_set(&sets, a)?, &shingle_set(&sets, b)?) >= p.threshold))
+                            .collect::<Result<_>>()
+                    })?;
+                    let mut count = 0;
+                    for (&(a, b), similar) in chunk.iter().zip(similar) {
+                        if similar {
+                            union(parent, a, b);
+                            count += 1;
+                        }
+                    }
+                    chunk.clear();
+                    Ok(count)
+                };
+                for pair in pairs {
+                    chunk.push(split_pair(pair?));
+                    candidate_pairs += 1;
+                    if chunk.len() == chunk.capacity() {
+                        verified += verify(&mut chunk, &mut parent)?;
+                    }
+                }
+                verified += verify(&mut chunk, &mut parent)?;
+                ctx.metric("candidate_pairs", candidate_pairs);
+                ctx.metric("verified_pairs", verified);
+            }
+        }
+        let roots: Vec<u32> = (0..total as u32).map(|i| find(&mut parent, i as usize) as u32).collect();
+        drop(parent);
+        ctx.metric("parts_cached", cached);
+        write_outputs(&parts, &roots, first_ours, against.as_ref(), p, ctx)
+    }
+}
+
+/// The params a part's index depends on; `against` needs them equal.
+fn signature_params(p: &Params) -> Value {
+    json!({
+        "method": p.method, "lowercase": p.lowercase, "strip_punctuation": p.strip_punctuation,
+        "collapse_whitespace": p.collapse_whitespace, "ngram": p.ngram, "bands": p.bands, "rows": p.rows, "seed": p.seed,
+    })
+}
+
+fn documents(unit: &Unit) -> u32 {
+    unit.meta["documents"].as_u64().unwrap_or(0) as u32
+}
+
+/// Indexes one input part into `dir/index/` and `dir/ids/`: bucket records
+/// (or text hashes) sorted within `budget`, shingle sets and their offsets.
+fn index_part(part: &Path, p: &Params, dir: &Path, spill: &Path, budget: usize) -> Result<Value> {
+    let index = dir.join("index");
+    fs::create_dir_all(&index)?;
+    let hasher = MinHasher::new(p);
+    let name = part.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let mut buckets = Sorter::<BUCKET>::new(spill, &format!("{name}.buckets"), budget);
+    let mut hashes = Sorter::<HASHED>::new(spill, &format!("{name}.hashes"), budget);
+    let mut shingle_file = BufWriter::new(File::create(index.join("shingles.bin"))?);
+    let mut offsets = vec![0u64];
+    let mut ids = PartWriter::new(&dir.join("ids"), "part-", usize::MAX);
+    let mut doc = 0u32;
+    for df in docs::batches(part)? {
+        let df = df?;
+        let texts: Vec<&str> = df.column("text")?.str()?.iter().map(Option::unwrap_or_default).collect();
+        match p.method {
+            Method::Minhash => {
+                let signed: Vec<(Vec<u64>, Vec<u64>)> = texts
+                    .par_iter()
+                    .map(|t| {
+                        let set = shingles(&normalize(t, p), p.ngram);
+                        let keys = hasher.band_keys(&set);
+                        (set, keys)
+                    })
+                    .collect();
+                for (set, keys) in signed {
+                    set.iter().try_for_each(|x| shingle_file.write_all(&x.to_le_bytes()))?;
+                    offsets.push(offsets.last().expect("starts with 0") + set.len() as u64);
+                    for (band, key) in keys.into_iter().enumerate() {
+                        let mut record = [0u8; BUCKET];
+                        record[..2].copy_from_slice(&(band as u16).to_be_bytes());
+                        record[2..10].copy_from_slice(&key.to_be_bytes());
+                        record[10..].copy_from_slice(&doc.to_be_bytes());
+                        buckets.push(record)?;
+                    }
+                    doc += 1;
+                }
+            }
+            Method::Exact => {
+                let keys: Vec<[u8; 32]> = texts.par_iter().map(|t| *blake3::hash(normalize(t, p).as_bytes()).as_bytes()).collect();
+                for key in keys {
+                    let mut record = [0u8; HASHED];
+                    record[..16].copy_from_slice(&key[..16]);
+                    record[16..].copy_from_slice(&doc.to_be_bytes());
+                    hashes.push(record)?;
+                    doc += 1;
+                }
+            }
+        }
+        ids.push(&df.select(["id"])?)?;
+    }
+    shingle_file.flush()?;
+    let offset_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    fs::write(index.join("offsets.bin"), offset_bytes)?;
+    match p.method {
+        Method::Minhash => write_records(&index.join("buckets.bin"), buckets.sorted()?)?,
+        Method::Exact => write_records(&index.join("hashes.bin"), hashes.sorted()?)?,
+    };
+    if doc > 0 {
+        ids.finish()?;
+    }
+    Ok(json!({ "documents": doc }))
+}
+
+/// The index files of one unit, its documents numbered from `start`.
+struct UnitFiles {
+    start: u32,
+    records: PathBuf,
+    offsets: File,
+    shingles: File,
+}
+
+impl UnitFiles {
+    fn open(dir: &Path, unit: &Unit, start: u32) -> Result<Self> {
+        let file = |role: &str, suffix: &str| unit.files.get(role).into_iter().flatten().find(|f| f.ends_with(suffix)).map(|f| dir.join(f));
+        let need = |suffix: &str| file("index", suffix).with_context(|| format!("unit {} has no {suffix}", unit.key));
+        let records = file("index", "buckets.bin")
+            .or_else(|| file("index", "hashes.bin"))
+            .with_context(|| format!("unit {} has no records", unit.key))?;
+        let open = |path: PathBuf| File::open(&path).with_context(|| format!("cannot open {}", path.display()));
+        Ok(UnitFiles { start, records, offsets: open(need("offsets.bin")?)?, shingles: open(need("shingles.bin")?)? })
+    }
+}
+
+/// The unit holding document `doc`.
+fn unit_of(sets: &[UnitFiles], doc: u32) -> &UnitFiles {
+    &sets[sets.partition_point(|s| s.start <= doc) - 1]
+}
+
+/// The shingle set of document `doc`, read from disk (positioned reads: the
+/// page cache, not the process, holds the files).
+fn shingle_set(sets: &[UnitFiles], doc: u32) -> Result<Vec<u64>> {
+    let unit = unit_of(sets, doc);
+    let local = (doc - unit.start) as u64;
+    let mut range = [0u8; 16];
+    unit.offsets.read_exact_at(&mut range, local * 8)?;
+    let (from, to) = (u64::from_le_bytes(range[..8].try_into()?), u64::from_le_bytes(range[8..].try_into()?));
+    let mut bytes = vec![0u8; ((to - from) * 8) as usize];
+    unit.shingles.read_exact_at(&mut bytes, from * 8)?;
+    Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+/// Candidate pairs `(a, b)`, `a < b`, sorted and distinct, as `a << 32 | b`
+/// big-endian: documents sharing a band bucket (or, for `exact`, a text
+/// hash), merged from every unit's sorted records. Pairs of two documents
+/// of the other corpus (below `first_ours`) are left out.
+fn candidates(
+    sets: &[UnitFiles],
+    p: &Params,
+    first_ours: u32,
+    spill: &Path,
+    budget: usize,
+) -> Result<Box<dyn Iterator<Item = Result<[u8; 8]>> + Send>> {
+    let mut pairs = Sorter::<8>::new(spill, "pairs", budget);
+    let mut bucket: Vec<u32> = Vec::new();
+    let emit = |bucket: &mut Vec<u32>, pairs: &mut Sorter<8>| -> Result<()> {
+        let limit = if p.method == Method::Exact { 1 } else { p.max_bucket };
+        if bucket.len() > 1 {
+            for (j, &b) in bucket.iter().enumerate().skip(1) {
+                let firsts = if bucket.len() <= limit { &bucket[..j] } else { &bucket[..1] };
+                for &a in firsts.iter().filter(|&&a| b >= first_ours || a >= first_ours) {
+                    pairs.push(((a as u64) << 32 | b as u64).to_be_bytes())?;
+                }
+            }
+        }
+        bucket.clear();
+        Ok(())
+    };
+    macro_rules! merge_units {
+        ($n:expr) => {{
+            let streams = sets
+                .iter()
+                .map(|s| {
+                    let start = s.start;
+                    Ok(read_records::<$n>(&s.records)?.map(move |r| {
+                        r.map(|mut r| {
+                            let doc = u32::from_be_bytes(r[$n - 4..].try_into().expect("4 bytes")) + start;
+                            r[$n - 4..].copy_from_slice(&doc.to_be_bytes());
+                            r
+                        })
+                    }))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut previous = [0u8; $n];
+            for record in merge(streams) {
+                let record = record?;
+                if !bucket.is_empty() && record[..$n - 4] != previous[..$n - 4] {
+                    emit(&mut bucket, &mut pairs)?;
+                }
+                bucket.push(u32::from_be_bytes(record[$n - 4..].try_into().expect("4 bytes")));
+                previous = record;
+            }
+        }};
+    }
+    match p.method {
+        Method::Minhash => merge_units!(BUCKET),
+        Method::Exact => merge_units!(HASHED),
+    }
+    emit(&mut bucket, &mut pairs)?;
+    let mut last = None;
+    Ok(Box::new(pairs.sorted()?.filter(move |pair| match pair {
+        Ok(pair) if last == Some(*pair) => false,
+        Ok(pair) => {
+            last = Some(*pair);
+            true
+        }
+        Err(_) => true,
+    })))
+}
+
+fn split_pair(pair: [u8; 8]) -> (u32, u32) {
+    let both = u64::from_be_bytes(pair);
+    ((both >> 32) as u32, both as u32)
+}
+
+/// Joins the clusters of `a` and `b`; the smaller index becomes the root,
+/// so a cluster's root is its first document.
+fn union(parent: &mut [u32], a: u32, b: u32) {
+    let (ra, rb) = (find(parent, a as usize), find(parent, b as usize));
+    parent[ra.max(rb)] = ra.min(rb) as u32;
+}
+
+/// Another dedup stage's signature index (`against`).
+struct Index {
+    dir: PathBuf,
+    units: Vec<Unit>,
+}
+
+impl Index {
+    fn open(artifact: &Path, signature: &Value) -> Result<Self> {
+        let path = artifact.join("index.json");
+        let text = fs::read(&path).with_context(|| format!("`against`: {} is not a dedup artifact (no index.json)", artifact.display()))?;
+        let index: Value = serde_json::from_slice(&text).with_context(|| format!("cannot parse {}", path.display()))?;
+        if &index["signature"] != signature {
+            bail!(
+                "`against`: {} was indexed with {}, this stage signs with {}; use the same method, normalization, ngram, bands, rows and seed",
+                artifact.display(),
+                index["signature"],
+                signature
+            );
+        }
+        let units = serde_json::from_value(index["units"].clone()).with_context(|| format!("cannot parse {}", path.display()))?;
+        Ok(Index { dir: artifact.join("index"), units })
     }
 }
 
@@ -157,80 +505,10 @@ pub fn normalize(text: &str, p: &Params) -> String {
     out
 }
 
-/// For each document, the index of its cluster's kept document: the first one
-/// in input order (`clusters[i] == i` for kept documents).
-type Clusters = Vec<usize>;
-
-fn exact(normalized: &[String]) -> Clusters {
-    let keys: Vec<[u8; 32]> = normalized.par_iter().map(|t| *blake3::hash(t.as_bytes()).as_bytes()).collect();
-    let mut first = HashMap::with_capacity(keys.len());
-    keys.iter().enumerate().map(|(i, k)| *first.entry(k).or_insert(i)).collect()
-}
-
-struct Stats {
-    candidates: usize,
-    verified: usize,
-}
-
-fn minhash(normalized: &[String], p: &Params, ctx: &mut StageCtx) -> (Clusters, Stats) {
-    let hasher = MinHasher::new(p);
-    let n = normalized.len();
-    let mut shingle_sets = Vec::with_capacity(n);
-    let mut band_keys = Vec::with_capacity(n);
-    // Chunks so the progress bar moves while rayon works inside each chunk.
-    for chunk in normalized.chunks(4096) {
-        let done: Vec<(Vec<u64>, Vec<u64>)> = chunk
-            .par_iter()
-            .map(|t| {
-                let set = shingles(t, p.ngram);
-                let keys = hasher.band_keys(&set);
-                (set, keys)
-            })
-            .collect();
-        for (set, keys) in done {
-            shingle_sets.push(set);
-            band_keys.push(keys);
-        }
-        ctx.progress(shingle_sets.len() as u64, n as u64, "docs");
-    }
-
-    let mut pairs: Vec<(u32, u32)> = (0..p.bands)
-        .into_par_iter()
-        .flat_map_iter(|band| {
-            let mut bucket: Vec<(u64, u32)> = band_keys.iter().enumerate().map(|(i, k)| (k[band], i as u32)).collect();
-            bucket.sort_unstable();
-            let mut pairs = Vec::new();
-            for run in bucket.chunk_by(|a, b| a.0 == b.0).filter(|r| r.len() > 1) {
-                if run.len() <= p.max_bucket {
-                    for (j, &(_, b)) in run.iter().enumerate() {
-                        pairs.extend(run[..j].iter().map(|&(_, a)| (a, b)));
-                    }
-                } else {
-                    pairs.extend(run[1..].iter().map(|&(_, b)| (run[0].1, b)));
-                }
-            }
-            pairs
-        })
-        .collect();
-    pairs.par_sort_unstable();
-    pairs.dedup();
-    let verified: Vec<(u32, u32)> =
-        pairs.par_iter().copied().filter(|&(a, b)| jaccard(&shingle_sets[a as usize], &shingle_sets[b as usize]) >= p.threshold).collect();
-
-    let mut parent: Vec<usize> = (0..n).collect();
-    for &(a, b) in &verified {
-        let (ra, rb) = (find(&mut parent, a as usize), find(&mut parent, b as usize));
-        // The smaller index becomes the root, so the root is the kept document.
-        parent[ra.max(rb)] = ra.min(rb);
-    }
-    let clusters = (0..n).map(|i| find(&mut parent, i)).collect();
-    (clusters, Stats { candidates: pairs.len(), verified: verified.len() })
-}
-
-fn find(parent: &mut [usize], mut i: usize) -> usize {
-    while parent[i] != i {
-        parent[i] = parent[parent[i]];
-        i = parent[i];
+fn find(parent: &mut [u32], mut i: usize) -> usize {
+    while parent[i] as usize != i {
+        parent[i] = parent[parent[i] as usize];
+        i = parent[i] as usize;
     }
     i
 }
@@ -306,55 +584,143 @@ impl MinHasher {
     }
 }
 
-fn write_outputs(df: &DataFrame, clusters: &Clusters, ctx: &mut StageCtx) -> Result<()> {
-    let n = clusters.len();
-    let kept: Vec<bool> = clusters.iter().enumerate().map(|(i, &c)| c == i).collect();
-    let mut out = docs::select(df, &kept)?;
-    docs::write(&ctx.out, &mut out)?;
-
-    let ids: Vec<String> = df.column("id")?.str()?.iter().map(|s| s.unwrap_or_default().to_string()).collect();
-    let cluster_ids: Vec<String> = clusters.iter().map(|&c| ids[c].clone()).collect();
-    let mut sizes = vec![0usize; n];
-    clusters.iter().for_each(|&c| sizes[c] += 1);
-    let multi = sizes.iter().filter(|&&s| s > 1).count();
-    let mut table = DataFrame::new(
-        n,
-        vec![Column::new("id".into(), ids), Column::new("cluster".into(), cluster_ids), Column::new("kept".into(), kept)],
-    )?;
-    docs::write_table(&ctx.out.join("clusters.parquet"), &mut table)?;
-
-    let documents_out = out.height();
+fn write_outputs(parts: &[PathBuf], roots: &[u32], first_ours: u32, against: Option<&Index>, p: &Params, ctx: &mut StageCtx) -> Result<()> {
+    let n = roots.len() - first_ours as usize;
+    let mut has_members = vec![false; roots.len()];
+    for (i, &r) in roots.iter().enumerate() {
+        if r as usize != i {
+            has_members[r as usize] = true;
+        }
+    }
+    // Ids of the other corpus's documents that are roots of our duplicates.
+    let mut names: HashMap<u32, String> = HashMap::new();
+    if let Some(other) = against {
+        let mut start = 0u32;
+        for unit in &other.units {
+            let end = start + documents(unit);
+            if (start..end).any(|i| has_members[i as usize]) {
+                let file = unit.files.get("ids").and_then(|f| f.first()).with_context(|| format!("unit {} has no ids", unit.key))?;
+                let mut doc = start;
+                for df in RowGroups::open(&other.dir.join(file), Some(&["id"]))? {
+                    for id in df?.column("id")?.str()?.iter() {
+                        if has_members[doc as usize] {
+                            names.insert(doc, id.unwrap_or_default().to_string());
+                        }
+                        doc += 1;
+                    }
+                }
+            }
+            start = end;
+        }
+    }
+    let mut kept_out = PartWriter::new(&ctx.out.join(docs::DIR), "part-", p.part_mb << 20);
+    let mut clusters_out = PartWriter::new(&ctx.out.join("clusters"), "part-", usize::MAX);
+    let mut doc = first_ours;
+    for part in parts {
+        for df in docs::batches(part)? {
+            let df = df?;
+            let ids: Vec<String> = df.column("id")?.str()?.iter().map(|s| s.unwrap_or_default().to_string()).collect();
+            let mut keep = Vec::with_capacity(ids.len());
+            let mut cluster = Vec::with_capacity(ids.len());
+            for id in &ids {
+                let root = roots[doc as usize];
+                if has_members[doc as usize] {
+                    names.insert(doc, id.clone());
+                }
+                keep.push(root == doc);
+                cluster.push(if root == doc { id.clone() } else { names[&root].clone() });
+                doc += 1;
+            }
+            kept_out.push(&docs::select(&df, &keep)?)?;
+            let height = ids.len();
+            let columns = vec![Column::new("id".into(), ids), Column::new("cluster".into(), cluster), Column::new("kept".into(), keep)];
+            clusters_out.push(&polars::prelude::DataFrame::new(height, columns)?)?;
+        }
+    }
+    let documents_out = kept_out.rows();
+    kept_out.finish()?;
+    clusters_out.finish()?;
+    let multi = has_members.iter().filter(|&&m| m).count();
+    let against_duplicates = roots[first_ours as usize..].iter().filter(|&&r| r < first_ours).count();
     let fraction = if n == 0 { 0.0 } else { (n - documents_out) as f64 / n as f64 };
     ctx.metric("documents_in", n);
     ctx.metric("documents_out", documents_out);
     ctx.metric("clusters", multi);
     ctx.metric("duplicate_fraction", fraction);
+    if against.is_some() {
+        ctx.metric("against_duplicates", against_duplicates);
+    }
     eprintln!(
-        "dedup: {n} documents in, {documents_out} kept, {} removed ({:.2}%) in {multi} duplicate clusters",
+        "dedup: {n} documents in, {documents_out} kept, {} removed ({:.2}%) in {multi} duplicate clusters{}",
         n - documents_out,
-        100.0 * fraction
+        100.0 * fraction,
+        if against.is_some() { format!(", {against_duplicates} of them duplicates of the `against` corpus") } else { String::new() }
     );
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use polars::prelude::{ParquetReader, SerReader};
+    use polars::prelude::DataFrame;
 
     use super::*;
     use crate::data::rng::Rng;
     use crate::testing::{novel_paragraphs, run_stage};
 
+    /// Each document's cluster as the index of its kept document
+    /// (`run_stage` names documents `d0`, `d1`, …).
+    fn cluster_indices(out: &Path) -> Vec<usize> {
+        let clusters = docs::read_table(&out.join("clusters")).unwrap();
+        clusters.column("cluster").unwrap().str().unwrap().iter().map(|c| c.unwrap()[1..].parse().unwrap()).collect()
+    }
+
+    /// The whole computation in memory, as the stage did before it
+    /// streamed: the reference the streaming path must equal.
+    fn in_memory(texts: &[&str], p: &Params) -> Vec<usize> {
+        let normalized: Vec<String> = texts.iter().map(|t| normalize(t, p)).collect();
+        let n = texts.len();
+        let mut pairs = Vec::new();
+        let sets: Vec<Vec<u64>> = normalized.iter().map(|t| shingles(t, p.ngram)).collect();
+        match p.method {
+            Method::Exact => {
+                let mut first = HashMap::new();
+                for (i, t) in normalized.iter().enumerate() {
+                    let f = *first.entry(t.clone()).or_insert(i);
+                    if f != i {
+                        pairs.push((f, i));
+                    }
+                }
+            }
+            Method::Minhash => {
+                let hasher = MinHasher::new(p);
+                let keys: Vec<Vec<u64>> = sets.iter().map(|s| hasher.band_keys(s)).collect();
+                for band in 0..p.bands {
+                    let mut bucket: Vec<(u64, usize)> = keys.iter().enumerate().map(|(i, k)| (k[band], i)).collect();
+                    bucket.sort_unstable();
+                    for run in bucket.chunk_by(|a, b| a.0 == b.0) {
+                        for (j, &(_, b)) in run.iter().enumerate() {
+                            let firsts = if run.len() <= p.max_bucket { &run[..j] } else { &run[..1.min(j)] };
+                            pairs.extend(firsts.iter().map(|&(_, a)| (a, b)).filter(|&(a, b)| jaccard(&sets[a], &sets[b]) >= p.threshold));
+                        }
+                    }
+                }
+            }
+        }
+        let mut parent: Vec<u32> = (0..n as u32).collect();
+        for (a, b) in pairs {
+            union(&mut parent, a as u32, b as u32);
+        }
+        (0..n).map(|i| find(&mut parent, i)).collect()
+    }
+
     #[test]
     fn exact_normalizes_case_whitespace_and_punctuation() {
         let texts = ["Hello, World!", "other text", "hello   world", "HELLO WORLD.", "Other text?"];
-        let p = Params::default();
-        let normalized: Vec<String> = texts.iter().map(|t| normalize(t, &p)).collect();
-        assert_eq!(normalized[0], "hello world");
-        assert_eq!(exact(&normalized), [0, 1, 0, 0, 1]);
-        let strict = Params { lowercase: false, strip_punctuation: false, ..Params::default() };
-        let normalized: Vec<String> = texts.iter().map(|t| normalize(t, &strict)).collect();
-        assert_eq!(exact(&normalized), [0, 1, 2, 3, 4]);
+        let p = Params { method: Method::Exact, ..Params::default() };
+        assert_eq!(normalize(texts[0], &p), "hello world");
+        assert_eq!(cluster_indices(run_stage::<Dedup>(&p, &texts).0.path()), [0, 1, 0, 0, 1]);
+        let strict = Params { lowercase: false, strip_punctuation: false, ..p };
+        assert_eq!(cluster_indices(run_stage::<Dedup>(&strict, &texts).0.path()), [0, 1, 2, 3, 4]);
     }
 
     #[test]
@@ -364,7 +730,7 @@ mod tests {
         let (out, ctx) = run_stage::<Dedup>(&p, &texts);
         let kept = docs::read(out.path()).unwrap();
         assert_eq!(docs::texts(&kept).unwrap(), ["a b c d e f", "x y z", "unique"]);
-        let clusters = ParquetReader::new(std::fs::File::open(out.path().join("clusters.parquet")).unwrap()).finish().unwrap();
+        let clusters = docs::read_table(&out.path().join("clusters")).unwrap();
         let cluster: Vec<&str> = clusters.column("cluster").unwrap().str().unwrap().iter().map(Option::unwrap).collect();
         assert_eq!(cluster, ["d0", "d1", "d0", "d1", "d4"]);
         assert_eq!(ctx.metrics()["documents_out"], 3);
@@ -372,16 +738,76 @@ mod tests {
         assert_eq!(ctx.metrics()["duplicate_fraction"], 0.4);
     }
 
+    /// Every file under `dir/sub`, by name, with its bytes.
+    fn files(dir: &Path, sub: &str) -> Vec<(String, Vec<u8>)> {
+        docs::parquet_files(&dir.join(sub))
+            .unwrap()
+            .iter()
+            .map(|f| (f.file_name().unwrap().to_string_lossy().into(), fs::read(f).unwrap()))
+            .collect()
+    }
+
     #[test]
-    fn output_bytes_are_deterministic() {
+    fn streaming_with_spills_equals_the_in_memory_reference_byte_for_byte() {
         let paragraphs = novel_paragraphs("austen.txt", 20);
         let mut texts: Vec<&str> = paragraphs.iter().take(3000).map(String::as_str).collect();
         texts.extend(paragraphs.iter().take(200).map(String::as_str));
-        let (a, _) = run_stage::<Dedup>(&Params::default(), &texts);
-        let (b, _) = run_stage::<Dedup>(&Params::default(), &texts);
-        for file in [docs::FILE, "clusters.parquet"] {
-            assert_eq!(std::fs::read(a.path().join(file)).unwrap(), std::fs::read(b.path().join(file)).unwrap(), "{file}");
+        for method in [Method::Minhash, Method::Exact] {
+            // A budget of nothing: bucket records and pairs spill in runs of
+            // about 40,000, so the stage merges several runs.
+            let tiny = Params { method, memory_mb: 0, part_mb: 1, ..Params::default() };
+            let (a, ctx) = run_stage::<Dedup>(&tiny, &texts);
+            let (b, _) = run_stage::<Dedup>(&Params { memory_mb: 4096, ..tiny.clone() }, &texts);
+            for sub in [docs::DIR, "clusters"] {
+                assert_eq!(files(a.path(), sub), files(b.path(), sub), "{sub}: the budget changed bytes");
+            }
+            let reference = in_memory(&texts, &tiny);
+            assert_eq!(cluster_indices(a.path()), reference);
+            assert_eq!(ctx.metrics()["documents_out"], 3000);
+            // The kept documents, written in one go, are the same bytes.
+            let expected = tempfile::tempdir().unwrap();
+            let ids: Vec<String> = (0..texts.len()).map(|i| format!("d{i}")).collect();
+            let input = docs::frame(ids, texts.iter().map(|t| t.to_string()).collect(), vec!["test".into(); texts.len()]).unwrap();
+            let keep: Vec<bool> = reference.iter().enumerate().map(|(i, &r)| r == i).collect();
+            let mut writer = PartWriter::new(&expected.path().join(docs::DIR), "part-", 1 << 20);
+            writer.push(&docs::select(&input, &keep).unwrap()).unwrap();
+            writer.finish().unwrap();
+            assert_eq!(files(a.path(), docs::DIR), files(expected.path(), docs::DIR));
         }
+    }
+
+    #[test]
+    fn against_removes_duplicates_of_the_other_corpus_only() {
+        let paragraphs = novel_paragraphs("austen.txt", 20);
+        let old: Vec<&str> = paragraphs[..500].iter().map(String::as_str).collect();
+        let (old_out, _) = run_stage::<Dedup>(&Params::default(), &old);
+        // The new corpus: 100 texts of the old one, 300 new ones, each new
+        // one twice.
+        let mut new: Vec<&str> = paragraphs[400..800].iter().map(String::as_str).collect();
+        new.extend(paragraphs[500..800].iter().map(String::as_str));
+        let input = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..new.len()).map(|i| format!("n{i}")).collect();
+        docs::write(input.path(), &docs::frame(ids, new.iter().map(|t| t.to_string()).collect(), vec!["new".into(); new.len()]).unwrap())
+            .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let mut ctx = StageCtx::new("new", input.path(), out.path(), &input.path().join("work"));
+        ctx.inputs.insert("input".into(), input.path().to_path_buf());
+        ctx.inputs.insert("against".into(), old_out.path().to_path_buf());
+        Dedup::run(&Params::default(), &mut ctx).unwrap();
+        let kept: DataFrame = docs::read(out.path()).unwrap();
+        assert_eq!(docs::texts(&kept).unwrap(), new[100..400]);
+        assert_eq!(ctx.metrics()["against_duplicates"], 100);
+        let clusters = docs::read_table(&out.path().join("clusters")).unwrap();
+        let cluster: Vec<&str> = clusters.column("cluster").unwrap().str().unwrap().iter().map(Option::unwrap).collect();
+        assert_eq!(cluster[0], "d400", "a duplicate of the other corpus names the document there");
+        assert_eq!(cluster[400], "n100");
+
+        // Other signature params cannot be compared.
+        let mut ctx = StageCtx::new("new", input.path(), out.path(), &input.path().join("work"));
+        ctx.inputs.insert("input".into(), input.path().to_path_buf());
+        ctx.inputs.insert("against".into(), old_out.path().to_path_buf());
+        let message = format!("{:#}", Dedup::run(&Params { bands: 10, ..Params::default() }, &mut ctx).unwrap_err());
+        assert!(message.contains("use the same method, normalization, ngram, bands, rows and seed"), "{message}");
     }
 
     /// Replaces `edits` distinct random words of `text` with words that occur
@@ -418,8 +844,9 @@ mod tests {
             texts.push(copy);
         }
         let normalized: Vec<String> = texts.iter().map(|t| normalize(t, &p)).collect();
-        let mut ctx = StageCtx::new("t", ".".as_ref(), ".".as_ref(), ".".as_ref());
-        let (clusters, _) = minhash(&normalized, &p, &mut ctx);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let (out, _) = run_stage::<Dedup>(&p, &refs);
+        let clusters = cluster_indices(out.path());
 
         let high: Vec<_> = planted.iter().filter(|x| x.2 >= 0.85).collect();
         let found = high.iter().filter(|&&&(a, b, _)| clusters[a] == clusters[b]).count();

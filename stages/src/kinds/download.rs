@@ -43,22 +43,38 @@
 //! Local sources are part of the stage's key (a glob through the directory
 //! before its first wildcard), so editing a corpus rebuilds the stage; HTTP
 //! sources are keyed by their URL and checksum.
+//!
+//! Streaming: every file is read as a stream (decompressed on the fly, JSONL
+//! and text line by line, Parquet one row group at a time) into sharded
+//! Parquet (`docs/part-00000.parquet`, … of about `part_mb` of text each; see
+//! [`crate::formats::docs`]). Files are read in parallel, as many at once as
+//! the stage's threads and `memory_mb` (volatile) allow. Each file is its own
+//! unit, cached in the store ([`crate::data::units`]) under a hash of its
+//! bytes and the params that shape its documents: adding a file to a list
+//! reads only that file, and the parts of the others are linked back in.
+//!
+//! `on_error`: `"fail"` (default) stops at a file that cannot be read or
+//! parsed, naming the file and the line (JSONL, text) or row group
+//! (Parquet); `"skip"` leaves such a file out, says so in the log and lists
+//! it in the metric `skipped` (file and error).
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Cursor, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use polars::prelude::{ParquetReader, SerReader};
+use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::data::local_dependency;
-use crate::formats::docs;
+use crate::data::units::{self, Unit, Units};
+use crate::data::{local_dependency, working_memory_mb};
+use crate::formats::docs::{self, PartWriter, RowGroups};
 use crate::{Inputs, ParamError, Stage, StageCtx};
 
 pub struct Download;
@@ -81,11 +97,40 @@ pub struct Params {
     /// expands without end (a decompression bomb) stops here.
     #[schemars(range(min = 1))]
     pub max_bytes: u64,
+    /// Text per output part, in MB (FineWeb's layout: `docs/part-00000.parquet`, …).
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub part_mb: usize,
+    /// Peak memory of the stage process in MB, the runtime's 128 included; volatile: bounds how many files are read at once.
+    #[schemars(range(min = 256, max = 1_000_000_000))]
+    pub memory_mb: usize,
+    /// `fail` at a file that cannot be read, or `skip` it (logged, listed in the metric `skipped`).
+    pub on_error: OnError,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Fail,
+    Skip,
+}
+
+/// Memory one file being read holds: a row group of text as it is parsed,
+/// the same being encoded, and the decoders' buffers.
+const PER_FILE_MB: usize = 48;
 
 impl Default for Params {
     fn default() -> Self {
-        Params { sources: Vec::new(), retries: 5, timeout_secs: 30, backoff_ms: 1000, max_bytes: 8 << 30 }
+        Params {
+            sources: Vec::new(),
+            retries: 5,
+            timeout_secs: 30,
+            backoff_ms: 1000,
+            max_bytes: 8 << 30,
+            part_mb: 256,
+            memory_mb: 1024,
+            on_error: OnError::Fail,
+        }
     }
 }
 
@@ -140,10 +185,10 @@ pub enum SplitBy {
 
 impl Stage for Download {
     const KIND: &'static str = "download";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "read local files, globs and URLs (checksummed, resumable) into documents";
     const INPUTS: Inputs = Inputs::Fixed(&[]);
-    const VOLATILE: &'static [&'static str] = &["retries", "timeout_secs", "backoff_ms", "max_bytes"];
+    const VOLATILE: &'static [&'static str] = &["retries", "timeout_secs", "backoff_ms", "max_bytes", "memory_mb"];
     type Params = Params;
 
     fn check(p: &Params, _inputs: &[String]) -> Result<(), ParamError> {
@@ -177,31 +222,130 @@ impl Stage for Download {
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
         let started = Instant::now();
-        let (mut ids, mut texts, mut sources) = (Vec::new(), Vec::new(), Vec::new());
-        let mut bytes = 0usize;
+        let mut files = Vec::new();
         let mut labels = HashSet::new();
-        for source in &p.sources {
-            for (label, data) in fetch_source(source, p, ctx)? {
-                bytes += data.len();
-                let data = decompress(&data, p.max_bytes).with_context(|| format!("{label}: cannot decompress"))?;
-                let parsed = parse(&data, source, &label).with_context(|| format!("cannot read source {label}"))?;
+        for (index, source) in p.sources.iter().enumerate() {
+            for (label, path) in fetch_source(source, p, ctx)? {
                 if !labels.insert(label.clone()) {
                     bail!("{label} is listed by two sources; remove one of them");
                 }
-                for (n, text) in parsed.into_iter().filter(|t| !t.trim().is_empty()).enumerate() {
-                    ids.push(format!("{label}#{n}"));
-                    texts.push(text);
-                    sources.push(label.clone());
-                }
+                files.push(Input { label, path, source: index });
             }
         }
-        let count = texts.len();
-        let chars: usize = texts.iter().map(|t: &String| t.len()).sum();
-        docs::write(&ctx.out, &mut docs::frame(ids, texts, sources)?)?;
+        let units = Units::new(ctx)?;
+        let workers = ctx.threads.min(working_memory_mb(p.memory_mb) / PER_FILE_MB).max(1);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
+        let results: Vec<Result<(Unit, bool)>> = pool.install(|| files.par_iter().map(|input| read_file(input, p, &units)).collect());
+        let (mut done, mut skipped, mut cached) = (Vec::new(), Vec::new(), 0);
+        for (input, result) in files.iter().zip(results) {
+            match result {
+                Ok((unit, hit)) => {
+                    cached += usize::from(hit);
+                    done.push(unit);
+                }
+                Err(e) if p.on_error == OnError::Skip => {
+                    eprintln!("warning: skipped {}: {e:#}", input.label);
+                    skipped.push(json!({ "file": input.label, "error": format!("{e:#}") }));
+                }
+                Err(e) => return Err(e.context(format!("cannot read {} (on_error = \"skip\" leaves such a file out)", input.label))),
+            }
+        }
+        units.link(&done, "docs", docs::DIR, true)?;
+        let count: u64 = done.iter().map(|u| u.meta["documents"].as_u64().unwrap_or(0)).sum();
+        let chars: u64 = done.iter().map(|u| u.meta["text_bytes"].as_u64().unwrap_or(0)).sum();
+        let bytes: u64 = files.iter().filter_map(|f| fs::metadata(&f.path).ok()).map(|m| m.len()).sum();
         ctx.metric("documents", count);
         ctx.metric("bytes_fetched", bytes);
         ctx.metric("text_bytes", chars);
-        eprintln!("download: {count} documents, {chars} bytes of text from {bytes} bytes fetched in {:.1?}", started.elapsed());
+        ctx.metric("files", files.len());
+        ctx.metric("files_cached", cached);
+        if !skipped.is_empty() {
+            ctx.metric("skipped", &skipped);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "download: {count} documents, {chars} bytes of text from {} files ({cached} unchanged since a cached run, {} skipped) in {seconds:.1}s ({:.1} MB/s)",
+            files.len(),
+            skipped.len(),
+            bytes as f64 / 1e6 / seconds.max(1e-9)
+        );
+        Ok(())
+    }
+}
+
+/// One file to read: its label (the `source` column) and where its bytes are.
+struct Input {
+    label: String,
+    path: PathBuf,
+    source: usize,
+}
+
+/// The unit of one file: from the cache when its bytes and params were
+/// read before (`true`), otherwise read now.
+fn read_file(input: &Input, p: &Params, units: &Units) -> Result<(Unit, bool)> {
+    let source = &p.sources[input.source];
+    let digest = units::file_digest(&input.path)?;
+    let key = units::key(&json!({
+        "download": Download::VERSION, "label": input.label, "bytes": digest, "format": source.format_of(&input.label),
+        "text_field": source.text_field, "split": source.split, "part_mb": p.part_mb,
+    }));
+    if let Some(unit) = units.load(&key) {
+        return Ok((unit, true));
+    }
+    let unit = units.build(&key, |dir| {
+        let mut out = Documents::new(&dir.join("docs"), &input.label, p.part_mb << 20);
+        parse(&input.path, source, &input.label, p.max_bytes, &mut out)?;
+        let (documents, text_bytes) = (out.count, out.text_bytes);
+        out.finish()?;
+        Ok(json!({ "documents": documents, "text_bytes": text_bytes }))
+    })?;
+    Ok((unit, false))
+}
+
+/// Documents of one file as they are parsed: ids `LABEL#N`, empty ones
+/// skipped, written a row group at a time.
+struct Documents {
+    label: String,
+    writer: PartWriter,
+    texts: Vec<String>,
+    pending: usize,
+    count: u64,
+    text_bytes: u64,
+}
+
+impl Documents {
+    fn new(dir: &Path, label: &str, part_bytes: usize) -> Self {
+        let writer = PartWriter::new(dir, "part-", part_bytes);
+        Documents { label: label.to_string(), writer, texts: Vec::new(), pending: 0, count: 0, text_bytes: 0 }
+    }
+
+    fn push(&mut self, text: String) -> Result<()> {
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        self.pending += text.len();
+        self.text_bytes += text.len() as u64;
+        self.texts.push(text);
+        if self.pending >= docs::ROW_GROUP_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let texts = std::mem::take(&mut self.texts);
+        let first = self.count;
+        self.count += texts.len() as u64;
+        let ids = (first..self.count).map(|n| format!("{}#{n}", self.label)).collect();
+        let sources = vec![self.label.clone(); texts.len()];
+        self.writer.push(&docs::frame(ids, texts, sources)?)?;
+        self.pending = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.flush()?;
+        self.writer.finish()?;
         Ok(())
     }
 }
@@ -225,17 +369,18 @@ fn is_http(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
 
-/// The files of a source as `(label, bytes)`, trying the url and then each
-/// mirror, and checking the checksum.
-fn fetch_source(source: &Source, p: &Params, ctx: &mut StageCtx) -> Result<Vec<(String, Vec<u8>)>> {
+/// The files of a source as `(label, path)`, trying the url and then each
+/// mirror, and checking the checksum. HTTP files are fetched into the work
+/// directory.
+fn fetch_source(source: &Source, p: &Params, ctx: &mut StageCtx) -> Result<Vec<(String, PathBuf)>> {
     let mut failures = Vec::new();
     for location in std::iter::once(&source.url).chain(&source.mirrors) {
         let fetched = fetch(location, p, ctx).and_then(|files| {
             if source.blake3.is_some() || source.sha256.is_some() {
-                let [(_, data)] = files.as_slice() else {
+                let [(_, path)] = files.as_slice() else {
                     bail!("matches {} files, but a checksum needs exactly one", files.len());
                 };
-                verify(source, data)?;
+                verify(source, path)?;
             }
             Ok(files)
         });
@@ -253,15 +398,25 @@ fn fetch_source(source: &Source, p: &Params, ctx: &mut StageCtx) -> Result<Vec<(
     bail!("cannot fetch source {}:\n{}", source.url, failures.join("\n"))
 }
 
-fn verify(source: &Source, data: &[u8]) -> Result<()> {
+fn verify(source: &Source, path: &Path) -> Result<()> {
     if let Some(expected) = &source.blake3 {
-        let actual = blake3::hash(data).to_hex().to_string();
+        let actual = units::file_digest(path)?;
         if !actual.eq_ignore_ascii_case(expected) {
             bail!("blake3 mismatch for {}: expected {expected}, got {actual}; fix `blake3` if the data changed on purpose", source.url);
         }
     }
     if let Some(expected) = &source.sha256 {
-        let actual: String = Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect();
+        let mut hasher = Sha256::new();
+        let mut file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
         if !actual.eq_ignore_ascii_case(expected) {
             bail!("sha256 mismatch for {}: expected {expected}, got {actual}; fix `sha256` if the data changed on purpose", source.url);
         }
@@ -269,16 +424,16 @@ fn verify(source: &Source, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads one location: `(label, bytes)` per file.
-fn fetch(location: &str, p: &Params, ctx: &mut StageCtx) -> Result<Vec<(String, Vec<u8>)>> {
+/// Finds one location: `(label, path)` per file.
+fn fetch(location: &str, p: &Params, ctx: &mut StageCtx) -> Result<Vec<(String, PathBuf)>> {
     if is_http(location) {
         return Ok(vec![(location.to_string(), http_get(location, p, ctx)?)]);
     }
     let path = location.strip_prefix("file://").unwrap_or(location);
     let full = ctx.project_path(path);
     if !path.contains(['*', '?', '[']) {
-        let data = fs::read(&full).with_context(|| format!("cannot read {}", full.display()))?;
-        return Ok(vec![(location.to_string(), data)]);
+        File::open(&full).with_context(|| format!("cannot read {}", full.display()))?;
+        return Ok(vec![(location.to_string(), full)]);
     }
     let pattern = full.to_string_lossy();
     let mut matches: Vec<PathBuf> = glob::glob(&pattern)
@@ -292,9 +447,8 @@ fn fetch(location: &str, p: &Params, ctx: &mut StageCtx) -> Result<Vec<(String, 
     matches
         .into_iter()
         .map(|m| {
-            let data = fs::read(&m).with_context(|| format!("cannot read {}", m.display()))?;
             let label = m.strip_prefix(&ctx.project_dir).unwrap_or(&m).to_string_lossy().into_owned();
-            Ok((label, data))
+            Ok((label, m))
         })
         .collect()
 }
@@ -305,7 +459,7 @@ enum Failure {
     Fatal(anyhow::Error),
 }
 
-fn http_get(url: &str, p: &Params, ctx: &mut StageCtx) -> Result<Vec<u8>> {
+fn http_get(url: &str, p: &Params, ctx: &mut StageCtx) -> Result<PathBuf> {
     let timeout = Duration::from_secs(p.timeout_secs);
     let client = reqwest::Client::builder().connect_timeout(timeout).read_timeout(timeout).build()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -326,12 +480,14 @@ fn http_get(url: &str, p: &Params, ctx: &mut StageCtx) -> Result<Vec<u8>> {
             Err(Failure::Fatal(e)) => return Err(e),
         }
     }
-    let data = fs::read(&part).with_context(|| format!("cannot read {}", part.display()))?;
-    // A bad download must not be resumed from, and a good one is in the output.
-    let _ = fs::remove_file(&part);
+    // A finished download is never resumed from; the work directory goes
+    // once the artifact is published.
+    let done = part.with_extension("done");
+    fs::rename(&part, &done).with_context(|| format!("cannot rename {}", part.display()))?;
+    let len = fs::metadata(&done)?.len();
     let secs = started.elapsed().as_secs_f64();
-    eprintln!("{url}: {} bytes in {secs:.1}s ({:.1} MB/s)", data.len(), data.len() as f64 / 1e6 / secs.max(1e-9));
-    Ok(data)
+    eprintln!("{url}: {len} bytes in {secs:.1}s ({:.1} MB/s)", len as f64 / 1e6 / secs.max(1e-9));
+    Ok(done)
 }
 
 /// Connection errors, timeouts and cut bodies are worth another attempt.
@@ -383,76 +539,122 @@ fn content_range_start(response: &reqwest::Response) -> Option<u64> {
     value.strip_prefix("bytes ")?.split('-').next()?.parse().ok()
 }
 
-/// Gzip or zstd data decompressed, streaming, up to `max_bytes`; other data as it is.
-fn decompress(data: &[u8], max_bytes: u64) -> Result<Vec<u8>> {
-    let decoder: Box<dyn Read + '_> = if data.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(data))
-    } else if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::new(data)?)
+/// A file's bytes as a stream: gzip and zstd decompressed on the fly (at
+/// most `max_bytes`), other data as it is.
+fn open_stream(path: &Path, max_bytes: u64) -> Result<Box<dyn BufRead>> {
+    let mut file = BufReader::new(File::open(path).with_context(|| format!("cannot open {}", path.display()))?);
+    let magic = file.fill_buf()?.to_vec();
+    let decoder: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(file))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(file)?)
     } else {
-        return Ok(data.to_vec());
+        return Ok(Box::new(file));
     };
-    let mut out = Vec::new();
-    decoder.take(max_bytes.saturating_add(1)).read_to_end(&mut out)?;
-    if out.len() as u64 > max_bytes {
-        bail!("it decompresses to more than `max_bytes` ({max_bytes} bytes); raise `max_bytes` if the source is really this big");
-    }
-    Ok(out)
+    Ok(Box::new(BufReader::with_capacity(1 << 20, Limited { inner: decoder, left: max_bytes, max_bytes })))
 }
 
-/// The document texts of one file.
-fn parse(data: &[u8], source: &Source, name: &str) -> Result<Vec<String>> {
+/// A decompressed stream that fails past `max_bytes`: a small archive that
+/// expands without end stops here.
+struct Limited {
+    inner: Box<dyn Read>,
+    left: u64,
+    max_bytes: u64,
+}
+
+impl Read for Limited {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::other(format!(
+                "it decompresses to more than `max_bytes` ({} bytes); raise `max_bytes` if the source is really this big",
+                self.max_bytes
+            ))
+        })?;
+        Ok(n)
+    }
+}
+
+/// Lines of a stream without their `\n` or `\r\n`, numbered from 1; an
+/// error names the line.
+fn each_line(mut input: impl BufRead, mut f: impl FnMut(usize, &str) -> Result<()>) -> Result<()> {
+    let mut buf = Vec::new();
+    for number in 1.. {
+        buf.clear();
+        let read = input.read_until(b'\n', &mut buf).with_context(|| format!("line {number}: cannot read"))?;
+        if read == 0 {
+            break;
+        }
+        let line =
+            std::str::from_utf8(&buf).map_err(|_| anyhow!("line {number}: not UTF-8 text; set `format` if it is JSONL or Parquet"))?;
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        f(number, line.strip_suffix('\r').unwrap_or(line))?;
+    }
+    Ok(())
+}
+
+/// Parses one file into documents, streaming.
+fn parse(path: &Path, source: &Source, name: &str, max_bytes: u64, out: &mut Documents) -> Result<()> {
     let field = &source.text_field;
     match source.format_of(name) {
-        Format::Text => {
-            let text = std::str::from_utf8(data).context("not UTF-8 text; set `format` if it is JSONL or Parquet")?;
-            Ok(split(text, source.split))
-        }
-        Format::Jsonl => {
-            let text = std::str::from_utf8(data).context("JSONL that is not UTF-8")?;
-            let records = text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty());
-            records
-                .map(|(i, line)| -> Result<String> {
-                    let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {}: invalid JSON", i + 1))?;
-                    match value.get(field) {
-                        Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                        _ => bail!("line {}: no string field `{field}`; set `text_field`", i + 1),
-                    }
-                })
-                .collect()
-        }
+        Format::Text => split(open_stream(path, max_bytes)?, source.split, out),
+        Format::Jsonl => each_line(open_stream(path, max_bytes)?, |number, line| {
+            if line.trim().is_empty() {
+                return Ok(());
+            }
+            let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {number}: invalid JSON"))?;
+            match value.get(field) {
+                Some(serde_json::Value::String(s)) => out.push(s.clone()),
+                _ => bail!("line {number}: no string field `{field}`; set `text_field`"),
+            }
+        }),
         Format::Parquet => {
-            let df = ParquetReader::new(Cursor::new(data)).finish().context("invalid Parquet")?;
-            let column = df.column(field).map_err(|_| anyhow!("no column `{field}`; set `text_field`"))?;
-            let column = column.str().map_err(|_| anyhow!("column `{field}` is {}, not a string", column.dtype()))?;
-            Ok(column.iter().map(|t| t.unwrap_or_default().to_string()).collect())
+            let groups = RowGroups::open(path, Some(&[field.as_str()])).map_err(|e| anyhow!("invalid Parquet: {e:#}"))?;
+            for df in groups {
+                let df = df?;
+                let column = df.column(field).map_err(|_| anyhow!("no column `{field}`; set `text_field`"))?;
+                let column = column.str().map_err(|_| anyhow!("column `{field}` is {}, not a string", column.dtype()))?;
+                for text in column.iter() {
+                    out.push(text.unwrap_or_default().to_string())?;
+                }
+            }
+            Ok(())
         }
     }
 }
 
-fn split(text: &str, how: SplitBy) -> Vec<String> {
-    let text = text.replace("\r\n", "\n");
+/// Splits a text stream into documents as `how` says.
+fn split(mut input: Box<dyn BufRead>, how: SplitBy, out: &mut Documents) -> Result<()> {
+    let mut current: Vec<String> = Vec::new();
     match how {
-        SplitBy::File => vec![text],
-        SplitBy::Paragraph => {
-            let mut paragraphs = Vec::new();
-            let mut current: Vec<&str> = Vec::new();
-            for line in text.lines() {
-                if line.trim().is_empty() {
-                    if !current.is_empty() {
-                        paragraphs.push(current.join("\n"));
-                        current.clear();
-                    }
-                } else {
-                    current.push(line);
-                }
-            }
-            if !current.is_empty() {
-                paragraphs.push(current.join("\n"));
-            }
-            paragraphs
+        SplitBy::File => {
+            // One document: the whole file is held whatever the budget.
+            let mut bytes = Vec::new();
+            input.read_to_end(&mut bytes).context("cannot read")?;
+            let text = String::from_utf8(bytes).map_err(|_| anyhow!("not UTF-8 text; set `format` if it is JSONL or Parquet"))?;
+            out.push(text.replace("\r\n", "\n"))
         }
-        SplitBy::Lines(n) => text.lines().collect::<Vec<_>>().chunks(n).map(|c| c.join("\n")).collect(),
+        SplitBy::Paragraph => {
+            each_line(input, |_, line| {
+                if !line.trim().is_empty() {
+                    current.push(line.to_string());
+                } else if !current.is_empty() {
+                    out.push(std::mem::take(&mut current).join("\n"))?;
+                }
+                Ok(())
+            })?;
+            out.push(current.join("\n"))
+        }
+        SplitBy::Lines(n) => {
+            each_line(input, |_, line| {
+                current.push(line.to_string());
+                if current.len() == n {
+                    out.push(std::mem::take(&mut current).join("\n"))?;
+                }
+                Ok(())
+            })?;
+            out.push(current.join("\n"))
+        }
     }
 }
 

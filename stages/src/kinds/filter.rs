@@ -39,13 +39,21 @@
 //! * `pii` (off by default): replaces e-mail addresses with
 //!   `email@example.com` and IPv4 addresses with `0.0.0.0` in kept documents.
 //!
-//! Outputs: `docs.parquet` (kept documents), `removed.parquet` (`id`, `text`,
-//! `source`, `rule`: the rule that removed it, e.g. `gopher_quality.min_words`).
-//! Metrics: `documents_in`, `documents_out`, and `removed` (count per rule).
-//! No param is volatile.
+//! Outputs: `docs/` (kept documents) and `removed/` (`id`, `text`, `source`,
+//! `rule`: the rule that removed it, e.g. `gopher_quality.min_words`), both
+//! sharded Parquet ([`crate::formats::docs`]). Metrics: `documents_in`,
+//! `documents_out`, `removed` (count per rule) and `parts_cached`.
+//!
+//! Streaming: each input part is read one row group at a time, its documents
+//! judged in parallel; parts run side by side as far as the stage's threads
+//! and `memory_mb` (volatile, the only volatile param) allow. Each input part
+//! is a unit cached in the store under a hash of its bytes and the params
+//! ([`crate::data::units`]): a part filtered before, by any build of the
+//! kind, is linked back in, so a new input file filters only its own parts.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
 use std::sync::LazyLock;
 
 use anyhow::Result;
@@ -54,16 +62,19 @@ use rayon::prelude::*;
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::data::text::ngram_hash;
-use crate::formats::docs;
+use crate::data::units::{self, Unit, Units};
+use crate::data::working_memory_mb;
+use crate::formats::docs::{self, PartWriter};
 use crate::{Inputs, ParamError, Stage, StageCtx};
 
 pub struct Filter;
 
 /// Every group's `Default` is datatrove's published thresholds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Params {
     /// 0 keeps documents of any length.
@@ -84,7 +95,34 @@ pub struct Params {
     pub fineweb: FineWeb,
     /// Replace e-mail and IPv4 addresses in kept documents.
     pub pii: Pii,
+    /// Text per output part, in MB.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub part_mb: usize,
+    /// Peak memory of the stage process in MB, the runtime's 128 included; volatile: bounds how many parts are filtered at once.
+    #[schemars(range(min = 256, max = 1_000_000_000))]
+    pub memory_mb: usize,
 }
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            min_chars: 0,
+            max_chars: 0,
+            language: Language::default(),
+            gopher_repetition: GopherRepetition::default(),
+            gopher_quality: GopherQuality::default(),
+            c4: C4::default(),
+            fineweb: FineWeb::default(),
+            pii: Pii::default(),
+            part_mb: 256,
+            memory_mb: 1024,
+        }
+    }
+}
+
+/// Memory one part being filtered holds: a row group read, its kept and
+/// removed rows, and both being encoded.
+const PER_PART_MB: usize = 64;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
@@ -303,31 +341,48 @@ impl Stage for Filter {
     }
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
-        let df = docs::read(ctx.input("input")?)?;
-        let texts = docs::texts(&df)?;
+        let parts = docs::parts(ctx.input("input")?)?;
+        let units = Units::new(ctx)?;
+        let mut key_params = serde_json::to_value(p)?;
+        key_params.as_object_mut().expect("params are a table").remove("memory_mb");
         let rules = Rules::new(p);
-        let mut verdicts = Vec::with_capacity(texts.len());
-        // Chunks so the progress bar moves while rayon works inside each chunk.
-        for chunk in texts.chunks(2048) {
-            verdicts.par_extend(chunk.par_iter().map(|t| rules.apply(t)));
-            ctx.progress(verdicts.len() as u64, texts.len() as u64, "docs");
+        let workers = ctx.threads.min(working_memory_mb(p.memory_mb) / PER_PART_MB).max(1);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
+        let done: Vec<Result<(Unit, bool)>> = pool.install(|| {
+            parts
+                .par_iter()
+                .map(|part| {
+                    let key = units::key(&json!({ "filter": Filter::VERSION, "params": key_params, "part": units::file_digest(part)? }));
+                    if let Some(unit) = units.load(&key) {
+                        return Ok((unit, true));
+                    }
+                    Ok((units.build(&key, |dir| filter_part(part, &rules, dir))?, false))
+                })
+                .collect()
+        });
+        let (mut done_units, mut cached) = (Vec::new(), 0);
+        for unit in done {
+            let (unit, hit) = unit?;
+            cached += usize::from(hit);
+            done_units.push(unit);
         }
-        let keep: Vec<bool> = verdicts.iter().map(Result::is_ok).collect();
-        let removed_by: Vec<&str> = verdicts.iter().filter_map(|v| v.as_ref().err().map(|r| r.as_ref())).collect();
-        let kept_texts: Vec<&str> = verdicts.iter().filter_map(|v| v.as_deref().ok()).collect();
+        units.link(&done_units, "docs", docs::DIR, true)?;
+        units.link(&done_units, "removed", "removed", true)?;
 
-        let mut kept = docs::select(&df, &keep)?;
-        kept.replace("text", Column::new("text".into(), kept_texts))?;
-        docs::write(&ctx.out, &mut kept)?;
-        let dropped: Vec<bool> = keep.iter().map(|k| !k).collect();
-        let mut removed = docs::select(&df, &dropped)?.select(["id", "text", "source"])?;
-        removed.with_column(Column::new("rule".into(), removed_by.clone()))?;
-        docs::write_table(&ctx.out.join("removed.parquet"), &mut removed)?;
-
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        removed_by.iter().for_each(|r| *counts.entry(*r).or_default() += 1);
-        let (n, out) = (texts.len(), kept.height());
-        eprintln!("filter: {n} documents in, {out} kept, {} removed", n - out);
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let (mut n, mut out) = (0, 0);
+        for unit in &done_units {
+            n += unit.meta["documents_in"].as_u64().unwrap_or(0);
+            out += unit.meta["documents_out"].as_u64().unwrap_or(0);
+            for (rule, count) in unit.meta["removed"].as_object().into_iter().flatten() {
+                *counts.entry(rule.clone()).or_default() += count.as_u64().unwrap_or(0);
+            }
+        }
+        eprintln!(
+            "filter: {n} documents in, {out} kept, {} removed ({cached} of {} parts unchanged since a cached run)",
+            n - out,
+            parts.len()
+        );
         for (rule, count) in &counts {
             eprintln!("  {count:>9}  {rule}");
         }
@@ -340,8 +395,39 @@ impl Stage for Filter {
         ctx.metric("documents_in", n);
         ctx.metric("documents_out", out);
         ctx.metric("removed", counts);
+        ctx.metric("parts_cached", cached);
         Ok(())
     }
+}
+
+/// Filters one input part into `dir/docs/` and `dir/removed/`, a row group
+/// at a time; returns the unit's counts.
+fn filter_part(part: &Path, rules: &Rules, dir: &Path) -> Result<serde_json::Value> {
+    let part_bytes = rules.p.part_mb << 20;
+    let mut kept_out = PartWriter::new(&dir.join("docs"), "part-", part_bytes);
+    let mut removed_out = PartWriter::new(&dir.join("removed"), "part-", part_bytes);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for df in docs::batches(part)? {
+        let df = df?;
+        let texts = df.column("text")?.str()?;
+        let texts: Vec<&str> = texts.iter().map(Option::unwrap_or_default).collect();
+        let verdicts: Vec<Verdict> = texts.par_iter().map(|t| rules.apply(t)).collect();
+        let keep: Vec<bool> = verdicts.iter().map(Result::is_ok).collect();
+        let removed_by: Vec<&str> = verdicts.iter().filter_map(|v| v.as_ref().err().map(|r| r.as_ref())).collect();
+        let kept_texts: Vec<&str> = verdicts.iter().filter_map(|v| v.as_deref().ok()).collect();
+        let mut kept = docs::select(&df, &keep)?;
+        kept.replace("text", Column::new("text".into(), kept_texts))?;
+        kept_out.push(&kept)?;
+        let dropped: Vec<bool> = keep.iter().map(|k| !k).collect();
+        let mut removed = docs::select(&df, &dropped)?.select(["id", "text", "source"])?;
+        removed.with_column(Column::new("rule".into(), removed_by.clone()))?;
+        removed_out.push(&removed)?;
+        removed_by.iter().for_each(|r| *counts.entry(r.to_string()).or_default() += 1);
+    }
+    let (documents_in, documents_out) = (kept_out.rows() + removed_out.rows(), kept_out.rows());
+    kept_out.finish()?;
+    removed_out.finish()?;
+    Ok(json!({ "documents_in": documents_in, "documents_out": documents_out, "removed": counts }))
 }
 
 fn lang(code: &str) -> Option<whatlang::Lang> {

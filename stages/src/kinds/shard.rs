@@ -20,7 +20,9 @@
 //!   0 writes no validation shards.
 //! * `shard_tokens` (100,000,000): tokens per shard.
 //!
-//! No param is volatile. Output: the shards, the tokenizer (`tokenizer.json`,
+//! Documents stream in one Parquet row group at a time and are encoded in
+//! parallel batches of at most `memory_mb` / 16 of text, so memory does not
+//! grow with the corpus; `memory_mb` (volatile) changes no byte. Output: the shards, the tokenizer (`tokenizer.json`,
 //! so training and generation need only this artifact) and `manifest.json`;
 //! see [`crate::formats::tokens`] for the format. Metrics: `documents`, `train_tokens`,
 //! `val_tokens`, `bytes_per_token`, `encode_mb_per_s`.
@@ -31,6 +33,7 @@ use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::data::working_memory_mb;
 use crate::formats::docs;
 use crate::formats::tokenizer::{self, BatchEncoder, END_OF_TEXT};
 use crate::formats::tokens::{Manifest, ShardInfo, ShardWriter, SplitInfo, Width};
@@ -48,29 +51,28 @@ pub struct Params {
     // The shard header counts tokens in an int32.
     #[schemars(range(min = 1, max = i32::MAX))]
     pub shard_tokens: u64,
+    /// Peak memory of the stage process in MB, the runtime's 128 included; volatile: bounds the text encoded per parallel batch.
+    #[schemars(range(min = 256, max = 1_000_000_000))]
+    pub memory_mb: usize,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { val_fraction: 0.1, shard_tokens: 100_000_000 }
+        Params { val_fraction: 0.1, shard_tokens: 100_000_000, memory_mb: 1024 }
     }
 }
-
-/// Text encoded per parallel batch; bounds memory whatever the corpus size.
-const BATCH_BYTES: usize = 16 << 20;
 
 impl Stage for Shard {
     const KIND: &'static str = "shard";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "encode documents into llm.c token shards (train/val) with a tokenizer";
     const INPUTS: Inputs = Inputs::Fixed(&["docs", "tokenizer"]);
+    const VOLATILE: &'static [&'static str] = &["memory_mb"];
     type Params = Params;
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
         let docs_dir = ctx.input("docs")?.to_path_buf();
-        let df = docs::read(&docs_dir)?;
-        let ids = df.column("id")?.str()?;
-        let texts = docs::texts(&df)?;
+        let parts = docs::parts(&docs_dir)?;
         let tokenizer_dir = ctx.input("tokenizer")?;
         let tokenizer = tokenizer::load(tokenizer_dir)?;
         let eot = tokenizer
@@ -82,30 +84,40 @@ impl Stage for Shard {
 
         let mut train = SplitWriter::new("train", ctx, width, params.shard_tokens);
         let mut val = SplitWriter::new("val", ctx, width, params.shard_tokens);
-        let is_val: Vec<bool> = ids.iter().map(|id| in_val(id.unwrap_or_default(), params.val_fraction)).collect();
         let encoder = BatchEncoder::new(&tokenizer)?;
         let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads).build()?;
-        let total_bytes: usize = texts.iter().map(String::len).sum();
+        // Tokens take about as much memory again as their text.
+        let batch_limit = (working_memory_mb(params.memory_mb) << 20) / 16;
+        let total_bytes: u64 = parts.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
         let start = Instant::now();
-        let mut done_bytes = 0;
-        let mut first = 0;
-        while first < texts.len() {
-            let mut last = first;
-            let mut batch_bytes = 0;
-            while last < texts.len() && (last == first || batch_bytes + texts[last].len() <= BATCH_BYTES) {
-                batch_bytes += texts[last].len();
-                last += 1;
+        let (mut documents, mut text_bytes) = (0usize, 0usize);
+        for (n, part) in parts.iter().enumerate() {
+            for df in docs::batches(part)? {
+                let df = df?;
+                let ids = df.column("id")?.str()?;
+                let texts: Vec<&str> = df.column("text")?.str()?.iter().map(Option::unwrap_or_default).collect();
+                let is_val: Vec<bool> = ids.iter().map(|id| in_val(id.unwrap_or_default(), params.val_fraction)).collect();
+                let mut first = 0;
+                while first < texts.len() {
+                    let mut last = first;
+                    let mut batch_bytes = 0;
+                    while last < texts.len() && (last == first || batch_bytes + texts[last].len() <= batch_limit) {
+                        batch_bytes += texts[last].len();
+                        last += 1;
+                    }
+                    let encoded = pool.install(|| encoder.encode(&texts[first..last]))?;
+                    for (doc, mut tokens) in (first..last).zip(encoded) {
+                        tokens.push(eot);
+                        let split = if is_val[doc] { &mut val } else { &mut train };
+                        split.push(&tokens)?;
+                    }
+                    text_bytes += batch_bytes;
+                    first = last;
+                }
+                documents += texts.len();
             }
-            let batch: Vec<&str> = texts[first..last].iter().map(String::as_str).collect();
-            let encoded = pool.install(|| encoder.encode(&batch))?;
-            for (doc, mut tokens) in (first..last).zip(encoded) {
-                tokens.push(eot);
-                let split = if is_val[doc] { &mut val } else { &mut train };
-                split.push(&tokens)?;
-            }
-            done_bytes += batch_bytes;
-            ctx.progress(done_bytes as u64, total_bytes as u64, "bytes");
-            first = last;
+            let done: u64 = parts[..=n].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+            ctx.progress(done, total_bytes, "bytes");
         }
         let seconds = start.elapsed().as_secs_f64();
         let manifest = Manifest { vocab_size, width, eot, train: train.finish()?, val: val.finish()? };
@@ -114,25 +126,23 @@ impl Stage for Shard {
         }
         if params.val_fraction > 0.0 && manifest.val.documents == 0 {
             bail!(
-                "val_fraction = {} put none of the {} documents in the validation split; raise it, or set it to 0 for no validation split",
+                "val_fraction = {} put none of the {documents} documents in the validation split; raise it, or set it to 0 for no validation split",
                 params.val_fraction,
-                texts.len()
             );
         }
         manifest.write(&ctx.out)?;
 
         let tokens = manifest.train.tokens + manifest.val.tokens;
         // The end-of-text tokens are not text; leave them out of the ratio.
-        let bytes_per_token = total_bytes as f64 / (tokens - texts.len() as u64).max(1) as f64;
-        let mb_per_s = total_bytes as f64 / 1e6 / seconds;
-        ctx.metric("documents", texts.len());
+        let bytes_per_token = text_bytes as f64 / (tokens - documents as u64).max(1) as f64;
+        let mb_per_s = text_bytes as f64 / 1e6 / seconds;
+        ctx.metric("documents", documents);
         ctx.metric("train_tokens", manifest.train.tokens);
         ctx.metric("val_tokens", manifest.val.tokens);
         ctx.metric("bytes_per_token", bytes_per_token);
         ctx.metric("encode_mb_per_s", mb_per_s);
         eprintln!(
-            "{} documents → {} train tokens in {} shards, {} val tokens in {} shards ({:?}); {bytes_per_token:.3} bytes per token, encoded at {mb_per_s:.1} MB/s",
-            texts.len(),
+            "{documents} documents → {} train tokens in {} shards, {} val tokens in {} shards ({:?}); {bytes_per_token:.3} bytes per token, encoded at {mb_per_s:.1} MB/s",
             manifest.train.tokens,
             manifest.train.shards.len(),
             manifest.val.tokens,

@@ -92,7 +92,7 @@ fn wrong_checksum_names_source_and_both_digests() {
     let message = format!("{:#}", r.unwrap_err());
     let actual = blake3::hash(&fs::read(SHAKESPEARE).unwrap()).to_hex().to_string();
     assert!(message.contains(SHAKESPEARE) && message.contains(&wrong) && message.contains(&actual), "{message}");
-    assert!(!out.path().join(docs::FILE).exists());
+    assert!(!out.path().join(docs::DIR).exists());
 }
 
 #[test]
@@ -193,7 +193,8 @@ fn http_download_equals_local_copy_through_mirrors() {
     r.unwrap();
     let (local, r) = run(&params(vec![via(SHAKESPEARE.to_string())]), Path::new("/"));
     r.unwrap();
-    assert_eq!(fs::read(remote.path().join(docs::FILE)).unwrap(), fs::read(local.path().join(docs::FILE)).unwrap());
+    let part = |dir: &Path| fs::read(dir.join(docs::DIR).join(docs::part_name(0))).unwrap();
+    assert_eq!(part(remote.path()), part(local.path()));
     assert_eq!(column(remote.path(), "source")[0], primary);
 }
 

@@ -1,5 +1,3 @@
-use polars::prelude::{ParquetReader, SerReader};
-
 use super::*;
 use crate::testing::{novel_paragraphs, run_stage};
 
@@ -91,7 +89,7 @@ fn stage_on_a_novel_reports_rules_and_removed_rows() {
     let kept = ctx.metrics()["documents_out"].as_u64().unwrap() as usize;
     // Web-scale defaults throw most of a novel away (the stage warns).
     assert_eq!((kept, texts.len()), (180, 10298));
-    let removed = ParquetReader::new(std::fs::File::open(out.path().join("removed.parquet")).unwrap()).finish().unwrap();
+    let removed = docs::read_table(&out.path().join("removed")).unwrap();
     assert_eq!(removed.height() + kept, texts.len());
     let rules = ctx.metrics()["removed"].as_object().unwrap();
     assert_eq!(rules.values().map(|v| v.as_u64().unwrap() as usize).sum::<usize>(), removed.height());

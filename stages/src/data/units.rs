@@ -1,0 +1,150 @@
+//! Per-input-file units of the data stages, cached across builds in the
+//! store's cache for the kind ([`crate::StageCtx::cache`]).
+//!
+//! A unit is what a stage makes of one input file (a downloaded file, one
+//! Parquet part of its input): a few files in named roles (`docs`,
+//! `removed`, `index`) and a small record `KEY.json` listing them with the
+//! unit's metadata (counts, what was skipped). Its key hashes everything its
+//! bytes depend on (the kind's version, the params that matter, the input
+//! file's contents), so an unchanged file is never processed twice. A unit is
+//! built in the stage's work directory, its files renamed into the cache as
+//! `KEY.ROLE.NAME`, the record last, so the cache holds whole units only;
+//! the build that uses a unit hard-links its files into `out/` and its record
+//! into `out/units/`, and `gc` keeps a unit while an artifact links it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::StageCtx;
+
+/// A unit in the cache: its files by role, in order, and its metadata.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Unit {
+    pub key: String,
+    pub files: BTreeMap<String, Vec<String>>,
+    pub meta: Value,
+}
+
+/// The cache of one stage's units.
+pub struct Units {
+    cache: PathBuf,
+    work: PathBuf,
+    out: PathBuf,
+}
+
+/// The key of a unit: BLAKE3 of everything it depends on, as JSON.
+pub fn key(material: &Value) -> String {
+    blake3::hash(material.to_string().as_bytes()).to_hex().to_string()
+}
+
+/// The BLAKE3 of a file's contents, streamed.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    hasher.update_reader(file).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+impl Units {
+    pub fn new(ctx: &StageCtx) -> Result<Self> {
+        fs::create_dir_all(&ctx.cache).with_context(|| format!("cannot create {}", ctx.cache.display()))?;
+        Ok(Units { cache: ctx.cache.clone(), work: ctx.work.join("units"), out: ctx.out.clone() })
+    }
+
+    /// The unit `key` if the cache holds it whole.
+    pub fn load(&self, key: &str) -> Option<Unit> {
+        let text = fs::read(self.cache.join(format!("{key}.json"))).ok()?;
+        let unit: Unit = serde_json::from_slice(&text).ok()?;
+        unit.files.values().flatten().all(|f| self.cache.join(f).is_file()).then_some(unit)
+    }
+
+    /// Builds unit `key`: `build` writes its files into `ROLE/` folders of
+    /// the directory it is given and returns the unit's metadata.
+    pub fn build(&self, key: &str, build: impl FnOnce(&Path) -> Result<Value>) -> Result<Unit> {
+        let scratch = self.work.join(key);
+        let _ = fs::remove_dir_all(&scratch);
+        fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
+        let meta = build(&scratch)?;
+        let mut files = BTreeMap::new();
+        for role in sorted_entries(&scratch)? {
+            let role_name = name_of(&role);
+            let mut names = Vec::new();
+            for file in sorted_entries(&role)? {
+                let name = format!("{key}.{role_name}.{}", name_of(&file));
+                move_file(&file, &self.cache.join(&name))?;
+                names.push(name);
+            }
+            files.insert(role_name, names);
+        }
+        let _ = fs::remove_dir_all(&scratch);
+        let unit = Unit { key: key.to_string(), files, meta };
+        let tmp = self.cache.join(format!(".{key}.{}.tmp", std::process::id()));
+        fs::write(&tmp, serde_json::to_vec(&unit)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, self.cache.join(format!("{key}.json"))).with_context(|| format!("cannot cache unit {key}"))?;
+        Ok(unit)
+    }
+
+    /// A cache file of a unit, to read.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.cache.join(name)
+    }
+
+    /// Links the units' records into `out/units/` and the files of `role`
+    /// into `out/DIR/`, numbered in order as `part-00000.parquet`, … or, when
+    /// `numbered` is false, under their cache names. Returns the paths made.
+    pub fn link(&self, units: &[Unit], role: &str, dir: &str, numbered: bool) -> Result<Vec<PathBuf>> {
+        let records = self.out.join("units");
+        fs::create_dir_all(&records)?;
+        let target = self.out.join(dir);
+        fs::create_dir_all(&target).with_context(|| format!("cannot create {}", target.display()))?;
+        let mut made = Vec::new();
+        for unit in units {
+            let record = records.join(format!("{}.json", unit.key));
+            if !record.exists() {
+                link_or_copy(&self.cache.join(format!("{}.json", unit.key)), &record)?;
+            }
+            for name in unit.files.get(role).into_iter().flatten() {
+                let to = target.join(if numbered { crate::formats::docs::part_name(made.len()) } else { name.clone() });
+                link_or_copy(&self.cache.join(name), &to)?;
+                made.push(to);
+            }
+        }
+        Ok(made)
+    }
+}
+
+fn name_of(path: &Path) -> String {
+    path.file_name().unwrap_or_default().to_string_lossy().into_owned()
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    Ok(entries)
+}
+
+fn move_file(from: &Path, to: &Path) -> Result<()> {
+    if fs::rename(from, to).is_err() {
+        // Another file system: copy under a temporary name, then rename.
+        let tmp = to.with_extension(format!("{}.tmp", std::process::id()));
+        fs::copy(from, &tmp).with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))?;
+        fs::rename(&tmp, to).with_context(|| format!("cannot move {} into the cache", from.display()))?;
+    }
+    Ok(())
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    let _ = fs::remove_file(to);
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
+}

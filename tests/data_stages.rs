@@ -1,0 +1,177 @@
+//! The data stages at corpus scale, through the real binaries: peak memory
+//! within `memory_mb` on a corpus larger than what the budget leaves for
+//! buffers, an added input file rebuilt alone and equal to a full rebuild,
+//! `against` dedup, and corrupt files named with their line or skipped.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::Project;
+
+/// `bytes` of JSONL documents of 100–400 words drawn from Austen's
+/// vocabulary, seeded; every tenth document repeats an earlier one of the
+/// same file (an exact duplicate).
+fn jsonl(seed: u64, bytes: usize) -> String {
+    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpora/austen.txt")).unwrap();
+    let mut vocabulary: Vec<&str> = text.split_whitespace().collect();
+    vocabulary.sort_unstable();
+    vocabulary.dedup();
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let (mut out, mut docs) = (String::new(), Vec::new());
+    while out.len() < bytes {
+        let doc = if docs.len() % 10 == 9 {
+            let earlier: &String = &docs[next(docs.len())];
+            earlier.clone()
+        } else {
+            let words: Vec<&str> = (0..100 + next(300)).map(|_| vocabulary[next(vocabulary.len())]).collect();
+            words.join(" ")
+        };
+        out.push_str(&serde_json::json!({ "text": doc }).to_string());
+        out.push('\n');
+        docs.push(doc);
+    }
+    out
+}
+
+fn metrics(p: &Project, stage: &str) -> serde_json::Value {
+    let dir = p.out_dir(stage);
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(dir.parent().unwrap().join("manifest.json")).unwrap()).unwrap();
+    manifest["metrics"].clone()
+}
+
+/// Every file of a stage's output, by path, with its bytes.
+fn outputs(p: &Project, stage: &str) -> Vec<(String, Vec<u8>)> {
+    let root = p.out_dir(stage);
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push((path.strip_prefix(&root).unwrap().to_string_lossy().into_owned(), fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+const STAGES: &str = r#"
+[stages.corpus]
+kind = "download"
+sources = [{ url = "raw/*.jsonl" }]
+memory_mb = 256
+part_mb = PART
+
+[stages.clean]
+kind = "filter"
+input = "corpus"
+memory_mb = 256
+part_mb = PART
+min_chars = 20
+language = { enabled = false }
+gopher_repetition = { enabled = false }
+gopher_quality = { enabled = false }
+c4 = { enabled = false }
+fineweb = { enabled = false }
+
+[stages.dedup]
+kind = "dedup"
+input = "clean"
+memory_mb = 256
+part_mb = PART
+"#;
+
+#[test]
+fn peak_memory_stays_within_the_budget_on_a_corpus_larger_than_it() {
+    // 192 MB of text against a budget that leaves 128 MB for buffers.
+    let p = Project::new(&STAGES.replace("PART", "16"));
+    for file in 0..6 {
+        p.write(&format!("raw/{file}.jsonl"), &jsonl(file, 32 << 20));
+    }
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    for stage in ["corpus", "clean", "dedup"] {
+        let m = metrics(&p, stage);
+        let peak = m["peak_rss_mb"].as_f64().unwrap();
+        eprintln!("{stage}: peak {peak} MB");
+        assert!(peak <= 256.0, "{stage} peaked at {peak} MB over its 256 MB budget");
+    }
+    assert!(metrics(&p, "corpus")["text_bytes"].as_u64().unwrap() > 190_000_000);
+    assert!(fs::read_dir(p.out_dir("corpus").join("docs")).unwrap().count() >= 12, "16 MB parts");
+    assert!(metrics(&p, "dedup")["duplicate_fraction"].as_f64().unwrap() > 0.09);
+}
+
+#[test]
+fn an_added_file_is_read_alone_and_the_result_equals_a_full_rebuild() {
+    let stages = format!(
+        "{}\n[stages.more]\nkind = \"download\"\nsources = [{{ url = \"more.jsonl\" }}]\n\n[stages.more_dedup]\nkind = \"dedup\"\ninputs = {{ input = \"more\", against = \"dedup\" }}\n",
+        STAGES.replace("PART", "1")
+    );
+    let incremental = Project::new(&stages);
+    let full = Project::new(&stages);
+    let files: Vec<String> = (0..4).map(|seed| jsonl(seed, 2 << 20)).collect();
+    for (n, text) in files.iter().enumerate() {
+        full.write(&format!("raw/{n}.jsonl"), text);
+        if n < 3 {
+            incremental.write(&format!("raw/{n}.jsonl"), text);
+        }
+    }
+    // `more`: 50 documents of file 0 and 50 of its own (5 of them repeats).
+    let own = jsonl(9, 200_000);
+    let more: Vec<&str> = files[0].lines().take(50).chain(own.lines().take(50)).collect();
+    for p in [&incremental, &full] {
+        p.write("more.jsonl", &(more.join("\n") + "\n"));
+    }
+    let run = incremental.llmflow(&["run", "dedup"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    incremental.write("raw/3.jsonl", &files[3]);
+    let run = incremental.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(metrics(&incremental, "corpus")["files_cached"], 3);
+    // One part per 2 MB file: the three old parts are linked, the new one filtered and signed.
+    assert_eq!(metrics(&incremental, "clean")["parts_cached"], 3);
+    assert_eq!(fs::read_dir(incremental.out_dir("clean").join("units")).unwrap().count(), 4);
+    assert_eq!(metrics(&incremental, "dedup")["parts_cached"], 3);
+
+    let run = full.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    for stage in ["corpus", "clean", "dedup", "more_dedup"] {
+        assert!(outputs(&incremental, stage) == outputs(&full, stage), "{stage}: the incremental build differs from the full one");
+    }
+    // Deduplicated against `dedup`: file 0's documents go, the new ones stay.
+    let m = metrics(&full, "more_dedup");
+    assert_eq!((m["against_duplicates"].as_u64(), m["documents_out"].as_u64()), (Some(50), Some(45)));
+}
+
+#[test]
+fn a_corrupt_file_is_named_with_its_line_or_skipped() {
+    let p = Project::new(&STAGES.replace("PART", "1"));
+    p.write("raw/a.jsonl", &jsonl(1, 10_000));
+    p.write("raw/b.jsonl", "{\"text\": \"fine\"}\n{\"text\": \"also fine\"}\n{\"text\": broken\n");
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 1);
+    assert!(run.all().contains("raw/b.jsonl") && run.all().contains("line 3: invalid JSON"), "{}", run.all());
+
+    p.edit("memory_mb = 256\npart_mb = 1\n\n[stages.clean]", "memory_mb = 256\npart_mb = 1\non_error = \"skip\"\n\n[stages.clean]");
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let skipped = &metrics(&p, "corpus")["skipped"];
+    assert_eq!(skipped[0]["file"], "raw/b.jsonl");
+    assert!(skipped[0]["error"].as_str().unwrap().contains("line 3"), "{skipped}");
+    let log = fs::read_dir(p.artifacts().join(".logs/corpus"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect::<String>();
+    assert!(log.contains("warning: skipped raw/b.jsonl: line 3: invalid JSON"), "{log}");
+}
