@@ -295,8 +295,7 @@ fn read_file(input: &Input, p: &Params, units: &Units) -> Result<(Unit, bool)> {
     let unit = units.build(&key, |dir| {
         let mut out = Documents::new(&dir.join("docs"), &input.label, p.part_mb << 20);
         parse(&input.path, source, &input.label, p.max_bytes, &mut out)?;
-        let (documents, text_bytes) = (out.count, out.text_bytes);
-        out.finish()?;
+        let (documents, text_bytes) = out.finish()?;
         Ok(json!({ "documents": documents, "text_bytes": text_bytes }))
     })?;
     Ok((unit, false))
@@ -343,10 +342,11 @@ impl Documents {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<()> {
+    /// Writes what is pending; returns the documents and bytes of text written.
+    fn finish(mut self) -> Result<(u64, u64)> {
         self.flush()?;
         self.writer.finish()?;
-        Ok(())
+        Ok((self.count, self.text_bytes))
     }
 }
 

@@ -1,8 +1,8 @@
 //! Each (model, task) result is its own cached unit, kept across builds of
 //! the stage in the store's cache for the kind ([`crate::StageCtx::cache`]).
 //!
-//! A unit's key hashes everything its scores depend on: the model
-//! artifact's output digest, the task's params (not its name), the digest
+//! A unit's key hashes everything its scores depend on: the model's files
+//! (config, weights, tokenizer), the task's params (not its name), the digest
 //! of every file the task reads, the stage's seed and `batch_tokens`, the
 //! device and the eval implementation's version. Adding a task or a model
 //! to a stage therefore scores only the new pairs, and a task that fails
@@ -32,20 +32,14 @@ pub struct KeyParts<'a> {
     pub version: u32,
 }
 
-/// The output digest in the model artifact's manifest (beside its `out/`);
-/// for a model folder outside a store, a hash of the files that make it.
+/// A hash of the files that make the model: its config, weights and
+/// tokenizer (not its training log, whose timings differ between two runs
+/// that train the same weights).
 pub fn model_digest(dir: &Path) -> Result<String> {
-    let manifest = dir.parent().map(|d| d.join("manifest.json"));
-    if let Some(text) = manifest.and_then(|m| fs::read_to_string(m).ok()) {
-        let value: Value = serde_json::from_str(&text).with_context(|| format!("cannot parse the manifest beside {}", dir.display()))?;
-        if let Some(digest) = value["output_digest"].as_str() {
-            return Ok(digest.to_string());
-        }
-    }
     let mut hasher = blake3::Hasher::new();
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         let path = dir.join(file);
-        hasher.update_mmap(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        hasher.update_mmap_rayon(&path).with_context(|| format!("cannot read {}", path.display()))?;
     }
     Ok(hasher.finalize().to_hex().to_string())
 }
