@@ -33,6 +33,8 @@ fn default_pipeline() -> Project {
         ("max_new_tokens = 32", "max_new_tokens = 6"),
         ("steps = 100, batch_size = 8", "steps = 4, batch_size = 4"),
         ("max_tokens = 128", "max_tokens = 32"),
+        ("steps = 400, batch_size = 32", "steps = 8, batch_size = 4"),
+        ("steps = 200, batch_size = 8, grad_accum = 2", "steps = 2, batch_size = 2, grad_accum = 1"),
     ] {
         assert!(text.contains(from), "pipeline.toml lacks {from:?}");
         text = text.replace(from, to);
@@ -41,7 +43,7 @@ fn default_pipeline() -> Project {
     for rel in ["data/corpora/tinyshakespeare.txt", "scripts/corpus_stats.sh"] {
         p.write(rel, &fs::read_to_string(Path::new(ROOT).join(rel)).unwrap());
     }
-    for dir in ["data/eval", "data/instruct"] {
+    for dir in ["data/eval", "data/instruct", "data/rl"] {
         copy_dir(&Path::new(ROOT).join(dir), &p.path().join(dir));
     }
     p
@@ -77,7 +79,26 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     assert_eq!(first.code, 0, "{}", first.all());
     let mut built = first.built();
     built.sort();
-    assert_eq!(built, ["clean", "corpus", "dedup", "dpo", "eval", "ppo", "pretrain", "reward", "sft", "spam", "stats", "tok", "tokens"]);
+    assert_eq!(
+        built,
+        [
+            "arith_sft",
+            "clean",
+            "corpus",
+            "dedup",
+            "dpo",
+            "eval",
+            "grpo",
+            "ppo",
+            "pretrain",
+            "reward",
+            "sft",
+            "spam",
+            "stats",
+            "tok",
+            "tokens"
+        ]
+    );
 
     for (stage, file) in [
         ("corpus", "docs/part-00000.parquet"),
@@ -221,11 +242,11 @@ fn default_pipeline_builds_caches_and_rebuilds_only_what_changed() {
     let status = p.llmflow(&["status"]);
     assert!(status.stdout.contains("param `vocab_size`: 4096 → 2048"), "{}", status.stdout);
     let stale: Vec<String> = p.states().into_iter().filter(|(_, s)| s != "fresh").map(|(n, _)| n).collect();
-    assert_eq!(stale, ["tok", "tokens", "pretrain", "sft", "reward", "ppo", "dpo", "spam", "eval"]);
+    assert_eq!(stale, ["tok", "tokens", "pretrain", "sft", "reward", "ppo", "dpo", "spam", "arith_sft", "grpo", "eval"]);
     let third = p.llmflow(&["run"]);
     let mut built = third.built();
     built.sort();
-    assert_eq!(built, ["dpo", "eval", "ppo", "pretrain", "reward", "sft", "spam", "tok", "tokens"], "{}", third.all());
+    assert_eq!(built, ["arith_sft", "dpo", "eval", "grpo", "ppo", "pretrain", "reward", "sft", "spam", "tok", "tokens"], "{}", third.all());
     assert_eq!(metric(&p, "tok", "vocab_size"), 2048);
 
     // Volatile params (how long to wait on the network) change nothing.

@@ -5,7 +5,7 @@
 //!   outside `kinds/` uses a kind (only the list, `kinds::each_kind`).
 //!
 //! Modules at the crate root that are no layer (the `Stage` interface in
-//! `lib.rs`, `device`, `describe`, `testing`) may be used from anywhere.
+//! `lib.rs`, `device`, `describe`, `sandbox`, `testing`) may be used from anywhere.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
