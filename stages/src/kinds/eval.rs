@@ -155,7 +155,7 @@ impl Default for Params {
 
 impl Stage for Eval {
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 4;
+    const VERSION: u32 = 5;
     const SUMMARY: &'static str = "score models on benchmarks (perplexity, multiple choice, LAMBADA, BLiMP, HumanEval); report card";
     const INPUTS: Inputs = Inputs::Any;
     const REPORT: Option<(&'static str, &'static str)> = Some(("report.md", "results.json"));

@@ -690,7 +690,7 @@ impl Rl<'_> {
             let (mut per_token, clipped) =
                 clipped_surrogate(&logp, &old, &take(&gen.advantages), p.epsilon, p.epsilon_high.unwrap_or(p.epsilon));
             if p.beta > 0.0 {
-                per_token = per_token + kl_k3(&logp, &take(&gen.ref_logp)) * p.beta;
+                per_token += kl_k3(&logp, &take(&gen.ref_logp)) * p.beta;
             }
             clipped_fraction = masked_mean(&clipped, &mask).double_value(&[]);
             reduce(&per_token, &mask, p.loss_type, scale, p.max_new_tokens, gen.tokens)

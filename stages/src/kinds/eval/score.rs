@@ -14,10 +14,10 @@
 //!   `loglikelihood_rolling` requests for perplexity.
 
 use anyhow::{anyhow, Result};
-use tch::Kind;
+use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::data::sequences::{pad, sequence_logprobs, Sequence};
+use crate::data::sequences::{pad, Sequence};
 use crate::model::{Gpt, IGNORE_INDEX};
 
 /// What a continuation scored.
@@ -110,15 +110,24 @@ impl Scorer<'_> {
         // The last position predicts nothing: its target is always ignored.
         let width = padded.x.size()[1];
         let (x, y) = if width > 1 { (padded.x.narrow(1, 0, width - 1), padded.y.narrow(1, 0, width - 1)) } else { (padded.x, padded.y) };
-        let logits = self.gpt.forward(&x, false);
-        let logprobs =
-            Vec::<f64>::try_from(sequence_logprobs(&logits, &y).to_kind(Kind::Double).to_device(tch::Device::Cpu)).expect("a [B] tensor");
-        let hits = logits.argmax(-1, false).eq_tensor(&y).logical_or(&y.eq(IGNORE_INDEX)).all_dim(1, false);
-        let greedy = Vec::<bool>::try_from(hits.to_device(tch::Device::Cpu)).expect("a [B] tensor");
+        // The output head only where a continuation token is predicted: a
+        // few positions of each row, most of a small model's work otherwise.
+        let hidden = self.gpt.hidden_states(&x, false); // [B, T, C]
+        let counted = y.ne(IGNORE_INDEX).reshape([-1]).nonzero().squeeze_dim(-1); // [N]
+        let rows = counted.divide_scalar_mode(y.size()[1], "floor"); // [N]: each one's row
+        let targets = y.reshape([-1]).index_select(0, &counted); // [N]
+        let logits = self.gpt.logits(&hidden.reshape([-1, hidden.size()[2]]).index_select(0, &counted)); // [N, V]
+        let logp = logits.log_softmax(-1, Kind::Float).gather(1, &targets.unsqueeze(1), false).squeeze_dim(1); // [N]
+        let zeros = Tensor::zeros([batch.len() as i64], (Kind::Float, logp.device()));
+        let per_row = zeros.index_add(0, &rows, &logp); // [B]
+        let misses = logits.argmax(-1, false).ne_tensor(&targets).to_kind(Kind::Float);
+        let missed = zeros.index_add(0, &rows, &misses); // [B]: tokens greedy decoding gets wrong
+        let host = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(tch::Device::Cpu)).expect("a [B] tensor");
+        let (logprobs, missed) = (host(per_row), host(missed));
         batch
             .iter()
-            .zip(logprobs.into_iter().zip(greedy))
-            .map(|(s, (logprob, greedy))| Score { logprob, greedy, tokens: s.counted() })
+            .zip(logprobs.into_iter().zip(missed))
+            .map(|(s, (logprob, missed))| Score { logprob, greedy: missed == 0.0, tokens: s.counted() })
             .collect()
     }
 }
@@ -126,7 +135,6 @@ impl Scorer<'_> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use tch::Tensor;
 
     use super::*;
     use crate::testing::{build, tiny, torch_rng};

@@ -34,7 +34,7 @@ pub enum LossType {
 /// deviation (unbiased, as `torch.std`) + 1e-4 when `scale`. A group whose
 /// rewards are all equal gets 0: it teaches nothing.
 pub fn group_advantages(rewards: &[f64], group: usize, scale: bool) -> Vec<f64> {
-    assert!(group > 0 && rewards.len() % group == 0, "{} rewards do not make groups of {group}", rewards.len());
+    assert!(group > 0 && rewards.len().is_multiple_of(group), "{} rewards do not make groups of {group}", rewards.len());
     rewards
         .chunks(group)
         .flat_map(|g| {
