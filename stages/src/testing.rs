@@ -56,13 +56,26 @@ pub fn run_stage<S: Stage>(params: &S::Params, texts: &[&str]) -> (tempfile::Tem
 }
 
 /// A stage context in `dir/name` (out, work) with `inputs`, 2 threads.
-pub fn ctx(dir: &Path, name: &str, inputs: &[(&str, &Path)]) -> StageCtx {
+pub fn ctx<P: AsRef<Path>>(dir: &Path, name: &str, inputs: &[(&str, P)]) -> StageCtx {
     let (out, work) = (dir.join(name).join("out"), dir.join(name).join("work"));
     std::fs::create_dir_all(&out).unwrap();
     let mut ctx = StageCtx::new(name, dir, &out, &work);
-    ctx.inputs = inputs.iter().map(|(slot, path)| (slot.to_string(), path.to_path_buf())).collect();
+    ctx.inputs = inputs.iter().map(|(slot, path)| (slot.to_string(), path.as_ref().to_path_buf())).collect();
     ctx.threads = 2;
     ctx
+}
+
+/// The rows of `out/metrics.jsonl` without their timings (`*seconds`),
+/// which differ between two runs of the same training.
+pub fn metric_rows(out: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row.as_object_mut().unwrap().retain(|k, _| !k.ends_with("seconds"));
+            row
+        })
+        .collect()
 }
 
 /// The params of kind `S` from the JSON in the environment variable

@@ -727,7 +727,7 @@ mod tests {
 
     use super::*;
     use crate::formats::model::save_model;
-    use crate::testing::{build, corpus, tiny, tokenizer_artifact, torch_rng, write_docs};
+    use crate::testing::{build, corpus, ctx, metric_rows, tiny, tokenizer_artifact, torch_rng, write_docs};
 
     /// A project dir with a tiny policy and 60 prompts whose answer is right
     /// when the completion holds an `e` (the `answer` regex finds it).
@@ -748,15 +748,6 @@ mod tests {
         vec![("policy", policy)]
     }
 
-    fn ctx(dir: &Path, name: &str, inputs: &[(&str, PathBuf)]) -> StageCtx {
-        let (out, work) = (dir.join(name).join("out"), dir.join(name).join("work"));
-        std::fs::create_dir_all(&out).unwrap();
-        let mut ctx = StageCtx::new(name, dir, &out, &work);
-        ctx.inputs = inputs.iter().map(|(slot, path)| (slot.to_string(), path.clone())).collect();
-        ctx.threads = 2;
-        ctx
-    }
-
     fn params() -> Params {
         crate::params::<Grpo>(json!({
             "data": "train.jsonl", "eval_data": "test.jsonl", "template": "Q: {instruction}\nA:", "answer": "(e)",
@@ -765,17 +756,6 @@ mod tests {
             "checkpoint_every": 2, "eval_every": 8, "log_every": 100, "samples": 2,
         }))
         .unwrap()
-    }
-
-    fn rows(out: &Path) -> Vec<Value> {
-        let text = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
-        text.lines()
-            .map(|l| {
-                let mut row: Value = serde_json::from_str(l).unwrap();
-                row.as_object_mut().unwrap().retain(|k, _| !k.ends_with("seconds"));
-                row
-            })
-            .collect()
     }
 
     #[test]
@@ -789,7 +769,7 @@ mod tests {
         let (before, after) = (m["accuracy_before"].as_f64().unwrap(), m["accuracy_after"].as_f64().unwrap());
         assert!(after > before + 0.2, "held-out accuracy {before} → {after}");
         assert!(m["accuracy_after_stderr"].is_f64() && m["completions_per_s"].as_f64().unwrap() > 0.0, "{m:?}");
-        let rows = rows(&c.out);
+        let rows = metric_rows(&c.out);
         assert_eq!(rows.len(), 8 + 2, "a row per iteration, and the held-out rows before and after");
         for key in ["reward", "reward_std", "accuracy", "kl", "clip_fraction", "entropy", "completion_length", "loss", "lr"] {
             assert!(rows[1][key].as_f64().is_some(), "{key} missing from {}", rows[1]);
@@ -820,7 +800,7 @@ mod tests {
         assert_eq!(grpo(&p, &mut resumed, None).unwrap(), None);
         let weights = |c: &StageCtx| std::fs::read(c.out.join("model.safetensors")).unwrap();
         assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
-        assert_eq!(rows(&straight.out), rows(&resumed.out));
+        assert_eq!(metric_rows(&straight.out), metric_rows(&resumed.out));
     }
 
     #[test]

@@ -497,7 +497,7 @@ mod tests {
 
     use super::*;
     use crate::testing::{build, tiny, torch_rng};
-    use crate::testing::{corpus, tokenizer_artifact, write_docs};
+    use crate::testing::{corpus, ctx, metric_rows, tokenizer_artifact, write_docs};
 
     const MODEL_FILE: &str = "model.safetensors";
 
@@ -522,32 +522,12 @@ mod tests {
         vec![("policy", policy), ("reward", rm)]
     }
 
-    fn ctx(dir: &Path, name: &str, inputs: &[(&str, PathBuf)]) -> StageCtx {
-        let (out, work) = (dir.join(name).join("out"), dir.join(name).join("work"));
-        std::fs::create_dir_all(&out).unwrap();
-        let mut ctx = StageCtx::new(name, dir, &out, &work);
-        ctx.inputs = inputs.iter().map(|(slot, path)| (slot.to_string(), path.clone())).collect();
-        ctx.threads = 2;
-        ctx
-    }
-
     fn params() -> Params {
         crate::params::<Ppo>(json!({
             "data": "prompts.json", "template": "Q: {instruction}\nA:", "val_fraction": 0.2, "max_new_tokens": 8,
             "train": {"steps": 6, "batch_size": 4, "lr": 3e-3}, "checkpoint_every": 2, "log_every": 100, "samples": 2,
         }))
         .unwrap()
-    }
-
-    fn rows(out: &Path) -> Vec<Value> {
-        let text = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap();
-        text.lines()
-            .map(|l| {
-                let mut row: Value = serde_json::from_str(l).unwrap();
-                row.as_object_mut().unwrap().retain(|k, _| !k.ends_with("seconds"));
-                row
-            })
-            .collect()
     }
 
     #[test]
@@ -565,7 +545,7 @@ mod tests {
         assert!(kl > 0.0 && kl < 20.0, "KL to the reference {kl}");
 
         let out = &c.out;
-        let rows = rows(out);
+        let rows = metric_rows(out);
         assert_eq!(rows.len(), 6 + 2, "a row per iteration, and the held-out rows before and after");
         for key in ["reward", "kl", "entropy", "clipfrac", "value_loss", "policy_loss", "response_length", "ended", "lr"] {
             assert!(rows[1][key].as_f64().is_some(), "{key} missing from {}", rows[1]);
@@ -605,7 +585,7 @@ mod tests {
         assert_eq!(ppo(&p, &mut resumed, None).unwrap(), None);
         let weights = |c: &StageCtx| std::fs::read(c.out.join(MODEL_FILE)).unwrap();
         assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
-        assert_eq!(rows(&straight.out), rows(&resumed.out));
+        assert_eq!(metric_rows(&straight.out), metric_rows(&resumed.out));
         assert_eq!(straight.metrics()["reward_after"], resumed.metrics()["reward_after"]);
     }
 
