@@ -803,6 +803,35 @@ mod tests {
         assert_eq!(metric_rows(&straight.out), metric_rows(&resumed.out));
     }
 
+    /// The unit-test reward runs prompt + completion + the record's test
+    /// in the sandbox; only a passing program earns it, and it counts
+    /// toward accuracy.
+    #[test]
+    fn python_tests_reward_passing_programs() {
+        let scratch = tempfile::tempdir().unwrap();
+        let sandbox = match Sandbox::new("bwrap", scratch.path()) {
+            Ok(sandbox) => sandbox,
+            Err(e) if std::env::var_os("LLMFLOW_PYTHON").is_none() => {
+                eprintln!("SKIPPED: {e:#}");
+                return;
+            }
+            Err(e) => panic!("{e:#}"),
+        };
+        let rewards: Vec<Reward> = serde_json::from_value(json!([
+            {"type": "python_tests", "confirm_run_unsafe_code": true, "timeout_s": 2},
+            {"type": "format", "pattern": "\\s*return .*", "weight": 0.5},
+        ]))
+        .unwrap();
+        let problem = Problem { instruction: String::new(), input: String::new(), output: String::new(), test: "assert f(2) == 4".into() };
+        let prompts = Prompts { problems: vec![problem], text: vec!["def f(x):\n".into()], ids: vec![vec![1]] };
+        let formats = vec![None, Some(Regex::new("^(?:\\s*return .*)$").unwrap())];
+        let scorer = Scorer { rewards: &rewards, answer: None, formats, sandbox: Some(sandbox), reward_model: None, eot: 0 };
+        let texts = ["    return x * 2", "    return x + 3", "    while True: pass"].map(String::from);
+        let (totals, correct) = scorer.score(&prompts, &[0, 0, 0], &[vec![], vec![], vec![]], &texts).unwrap();
+        assert_eq!(totals, [1.5, 0.5, 0.0]);
+        assert_eq!(correct, [true, false, false]);
+    }
+
     #[test]
     fn params_are_checked() {
         let ok = Params::default();
