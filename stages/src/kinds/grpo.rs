@@ -56,8 +56,9 @@
 //! `config.json`, `tokenizer.json`); `metrics.jsonl`, a row per iteration:
 //! `reward`, `reward_std` (within groups), `accuracy` (of the sampled
 //! completions), `kl` (per token, to the reference), `clip_fraction`,
-//! `entropy`, `completion_length`, `loss`, `grad_norm`, `lr`,
-//! `generation_seconds`, `training_seconds`; rows `val_accuracy` (and its
+//! `entropy` (of the policy that sampled them), `completion_length`,
+//! `loss`, `grad_norm`, `lr`, `generation_seconds` (sampling),
+//! `training_seconds` (log-probabilities, then the updates); rows `val_accuracy` (and its
 //! `_stderr`) before and after; `metrics.png`; `samples.jsonl`, the first
 //! `samples` held-out prompts with the reference and the first completion before
 //! and after, and the prompt's accuracy. Metrics: `accuracy_before`, `accuracy_after` and their
@@ -572,6 +573,8 @@ struct Generation {
     ref_logp: Tensor,
     /// Completion tokens of the whole batch (DAPO's denominator).
     tokens: f64,
+    /// The sampling policy's mean entropy over those tokens.
+    entropy: f64,
 }
 
 impl Objective for Rl<'_> {
@@ -602,9 +605,8 @@ impl Objective for Rl<'_> {
         let of: Vec<usize> = (0..completions.len()).map(|i| chosen[i / g]).collect();
         let (rewards, correct) = self.scorer.score(self.train, &of, &completions, &texts)?;
         let advantages = group_advantages(&rewards, g, p.scale_rewards);
-        let generation = self.grid(&prompt_ids, &completions, &advantages)?;
-
         let training = Instant::now();
+        let generation = self.grid(&prompt_ids, &completions, &advantages)?;
         let rows = micro * g;
         let mut sums = [0.0; 2]; // clipped fraction, micro-batches
         let mut row = Map::new();
@@ -626,7 +628,7 @@ impl Objective for Rl<'_> {
             ("accuracy", json!(correct.iter().filter(|&&c| c).count() as f64 / correct.len() as f64)),
             ("kl", json!(kl)),
             ("clip_fraction", json!(sums[0] / sums[1].max(1.0))),
-            ("entropy", json!(self.entropy(&generation))),
+            ("entropy", json!(generation.entropy)),
             ("completion_length", json!(generated as f64 / completions.len() as f64)),
             ("generation_seconds", json!(generation_seconds)),
             ("training_seconds", json!(training_seconds)),
@@ -659,18 +661,21 @@ impl Rl<'_> {
         let batch = pad(&sequences, m.encoder.eot, m.policy.device());
         let mask = batch.mask();
         let advantages = Tensor::from_slice(advantages).to_kind(Kind::Float).to_device(mask.device()).view([-1, 1]) * &mask;
-        let (mut logp, mut ref_logp) = (Vec::new(), Vec::new());
+        let (mut logp, mut ref_logp, mut entropy_sum) = (Vec::new(), Vec::new(), 0.0);
         tch::no_grad(|| {
             let rows = (p.train.batch_size * p.group) as i64;
             for start in (0..sequences.len() as i64).step_by(rows as usize) {
                 let n = rows.min(sequences.len() as i64 - start);
-                let (x, y) = (batch.x.narrow(0, start, n), batch.y.narrow(0, start, n));
-                logp.push(token_logprobs(&(m.policy.forward(&x, false) / p.temperature), &y));
+                let (x, y, chunk_mask) = (batch.x.narrow(0, start, n), batch.y.narrow(0, start, n), mask.narrow(0, start, n));
+                let logits = m.policy.forward(&x, false) / p.temperature;
+                logp.push(token_logprobs(&logits, &y));
+                entropy_sum += (entropy(&logits, &chunk_mask) * chunk_mask.sum(Kind::Float)).double_value(&[]);
                 ref_logp.push(token_logprobs(&(m.reference.forward(&x, false) / p.temperature), &y));
             }
         });
         let tokens = mask.sum(Kind::Double).double_value(&[]);
-        Ok(Generation { batch, mask, advantages, logp: Tensor::cat(&logp, 0), ref_logp: Tensor::cat(&ref_logp, 0), tokens })
+        let (logp, ref_logp) = (Tensor::cat(&logp, 0), Tensor::cat(&ref_logp, 0));
+        Ok(Generation { batch, mask, advantages, logp, ref_logp, tokens, entropy: entropy_sum / tokens.max(1.0) })
     }
 
     /// Forward and backward over rows `start..start + n` with the loss's
@@ -696,14 +701,6 @@ impl Rl<'_> {
             reduce(&per_token, &mask, p.loss_type, scale, p.max_new_tokens, gen.tokens)
         });
         (loss.double_value(&[]), clipped_fraction)
-    }
-
-    /// The policy's mean entropy over the batch's completion tokens.
-    fn entropy(&self, gen: &Generation) -> f64 {
-        tch::no_grad(|| {
-            let logits = self.m.policy.forward(&gen.batch.x, false) / self.p.temperature;
-            entropy(&logits, &gen.mask).double_value(&[])
-        })
     }
 }
 
