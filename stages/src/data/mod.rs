@@ -11,6 +11,7 @@
 //! * [`text`]: word and n-gram hashes.
 //! * [`spill`]: external sorting of fixed-size records within a memory budget.
 //! * [`units`]: per-input-file units of the data stages, cached in the store.
+//! * [`mean_stderr`]: a mean and its standard error, as evaluations report them.
 
 pub mod instruct;
 pub mod loader;
@@ -43,4 +44,16 @@ pub fn local_dependency(url: &str) -> Option<String> {
     }
     let literal: Vec<&str> = path.split('/').take_while(|part| !part.contains(['*', '?', '['])).collect();
     Some(if literal.is_empty() || literal == [""] { ".".to_string() } else { literal.join("/") })
+}
+
+/// Mean and standard error of the mean (sample standard deviation over
+/// √n), as lm-eval reports them; an accuracy's is over its items.
+pub fn mean_stderr(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
 }

@@ -87,8 +87,8 @@ use tch::{Kind, Tensor};
 use self::objective::{group_advantages, kl_k3, reduce, LossType};
 use self::rewards::Reward;
 use crate::data::instruct::{Encoder, Record, Template};
-use crate::data::records;
 use crate::data::sequences::{pad, token_logprobs, Padded, Sequence};
+use crate::data::{mean_stderr, records};
 use crate::formats::model::ModelArtifact;
 use crate::model::Gpt;
 use crate::sample::{generate_groups, Sampling};
@@ -702,16 +702,6 @@ impl Rl<'_> {
         });
         (loss.double_value(&[]), clipped_fraction)
     }
-}
-
-/// Mean and standard error of the mean (sample standard deviation over √n).
-fn mean_stderr(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let m = mean(xs);
-    if xs.len() < 2 {
-        return (m, 0.0);
-    }
-    (m, (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt())
 }
 
 fn mean(xs: &[f64]) -> f64 {

@@ -15,8 +15,8 @@ use tokenizers::Tokenizer;
 
 use super::code::{self, Limits, Outcome, Problem, Sandbox};
 use super::score::{encode, encode_pair, rolling_windows, Score, Scorer};
-use crate::data::records;
 use crate::data::sequences::Sequence;
+use crate::data::{mean_stderr, records};
 use crate::model::Gpt;
 use crate::sample::{generate, Sampling};
 
@@ -319,18 +319,6 @@ fn take<T>(mut items: Vec<T>, limit: usize) -> Vec<T> {
         items.truncate(limit);
     }
     items
-}
-
-/// Mean and standard error of the mean (sample standard deviation over
-/// √n), as lm-eval reports them.
-pub fn mean_stderr(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    if xs.len() < 2 {
-        return (mean, 0.0);
-    }
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, (var / n).sqrt())
 }
 
 fn with_stderr(metrics: &mut BTreeMap<String, f64>, name: &str, xs: &[f64]) {
