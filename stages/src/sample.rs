@@ -100,9 +100,10 @@ pub fn generate_groups(model: &Gpt, prompts: &[Vec<i64>], group: usize, s: &Samp
     let prefix: Vec<i64> = prompts.iter().flat_map(|p| &p[..shortest]).copied().collect();
     let idx = Tensor::from_slice(&prefix).view([prompts.len() as i64, shortest as i64]).to_device(model.device());
     let last = model.forward_cached(&idx, &mut cache).select(1, -1); // [P, V]
-    cache.repeat_rows(group as i64);
-    let mut last = last.repeat_interleave_self_int(group as i64, 0, None).to_device(Device::Cpu); // [P·G, V]
-                                                                                                  // `position` is where the token fed next goes.
+    let copies = Tensor::arange(prompts.len() as i64, (Kind::Int64, model.device())).repeat_interleave_self_int(group as i64, 0, None); // [P·G]: each row's prompt
+    cache.select_rows(&copies);
+    let mut last = last.index_select(0, &copies).to_device(Device::Cpu); // [P·G, V]
+                                                                         // `position` is where the token fed next goes.
     for position in shortest.. {
         let mut feed = Vec::with_capacity(rows);
         for i in 0..rows {

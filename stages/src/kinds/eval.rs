@@ -30,10 +30,10 @@
 //! * `tasks`: at least one; each has a `name` (unique), a `type`, a `file`
 //!   relative to the pipeline (part of the stage's key) and a `limit`: the
 //!   first N items, 0 for all. New files of a known type need no code.
-//! * `batch_tokens` (8192): padded positions per forward pass when scoring:
-//!   hundreds of short sentences or dozens of long texts at once. The logits
-//!   take batch_tokens × vocabulary × 4 bytes, about three times over at the
-//!   peak (400 MB with a 4096-token vocabulary).
+//! * `batch_tokens` (8192): padded positions per forward pass when scoring,
+//!   shared among the cores on the CPU: hundreds of short sentences or
+//!   dozens of long texts at once. The output head runs only at scored
+//!   positions, so the activations of the blocks bound the memory.
 //! * `seed` (1234): few-shot draws and code sampling.
 //!
 //! Task types (details in [`tasks`]):
@@ -107,11 +107,14 @@
 //!
 //! Scoring runs on the pipeline's device in fp32, requests sorted by length
 //! into batches of `batch_tokens`; padded rows score as they do alone
+//! (tested). Requests with one context (a multiple-choice item's choices)
+//! compute it once: its keys and values are copied to each continuation's
+//! row. On the CPU with several cores, each core scores its share of the
+//! requests on a single-threaded model replica
+//! ([`crate::train::replicas`]): a small model's operations are too short to
+//! spread over libtorch's threads. Both score what a request scores alone
 //! (tested). Code generation runs on one thread: a step of one token is too
-//! little work to share. The default pipeline's suite (about 2,500 scored
-//! sequences and 10 programs a model) takes 35–40 s per 1.33 M-parameter
-//! model on 2 CPU cores that other jobs keep busy (16 s of CPU time), 150 s
-//! for four models.
+//! little work to share.
 
 pub mod code;
 pub mod report;
@@ -128,6 +131,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::formats::model::ModelArtifact;
 use crate::formats::tokenizer::END_OF_TEXT;
+use crate::train::replicas::Replicas;
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 use report::{ModelInfo, Scored};
 use tasks::{Env, Kind, Model, Task};
@@ -248,7 +252,14 @@ impl Stage for Eval {
             let info = ModelInfo::read(label, dir, loaded.gpt.config().clone(), &ctx.out)?;
             let digest = units::model_digest(dir).with_context(|| format!("input `{label}`"))?;
             eprintln!("eval: {label}: {} parameters on {device:?}, {} threads", info.config.num_params(), ctx.threads);
-            let model = Model { gpt: &loaded.gpt, tokenizer: &loaded.tokenizer, eot: i64::from(eot), batch_tokens: params.batch_tokens };
+            let replicas = Replicas::new(&loaded.vs, loaded.gpt.config(), ctx.threads)?;
+            let model = Model {
+                gpt: &loaded.gpt,
+                tokenizer: &loaded.tokenizer,
+                eot: i64::from(eot),
+                batch_tokens: params.batch_tokens,
+                replicas: replicas.as_ref(),
+            };
             let items_dir = ctx.out.join("items").join(label);
             std::fs::create_dir_all(&items_dir)?;
             let mut row = Vec::new();

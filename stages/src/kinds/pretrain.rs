@@ -268,7 +268,8 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
         stop_after,
         evaluate_first: false,
     };
-    let replicas = Replicas::new(&vs, &config, ctx.threads)?;
+    // Dropout masks drawn on several threads at once would depend on scheduling.
+    let replicas = if config.dropout > 0.0 { None } else { Replicas::new(&vs, &config, ctx.threads)? };
     if replicas.is_some() {
         eprintln!("pretrain: each batch split across {} cores, one single-threaded model replica each", ctx.threads);
     }

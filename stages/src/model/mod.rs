@@ -503,12 +503,13 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Repeats each row `n` times in place ([B, …] → [B·n, …], row `b`'s
-    /// copies together): one prompt's keys and values for `n` continuations.
-    pub fn repeat_rows(&mut self, n: i64) {
+    /// Keeps the rows `rows` (int64 [R], repeats allowed), in that order:
+    /// [B, …] → [R, …]. One prompt's keys and values for several
+    /// continuations.
+    pub fn select_rows(&mut self, rows: &Tensor) {
         for layer in &mut self.layers {
-            layer.k = layer.k.repeat_interleave_self_int(n, 0, None);
-            layer.v = layer.v.repeat_interleave_self_int(n, 0, None);
+            layer.k = layer.k.index_select(0, rows);
+            layer.v = layer.v.index_select(0, rows);
         }
     }
 }
@@ -826,13 +827,18 @@ impl Gpt {
     /// in the cache, which then holds them too. Inference only: no dropout,
     /// no graph. Cache length plus T must not exceed the context.
     pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Tensor {
+        self.logits(&self.hidden_cached(idx, cache))
+    }
+
+    /// [`Gpt::hidden_states`] of what [`Gpt::forward_cached`] reads: [B, T, C].
+    pub fn hidden_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Tensor {
         let _no_grad = tch::no_grad_guard();
         let pos = cache.len();
         let mut x = self.embed(idx, pos, false);
         for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
             x = block.forward(&x, pos, self.rope.as_ref(), Some(layer), false);
         }
-        self.logits(&self.norm_f.forward(&x))
+        self.norm_f.forward(&x)
     }
 
     /// Token (and, for GPT-2, position) embeddings of idx [B, T] at positions

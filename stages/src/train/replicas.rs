@@ -20,10 +20,12 @@
 //!   floating-point sums, so the weights differ in their last bits from an
 //!   unsplit run's, as they do between different intra-op thread counts.)
 //!
-//! CPU only and without dropout: libtorch has one random generator per
-//! process, and threads drawing dropout masks from it at once would make the
-//! masks depend on scheduling. [`Replicas::new`] says `None` where it does not
-//! apply, and the caller trains the plain way.
+//! CPU only. [`Replicas::run`] runs any per-replica work (the evaluation
+//! stage scores its batches this way); training through the replicas must
+//! be without dropout: libtorch has one random generator per process, and
+//! threads drawing dropout masks from it at once would make the masks depend
+//! on scheduling. [`Replicas::new`] says `None` where it does not apply, and
+//! the caller runs the plain way.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -49,35 +51,35 @@ pub struct Replicas {
     caller_threads: i32,
 }
 
-struct Job {
-    x: Tensor,
-    y: Tensor,
-    weight: f64,
-    pass: Pass,
-}
+/// Work for a worker: runs on its thread, with its replica.
+type Job = Box<dyn FnOnce(&Gpt) + Send>;
+
+/// Work for one replica (or the main model) that returns an `R`.
+pub type Task<R> = Box<dyn FnOnce(&Gpt) -> R + Send>;
 
 struct Worker {
     /// `None` once shut down.
     jobs: Option<mpsc::Sender<Job>>,
-    losses: mpsc::Receiver<f64>,
     /// The replica's variables in the order of [`Replicas::main`]; handles to
     /// the tensors the worker's model holds, touched only while it is idle.
     vars: Vec<Tensor>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// The trainable variables of `vs`, in name order.
+/// The variables of `vs`, in name order.
 fn sorted_vars(vs: &nn::VarStore) -> Vec<Tensor> {
-    super::trainable(vs).into_iter().map(|(_, t)| t).collect()
+    let mut vars = vs.variables().into_iter().collect::<Vec<_>>();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter().map(|(_, t)| t).collect()
 }
 
 impl Replicas {
     /// Replicas of the model `config` built in `vs` for `threads` cores, or
-    /// `None` where data parallelism does not apply (one thread, not the CPU,
-    /// dropout). Sets the calling thread's libtorch threads to 1 until the
+    /// `None` where data parallelism does not apply (one thread, not the
+    /// CPU). Sets the calling thread's libtorch threads to 1 until the
     /// replicas are dropped: meanwhile the cores are theirs.
     pub fn new(vs: &nn::VarStore, config: &ModelConfig, threads: usize) -> Result<Option<Replicas>> {
-        if threads < 2 || vs.device() != Device::Cpu || config.dropout > 0.0 {
+        if threads < 2 || vs.device() != Device::Cpu {
             return Ok(None);
         }
         let caller_threads = tch::get_num_threads();
@@ -93,19 +95,18 @@ impl Replicas {
             anyhow::ensure!(vars.len() == main.len(), "a replica has {} variables, the model {}", vars.len(), main.len());
             for (replica, main) in vars.iter_mut().zip(&main) {
                 replica.set_data(main);
+                // A frozen variable (a fine-tuned model's base) stays frozen.
+                let _ = replica.set_requires_grad(main.requires_grad());
             }
             let (jobs, inbox) = mpsc::channel::<Job>();
-            let (outbox, losses) = mpsc::channel();
             let thread = std::thread::Builder::new().name(format!("replica-{i}")).spawn(move || {
                 let _vs = replica_vs;
                 tch::set_num_threads(1);
                 for job in inbox {
-                    if outbox.send((job.pass)(&gpt, &job.x, &job.y, job.weight)).is_err() {
-                        break;
-                    }
+                    job(&gpt);
                 }
             })?;
-            workers.push(Worker { jobs: Some(jobs), losses, vars, thread: Some(thread) });
+            workers.push(Worker { jobs: Some(jobs), vars, thread: Some(thread) });
         }
         Ok(Some(Replicas { main, workers, caller_threads }))
     }
@@ -130,22 +131,54 @@ impl Replicas {
     /// took part.
     fn split(&mut self, gpt: &Gpt, x: &Tensor, y: &Tensor, scale: f64, pass: Pass) -> Result<(f64, usize)> {
         let rows = x.size()[0];
-        let parts = (self.workers.len() + 1) as i64;
+        let parts = self.parts() as i64;
         let weight = |t: &Tensor| scale * t.size()[0] as f64 / rows as f64;
-        let mut slices = x.chunk(parts, 0).into_iter().zip(y.chunk(parts, 0));
-        let (x0, y0) = slices.next().expect("at least one row");
         // A batch of fewer rows than cores leaves the last workers idle.
-        let mut busy = 0;
-        for (w, (x, y)) in self.workers.iter().zip(slices) {
-            let job = Job { weight: weight(&x), x, y, pass };
+        let tasks: Vec<Task<f64>> = x
+            .chunk(parts, 0)
+            .into_iter()
+            .zip(y.chunk(parts, 0))
+            .map(|(x, y)| {
+                let weight = weight(&x);
+                Box::new(move |gpt: &Gpt| pass(gpt, &x, &y, weight)) as Task<f64>
+            })
+            .collect();
+        let losses = self.run(gpt, tasks)?;
+        Ok((losses.iter().sum(), losses.len() - 1))
+    }
+
+    /// How many tasks [`Replicas::run`] runs at once: the workers' and the
+    /// caller's.
+    pub fn parts(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Runs the first task on `gpt` (the main model) on the calling thread
+    /// and each further one on a worker's replica, all at once; at most
+    /// [`Replicas::parts`] tasks. Returns their results in order.
+    pub fn run<R: Send + 'static>(&self, gpt: &Gpt, tasks: Vec<Task<R>>) -> Result<Vec<R>> {
+        anyhow::ensure!(tasks.len() <= self.parts(), "{} tasks for {} replicas", tasks.len(), self.parts());
+        let mut tasks = tasks.into_iter();
+        let Some(first) = tasks.next() else { return Ok(Vec::new()) };
+        let (outbox, results) = mpsc::channel();
+        let mut sent = 0;
+        for (i, (w, task)) in self.workers.iter().zip(tasks).enumerate() {
+            let outbox = outbox.clone();
+            let job: Job = Box::new(move |gpt| {
+                let _ = outbox.send((i, task(gpt)));
+            });
             w.jobs.as_ref().expect("running").send(job).map_err(|_| anyhow!("a model replica's thread has stopped"))?;
-            busy += 1;
+            sent += 1;
         }
-        let mut sum = pass(gpt, &x0, &y0, weight(&x0));
-        for w in &self.workers[..busy] {
-            sum += w.losses.recv().map_err(|_| anyhow!("a model replica's pass panicked; its message is above"))?;
+        drop(outbox);
+        let mut out = vec![first(gpt)];
+        let mut rest: Vec<Option<R>> = (0..sent).map(|_| None).collect();
+        for _ in 0..sent {
+            let (i, r) = results.recv().map_err(|_| anyhow!("a model replica's pass panicked; its message is above"))?;
+            rest[i] = Some(r);
         }
-        Ok((sum, busy))
+        out.extend(rest.into_iter().map(|r| r.expect("every worker answered")));
+        Ok(out)
     }
 
     /// Adds the gradients of the first `busy` replicas into the main model's
@@ -244,8 +277,6 @@ mod tests {
         drop(replicas);
         assert_eq!(tch::get_num_threads(), caller_threads, "threads given back");
 
-        let dropout = ModelConfig { dropout: 0.1, ..config.clone() };
-        assert!(Replicas::new(&vs, &dropout, 2).unwrap().is_none());
         assert!(Replicas::new(&vs, &config, 1).unwrap().is_none());
     }
 }

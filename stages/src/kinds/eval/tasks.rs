@@ -19,6 +19,7 @@ use crate::data::sequences::Sequence;
 use crate::data::{mean_stderr, records};
 use crate::model::Gpt;
 use crate::sample::{generate, Sampling};
+use crate::train::replicas::Replicas;
 
 /// One `[[tasks]]` entry: a name, a file (or directory, or glob) relative
 /// to the pipeline, how many items to take, and the type with its options.
@@ -204,11 +205,13 @@ pub struct Model<'a> {
     pub eot: i64,
     /// Padded positions per forward pass; see [`Scorer`].
     pub batch_tokens: usize,
+    /// The cores' model replicas, where scoring splits across them.
+    pub replicas: Option<&'a Replicas>,
 }
 
 impl Model<'_> {
-    fn score(&self, requests: &[Sequence]) -> Vec<Score> {
-        Scorer { gpt: self.gpt, batch_tokens: self.batch_tokens, pad_id: self.eot }.score(requests)
+    fn score(&self, requests: &[Sequence]) -> Result<Vec<Score>> {
+        Scorer { gpt: self.gpt, batch_tokens: self.batch_tokens, pad_id: self.eot, replicas: self.replicas }.score(requests)
     }
 
     fn pair(&self, context: &str, continuation: &str) -> Result<Sequence> {
@@ -389,7 +392,7 @@ fn perplexity(path: &Path, limit: usize, p: &Perplexity, model: &Model) -> Resul
     ensure!(!text.trim().is_empty(), "{}: no text to measure", path.display());
     let tokens = encode(model.tokenizer, text)?;
     let windows = rolling_windows(&tokens, model.eot, model.gpt.config().context as usize);
-    let scores = model.score(&windows);
+    let scores = model.score(&windows)?;
     let logprob: f64 = scores.iter().map(|s| s.logprob).sum();
     let (n_tokens, words, bytes) = (tokens.len() as f64, count_words(text) as f64, text.len() as f64);
     let metrics = BTreeMap::from([
@@ -446,7 +449,7 @@ fn multiple_choice(path: &Path, limit: usize, p: &MultipleChoice, model: &Model,
             requests.push(model.pair(&context, choice)?);
         }
     }
-    let mut scores = model.score(&requests).into_iter();
+    let mut scores = model.score(&requests)?.into_iter();
     let (mut acc, mut acc_norm, mut items) = (Vec::new(), Vec::new(), Vec::new());
     for item in &pool[..n] {
         let lls: Vec<f64> = scores.by_ref().take(item.choices.len()).map(|s| s.logprob).collect();
@@ -520,7 +523,7 @@ fn schema(path: &Path, limit: usize, p: &Schema, model: &Model, seed: u64) -> Re
             requests.push(model.pair(&format!("{prefix}{option}{}", p.delimiter), &item.continuation)?);
         }
     }
-    let mut scores = model.score(&requests).into_iter();
+    let mut scores = model.score(&requests)?.into_iter();
     let (mut acc, mut items) = (Vec::new(), Vec::new());
     for item in &pool[..n] {
         let lls: Vec<f64> = scores.by_ref().take(item.context_options.len()).map(|s| s.logprob).collect();
@@ -564,7 +567,7 @@ fn language_modeling(path: &Path, limit: usize, p: &LanguageModeling, model: &Mo
             model.pair(&format!("{prefix}{}{}", item.context, p.delimiter), &item.continuation)
         })
         .collect::<Result<Vec<_>>>()?;
-    let scores = model.score(&requests);
+    let scores = model.score(&requests)?;
     let acc: Vec<f64> = scores.iter().map(|s| indicator(s.greedy)).collect();
     let mut metrics = BTreeMap::new();
     with_stderr(&mut metrics, "acc", &acc);
@@ -602,7 +605,7 @@ fn minimal_pairs(files: &[PathBuf], limit: usize, model: &Model) -> Result<Outco
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         paradigms.push((name.split('.').next().unwrap_or(name).to_string(), pairs.len()));
     }
-    let scores = model.score(&requests);
+    let scores = model.score(&requests)?;
     let correct: Vec<f64> = scores.chunks(2).map(|pair| indicator(pair[0].logprob > pair[1].logprob)).collect();
     let mut breakdown = BTreeMap::new();
     let mut at = 0;
