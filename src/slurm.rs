@@ -17,6 +17,7 @@
 //! has ended before the build directory is removed.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -220,12 +221,16 @@ pub fn submit(
         args.push(format!("--cpus-per-task={threads}"));
     }
     args.extend(req.settings.iter().flat_map(|s| s.args.iter().cloned()));
-    let out = Command::new(&sbatch).args(&args).arg(&script).output().with_context(|| format!("cannot run {}", sbatch.display()))?;
+    let out = slurm_command(&sbatch).args(&args).arg(&script).output().with_context(|| format!("cannot run {}", sbatch.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let id = stdout.trim().split(';').next().unwrap_or("").to_string();
     if !out.status.success() || id.is_empty() {
         let said: Vec<&str> = std::str::from_utf8(&out.stderr).unwrap_or("").lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         let said = said.iter().map(|l| l.trim_start_matches("sbatch: error: ")).collect::<Vec<_>>().join("; ");
+        // The controller out of reach is no mistake in the request.
+        if ["contact", "connect", "timed out"].iter().any(|w| said.contains(w)) {
+            anyhow::bail!("cannot submit to Slurm: {said}");
+        }
         return Ok(Err(Refused(format!("stage `{stage}`: Slurm refused the job: {said}; {}", culprit(&said, req, threads)))));
     }
     let record = store.job_path(stage);
@@ -282,7 +287,7 @@ pub fn follow(mut job: Job, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -
         if INTERRUPTED.load(Ordering::SeqCst) {
             return Ok(None); // dropping the job cancels it
         }
-        if let Some(code) = fs::read_to_string(&exit).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+        if let Some(code) = exit_status(&exit) {
             job.ended = true;
             return Ok(Some(if code == 0 { Ended { success: true, why: String::new() } } else { ended(&job.id, Some(code)) }));
         }
@@ -303,7 +308,7 @@ pub fn follow(mut job: Job, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -
                 }
                 Some(Queue::Over) => {
                     // The script may have written its status as the job ended.
-                    if exit.exists() {
+                    if exit_status(&exit).is_some() {
                         continue;
                     }
                     job.ended = true;
@@ -316,6 +321,20 @@ pub fn follow(mut job: Job, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -
     }
 }
 
+/// The runner's exit status, as the job script left it.
+fn exit_status(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// One of Slurm's commands, in a process group of its own: Ctrl-C at the
+/// terminal reaches the engine, which cancels its jobs, and not a
+/// submission half done.
+fn slurm_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.process_group(0);
+    command
+}
+
 enum Queue {
     Waiting { state: String, node: Option<String>, reason: Option<String> },
     Over,
@@ -323,7 +342,7 @@ enum Queue {
 
 /// The job's state as `squeue` sees it; `None` when it could not be asked.
 fn squeue(id: &str) -> Option<Queue> {
-    let out = Command::new("squeue").args(["-h", "--states=all", "-j", id, "-o", "%T|%N|%r"]).output().ok()?;
+    let out = slurm_command("squeue").args(["-h", "--states=all", "-j", id, "-o", "%T|%N|%r"]).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let Some(line) = text.lines().next() else {
         // Gone from the controller's memory (or never known to it).
@@ -352,12 +371,12 @@ fn ended(id: &str, exit: Option<i32>) -> Ended {
     let field = |text: &str, name: &str| {
         text.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).map(str::to_string).unwrap_or_default()
     };
-    let from_scontrol = Command::new("scontrol").args(["show", "job", "-o", id]).output().ok().filter(|o| o.status.success()).map(|o| {
+    let from_scontrol = slurm_command("scontrol").args(["show", "job", "-o", id]).output().ok().filter(|o| o.status.success()).map(|o| {
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         (field(&text, "JobState"), field(&text, "ExitCode"), field(&text, "TimeLimit"))
     });
     let from_sacct = || {
-        let out = Command::new("sacct").args(["-n", "-X", "-P", "-j", id, "-o", "State,ExitCode,Timelimit"]).output().ok()?;
+        let out = slurm_command("sacct").args(["-n", "-X", "-P", "-j", id, "-o", "State,ExitCode,Timelimit"]).output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let mut parts = text.lines().next()?.split('|');
         let state = parts.next()?.split_whitespace().next()?.to_string();
@@ -384,7 +403,7 @@ fn ended(id: &str, exit: Option<i32>) -> Ended {
 
 /// Cancels a job and waits (up to a minute) until its processes are gone.
 fn cancel(id: &str) {
-    let _ = Command::new("scancel").arg(id).output();
+    let _ = slurm_command("scancel").arg(id).output();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         match squeue(id) {

@@ -204,6 +204,34 @@ fn status_follows_the_jobs_and_ctrl_c_cancels_them() {
     assert!(!p.artifacts().join("one").exists() && !p.artifacts().join("two").exists(), "published after Ctrl-C");
 }
 
+/// A job outlives an engine that is SIGKILLed; the next run that builds the
+/// stage cancels it before submitting its own, so two jobs never share the
+/// stage's work folder.
+#[test]
+fn a_job_left_by_a_killed_engine_is_cancelled_by_the_next_run() {
+    let Some(conf) = cluster() else { return };
+    let p = Project::new(&format!(
+        "{SLURM}[stages.s]\nkind = \"command\"\ncmd = \"{}\"\n",
+        "if [ -f {work}/first ]; then echo second > {out}/x; else touch {work}/first started; sleep 300; fi"
+    ));
+    let mut child = slurm_cmd(&p, conf, &["run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut reason = String::new();
+    wait_for("the job to start its command", || {
+        reason = p.status_json()["stages"][0]["reasons"][0].as_str().unwrap_or("").to_string();
+        p.path().join("started").exists() && reason.contains("running on llmflow-node")
+    });
+    let id = reason.split_whitespace().nth(2).unwrap().to_string();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(squeue_state(conf, &id), "RUNNING", "the job outlives the engine");
+
+    let run = slurm_run(&p, conf, &["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let state = squeue_state(conf, &id);
+    assert!(state.is_empty() || state == "CANCELLED", "job {id} left over is {state}");
+    assert_eq!(fs::read_to_string(p.out_dir("s").join("x")).unwrap(), "second\n");
+}
+
 #[test]
 fn a_failed_job_shows_the_tail_of_its_log() {
     let Some(conf) = cluster() else { return };
