@@ -113,7 +113,6 @@ pub fn sbatch(stage: &str, req: &Request) -> Result<PathBuf, crate::config::Conf
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub job: String,
-    pub key: String,
     /// `queued` or `running`.
     pub state: String,
     /// The node it runs on, once it runs.
@@ -152,7 +151,6 @@ pub struct Refused(pub String);
 /// A submitted job, cancelled (and waited for) if dropped before it ended.
 pub struct Job {
     pub id: String,
-    key: String,
     record: PathBuf,
     ended: bool,
 }
@@ -234,8 +232,8 @@ pub fn submit(
         return Ok(Err(Refused(format!("stage `{stage}`: Slurm refused the job: {said}; {}", culprit(&said, req, threads)))));
     }
     let record = store.job_path(stage);
-    let job = Job { id: id.clone(), key: key.to_string(), record: record.clone(), ended: false };
-    let queued = JobRecord { job: id, key: key.to_string(), state: "queued".into(), node: None, reason: None };
+    let job = Job { id: id.clone(), record: record.clone(), ended: false };
+    let queued = JobRecord { job: id, state: "queued".into(), node: None, reason: None };
     store::write_atomic(&record, &serde_json::to_vec(&queued)?)?;
     Ok(Ok(job))
 }
@@ -300,7 +298,7 @@ pub fn follow(mut job: Job, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -
                 Instant::now() + if started.elapsed() < Duration::from_secs(10) { Duration::from_secs(1) } else { Duration::from_secs(5) };
             match squeue(&job.id) {
                 Some(Queue::Waiting { state, node, reason }) => {
-                    let now = Some(JobRecord { job: job.id.clone(), key: job.key.clone(), state, node, reason });
+                    let now = Some(JobRecord { job: job.id.clone(), state, node, reason });
                     if now != last {
                         store::write_atomic(&job.record, &serde_json::to_vec(&now)?)?;
                         last = now;
