@@ -68,7 +68,9 @@ lint:
 	cargo clippy --release --locked --workspace --all-targets -- -D warnings
 
 # The integration tests drive both binaries, so they are built first. With
-# LLMFLOW_PYTHON set, a Python cross-check fails rather than skips.
+# LLMFLOW_PYTHON set, a Python cross-check fails rather than skips. The Slurm
+# tests start a throw-away cluster with scripts/slurm-local.sh, which as root
+# installs Slurm's Debian packages when they are missing (else they skip).
 test: build $(PY_DEPS_STAMP) lint
 	LLMFLOW_PYTHON=$(VENV)/bin/python cargo test --release --locked --workspace
 

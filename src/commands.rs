@@ -139,7 +139,7 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
         return Ok(out.flush()?);
     }
     let count = |members: &mut dyn Iterator<Item = &Status>| {
-        let mut counts = [0usize; 5];
+        let mut counts = [0usize; STATES.len()];
         for st in members {
             counts[st.state as usize] += 1;
         }
@@ -162,7 +162,7 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
                 State::Fresh => style(st.state.as_str()).green(),
                 State::Stale => style(st.state.as_str()).yellow(),
                 State::Missing => style(st.state.as_str()).dim(),
-                State::Running => style(st.state.as_str()).cyan(),
+                State::Queued | State::Running => style(st.state.as_str()).cyan(),
                 State::Failed => style(st.state.as_str()).red().bold(),
             };
             let detail = match (&st.state, &st.key) {
@@ -182,11 +182,12 @@ pub fn status(file: &Path, json: bool) -> Result<()> {
     let (counts, _) = count(&mut statuses.iter());
     writeln!(
         out,
-        "\n{} stages: {} fresh, {} stale, {} missing, {} running, {} failed",
+        "\n{} stages: {} fresh, {} stale, {} missing, {} queued, {} running, {} failed",
         p.stages.len(),
         counts[State::Fresh as usize],
         counts[State::Stale as usize],
         counts[State::Missing as usize],
+        counts[State::Queued as usize],
         counts[State::Running as usize],
         counts[State::Failed as usize]
     )?;

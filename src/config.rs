@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::hash::{hash_bytes, Stat};
 use crate::protocol::{KindInfo, ResolveRequest, Resolved, StageRequest};
+use crate::slurm;
 use crate::sweep::{self, Axis, Pattern, Variant};
 use rayon::prelude::*;
 use toml::de::{DeTable, DeValue};
@@ -30,8 +31,8 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Keys of a stage table that belong to the engine, not to the stage kind.
-const ENGINE_KEYS: &[&str] = &["kind", "input", "inputs", "sweep", "sweep_mode"];
-const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "device"];
+const ENGINE_KEYS: &[&str] = &["kind", "input", "inputs", "sweep", "sweep_mode", "executor", "slurm"];
+const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "device", "executor", "slurm"];
 
 #[derive(Debug)]
 pub struct Pipeline {
@@ -64,6 +65,9 @@ pub struct StageDef {
     pub resolved: Resolved,
     /// `file:line` of the stage's table, for messages.
     pub location: String,
+    /// What the stage asks of Slurm when it runs there (`executor = "slurm"`);
+    /// `None` runs it on this machine.
+    pub slurm: Option<slurm::Request>,
 }
 
 impl Pipeline {
@@ -236,6 +240,13 @@ fn parse(src: &Source, spans: &Spanned<DeTable>, root: &Path) -> Result<Parsed, 
         let at = src.key_span(spans, &["pipeline", "device"]);
         return Err(src.error(at, format!("unknown device `{device}`: use auto, cpu, cuda or cuda:N")));
     }
+    let defaults = Executor {
+        slurm_at: executor(src, spans, &["pipeline", "executor"], section.get("executor"))?.flatten(),
+        settings: match section.get("slurm") {
+            Some(table) => slurm_settings(src, spans, &["pipeline", "slurm"], table)?,
+            None => Vec::new(),
+        },
+    };
 
     let stage_tables = match doc.get("stages") {
         None => toml::Table::new(),
@@ -248,7 +259,7 @@ fn parse(src: &Source, spans: &Spanned<DeTable>, root: &Path) -> Result<Parsed, 
     order.sort();
     let mut raw = Vec::new();
     for (_, name) in order {
-        raw.push(parse_stage(src, spans, name, &stage_tables[name])?);
+        raw.push(parse_stage(src, spans, name, &stage_tables[name], &defaults)?);
     }
     let expanded = expand(src, spans, &raw)?;
     Ok(Parsed { name, artifacts, device, raw, expanded })
@@ -348,6 +359,7 @@ struct SnapshotStage {
     resources: crate::protocol::Resources,
     /// `:line:column`; the file is the snapshot's.
     location: String,
+    slurm: Option<slurm::Request>,
 }
 
 impl Snapshot {
@@ -381,7 +393,7 @@ impl Snapshot {
                 let resolved = Resolved { params: c.params, key_params, files: c.files, resources: c.resources };
                 let base = if c.labels.is_empty() { c.name.clone() } else { c.base };
                 let location = format!("{}{}", s.id.file.display(), c.location);
-                Some(StageDef { name: c.name, base, labels: c.labels, kind, inputs: c.inputs, resolved, location })
+                Some(StageDef { name: c.name, base, labels: c.labels, kind, inputs: c.inputs, resolved, location, slurm: c.slurm })
             })
             .collect::<Option<_>>()?;
         let by_name = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
@@ -406,6 +418,7 @@ impl Snapshot {
                 params: s.resolved.params.clone(),
                 files: s.resolved.files.clone(),
                 resources: s.resolved.resources,
+                slurm: s.slurm.clone(),
                 location: s.location.strip_prefix(&*p.file.to_string_lossy()).unwrap_or(&s.location).to_string(),
             })
             .collect();
@@ -568,6 +581,7 @@ struct RawStage {
     axes: Vec<Axis>,
     zip: bool,
     location: String,
+    slurm: Option<slurm::Request>,
 }
 
 fn at<'a>(src: &Source, spans: &DeTable, name: &'a str, path: &[&'a str]) -> Option<usize> {
@@ -576,7 +590,82 @@ fn at<'a>(src: &Source, spans: &DeTable, name: &'a str, path: &[&'a str]) -> Opt
     src.key_span(spans, &full)
 }
 
-fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -> Result<RawStage, ConfigError> {
+/// Where stages run, as `[pipeline]` sets it for every stage.
+struct Executor {
+    /// Where `executor = "slurm"` is set, if it is.
+    slurm_at: Option<String>,
+    /// `[pipeline.slurm]`.
+    settings: Vec<slurm::Setting>,
+}
+
+/// An `executor` key: `Some(Some(at))` for "slurm" (where it is set),
+/// `Some(None)` for "local", `None` when it is not there.
+fn executor(src: &Source, spans: &DeTable, path: &[&str], value: Option<&toml::Value>) -> Result<Option<Option<String>>, ConfigError> {
+    let at = src.key_span(spans, path);
+    match value {
+        None => Ok(None),
+        Some(toml::Value::String(s)) if s == "local" => Ok(Some(None)),
+        Some(toml::Value::String(s)) if s == "slurm" => Ok(Some(Some(format!("`{}` at {}", path.join("."), src.location(at))))),
+        Some(other) => {
+            Err(src
+                .error(at, format!("`{}` is {other}: use \"local\" (this machine) or \"slurm\" (a batch job per stage)", path.join("."))))
+        }
+    }
+}
+
+/// The fields of a `slurm` table at `path`, each with where it is set.
+fn slurm_settings(src: &Source, spans: &DeTable, path: &[&str], value: &toml::Value) -> Result<Vec<slurm::Setting>, ConfigError> {
+    let dotted = path.join(".");
+    let toml::Value::Table(table) = value else {
+        return Err(
+            src.error(src.key_span(spans, path), format!("`{dotted}` must be a table, e.g. {{ partition = \"gpu\", time = \"4:00:00\" }}"))
+        );
+    };
+    let names: Vec<&str> = slurm::FIELDS.iter().map(|(field, _)| *field).collect();
+    let mut settings = Vec::new();
+    for (field, value) in table {
+        let mut key = path.to_vec();
+        key.push(field);
+        let at = src.key_span(spans, &key);
+        if !names.contains(&field.as_str()) {
+            return Err(src.error(
+                at,
+                format!("unknown key `{dotted}.{field}`{}; a `slurm` table takes {}", suggest(field, &names), names.join(", ")),
+            ));
+        }
+        let (args, shown) = slurm::field_args(field, value).map_err(|m| src.error(at, format!("`{dotted}.{field}` {m}")))?;
+        settings.push(slurm::Setting { field: field.clone(), shown, args, at: format!("{} (`{dotted}.{field}`)", src.location(at)) });
+    }
+    Ok(settings)
+}
+
+/// The stage's Slurm request, if it runs on Slurm: the pipeline's executor
+/// and `[pipeline.slurm]`, with the stage's own `executor` and `slurm`
+/// fields in their place.
+fn stage_executor(
+    src: &Source,
+    spans: &DeTable,
+    name: &str,
+    table: &toml::Table,
+    defaults: &Executor,
+) -> Result<Option<slurm::Request>, ConfigError> {
+    // Checked wherever the stage runs: switching the executor must not reveal old mistakes.
+    let own = match table.get("slurm") {
+        Some(value) => slurm_settings(src, spans, &["stages", name, "slurm"], value)?,
+        None => Vec::new(),
+    };
+    let Some(executor_at) =
+        executor(src, spans, &["stages", name, "executor"], table.get("executor"))?.unwrap_or(defaults.slurm_at.clone())
+    else {
+        return Ok(None);
+    };
+    let settings: Vec<slurm::Setting> =
+        slurm::FIELDS.iter().filter_map(|(field, _)| own.iter().chain(&defaults.settings).find(|s| s.field == *field).cloned()).collect();
+    let cpus_per_task = settings.iter().find(|s| s.field == "cpus_per_task").and_then(|s| s.shown.parse().ok());
+    Ok(Some(slurm::Request { settings, cpus_per_task, executor_at }))
+}
+
+fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value, defaults: &Executor) -> Result<RawStage, ConfigError> {
     let at = |path: &[&str]| at(src, spans, name, path);
     let location = src.location(at(&[]));
     if !valid_name(name) {
@@ -651,7 +740,8 @@ fn parse_stage(src: &Source, spans: &DeTable, name: &str, value: &toml::Value) -
         None => Vec::new(),
         Some(sweep) => parse_sweep(src, spans, name, sweep, &params, zip)?,
     };
-    Ok(RawStage { name: name.to_string(), kind, inputs, params, axes, zip, location })
+    let slurm = stage_executor(src, spans, name, table, defaults)?;
+    Ok(RawStage { name: name.to_string(), kind, inputs, params, axes, zip, location, slurm })
 }
 
 /// `sweep = { "train.lr" = [1e-3, 3e-3], ... }`: each key a dotted param
@@ -851,6 +941,7 @@ fn check_stage(
         inputs: v.inputs,
         resolved,
         location: raw.location.clone(),
+        slurm: raw.slurm.clone(),
     })
 }
 

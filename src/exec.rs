@@ -5,10 +5,12 @@
 //! accelerator memory is freed when the stage ends. Only that binary links
 //! libtorch; the scheduler starts in milliseconds. The
 //! child is put in its own process group; on Ctrl-C the scheduler kills the
-//! groups it started and publishes nothing partial.
+//! groups it started and publishes nothing partial. A stage with `executor =
+//! "slurm"` runs the same command as a batch job instead ([`crate::slurm`]);
+//! its output is published the same way.
 //!
 //! Independent stages run in parallel, bounded by `--jobs`, by the CPU threads
-//! each stage declares, and by one accelerator stage per device.
+//! each local stage declares, and by one accelerator stage per device.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
@@ -27,6 +29,7 @@ use crate::config::{ConfigError, Pipeline};
 use crate::graph::Dag;
 use crate::hash::{self, StatCache};
 use crate::plan::{self, State};
+use crate::slurm::{self, Ended, Refused};
 use crate::store::{self, Access, Head, InputRef, Integrity, Manifest, Store};
 use crate::ui::Ui;
 
@@ -66,6 +69,8 @@ enum Outcome {
     Built(Arc<Head>),
     Fresh(Arc<Head>),
     Failed,
+    /// Slurm refused the job at submission: a mistake in its settings.
+    Refused,
     /// Not run because an input failed.
     Skipped,
 }
@@ -98,6 +103,7 @@ struct Job {
     deps: BTreeMap<String, String>,
     force: bool,
     threads: usize,
+    slurm: Option<slurm::Request>,
 }
 
 pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
@@ -126,11 +132,18 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     // What is fresh now, checked in parallel; a stage whose inputs are still
     // the ones the plan saw is not looked at again.
     let planned = plan::statuses(p, dag, &store)?;
+    // A stage to build on Slurm needs `sbatch` here: say so before anything runs.
+    for &i in &wanted {
+        if let (Some(req), true) = (&p.stages[i].slurm, planned[i].state != State::Fresh || forced.contains(&i)) {
+            slurm::sbatch(&p.stages[i].name, req)?;
+        }
+    }
     let mut cache = StatCache::open(store.stat_cache_path());
 
     let started = Instant::now();
     let mut outcomes: HashMap<usize, Outcome> = HashMap::new();
-    let mut running: HashMap<usize, Resources> = HashMap::new();
+    // What each running stage holds of this machine; `None` for a Slurm job.
+    let mut running: HashMap<usize, Option<Resources>> = HashMap::new();
     let mut failed_any = false;
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
 
@@ -142,7 +155,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     continue;
                 }
                 let ups = dag.upstream(i);
-                if ups.iter().any(|u| matches!(outcomes.get(u), Some(Outcome::Failed | Outcome::Skipped))) {
+                if ups.iter().any(|u| matches!(outcomes.get(u), Some(Outcome::Failed | Outcome::Refused | Outcome::Skipped))) {
                     ui.status("Skipped", &format!("{} (an input failed)", p.stages[i].name));
                     outcomes.insert(i, Outcome::Skipped);
                     continue;
@@ -179,10 +192,16 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     }
                 }
                 let res = s.resolved.resources;
-                let threads = res.threads.unwrap_or(cores).clamp(1, cores);
-                let busy: usize = running.values().map(|r| r.threads.unwrap_or(cores).min(cores)).sum();
-                let gpu_busy = running.values().any(|r| r.accelerator) && res.accelerator && p.device != "cpu";
-                if !running.is_empty() && (running.len() >= opts.jobs || busy + threads > cores || gpu_busy) {
+                // The same threads wherever it runs, unless its Slurm request sets them: a
+                // stage's output may depend on how it splits its work.
+                let threads = match s.slurm.as_ref().and_then(|r| r.cpus_per_task) {
+                    Some(cpus) => cpus,
+                    None => res.threads.unwrap_or(cores).clamp(1, cores),
+                };
+                let held = s.slurm.is_none().then_some(res);
+                let busy: usize = running.values().flatten().map(|r| r.threads.unwrap_or(cores).min(cores)).sum();
+                let gpu_busy = running.values().flatten().any(|r| r.accelerator) && res.accelerator && p.device != "cpu";
+                if !running.is_empty() && (running.len() >= opts.jobs || (held.is_some() && (busy + threads > cores || gpu_busy))) {
                     continue;
                 }
                 let job = Job {
@@ -198,8 +217,9 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     deps,
                     force,
                     threads,
+                    slurm: s.slurm.clone(),
                 };
-                running.insert(i, res);
+                running.insert(i, held);
                 let (tx, store, ui, root, device) = (tx.clone(), store.clone(), ui.clone(), p.root.clone(), p.device.clone());
                 std::thread::spawn(move || {
                     let outcome = build(&job, &store, &ui, &root, &device);
@@ -212,7 +232,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
         }
         if let Ok((i, outcome)) = rx.recv_timeout(Duration::from_millis(100)) {
             running.remove(&i);
-            failed_any |= matches!(outcome, Outcome::Failed);
+            failed_any |= matches!(outcome, Outcome::Failed | Outcome::Refused);
             outcomes.insert(i, outcome);
         }
     }
@@ -225,11 +245,19 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     let built = count(|o| matches!(o, Outcome::Built(_)));
     let fresh = count(|o| matches!(o, Outcome::Fresh(_)));
     let failed = count(|o| matches!(o, Outcome::Failed));
+    let refused = count(|o| matches!(o, Outcome::Refused));
     let skipped = count(|o| matches!(o, Outcome::Skipped));
     let secs = started.elapsed().as_secs_f64();
+    let not_run = wanted.len() - outcomes.len() + skipped;
     if failed > 0 {
-        let not_run = wanted.len() - outcomes.len();
-        return Err(StageFailed(format!("{failed} stage(s) failed; {built} built, {fresh} fresh, {} not run", skipped + not_run)).into());
+        return Err(StageFailed(format!("{} stage(s) failed; {built} built, {fresh} fresh, {not_run} not run", failed + refused)).into());
+    }
+    if refused > 0 {
+        // Only mistakes in the pipeline file's Slurm settings: exit code 2.
+        return Err(ConfigError(format!(
+            "Slurm refused {refused} stage(s) for their `slurm` settings; {built} built, {fresh} fresh, {not_run} not run"
+        ))
+        .into());
     }
     if built == 0 {
         ui.status("Fresh", &format!("nothing to do: all {fresh} stage(s) are up to date ({secs:.2}s)"));
@@ -265,6 +293,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
         let who = pid.map_or("another process".to_string(), |p| format!("process {p}"));
         ui.status("Waiting", &format!("for {}: {who} is building it", job.stage));
     })?;
+    slurm::cancel_leftover(store, &job.stage);
     // Another run may have built it while we waited.
     if !job.force {
         if let Some(m) = fresh_artifact(store, &job.stage, &job.key) {
@@ -296,82 +325,43 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     let start_time = store::now_rfc3339();
     let started = Instant::now();
     let bar = ui.stage_bar(&job.stage, &job.kind);
-    let threads = job.threads.to_string();
-    let mut child = Command::new(crate::kinds::runner()?);
-    child
-        .arg("run")
-        .arg(&spec_path)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .env("RAYON_NUM_THREADS", &threads)
-        .env("OMP_NUM_THREADS", &threads)
-        .env("POLARS_MAX_THREADS", &threads)
-        .process_group(0);
-    // SAFETY: prctl and getppid are async-signal-safe. If we die, the runner
-    // gets SIGTERM and kills its whole process group (llmflow-stage's
-    // `die_with_group`); if we died before the prctl, it does not start.
-    let engine = std::process::id() as libc::pid_t;
-    unsafe {
-        child.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if libc::getppid() != engine {
-                // No allocation between fork and exec: a bare OS error.
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+    let runner = runner_command(&spec_path, job.threads)?;
+    let ended = match &job.slurm {
+        None => run_local(runner, log, &dir, ui, &bar)?,
+        Some(req) => match slurm::submit(store, &job.stage, &job.key, req, &runner, job.threads, &dir, &log_path, root)? {
+            Ok(submitted) => {
+                ui.status("Submitted", &format!("{} as Slurm job {}", job.stage, submitted.id));
+                slurm::follow(submitted, &dir, ui, &bar)?
             }
-            Ok(())
-        });
-    }
-    let mut child = child.spawn().context("cannot start the stage process")?;
-    let status = loop {
-        if exited(&child) {
-            // Whatever the stage left running dies before its output is hashed.
-            break Some(end_group(&mut child)?);
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            let _ = end_group(&mut child);
-            break None;
-        }
-        if let Ok(text) = fs::read_to_string(dir.join("progress")) {
-            ui.progress(&bar, &text);
-        }
-        std::thread::sleep(Duration::from_millis(50));
+            Err(Refused(message)) => {
+                bar.finish_and_clear();
+                record_failure(store, job, &log_path, &message)?;
+                ui.error(&message);
+                return Ok(Outcome::Refused);
+            }
+        },
     };
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
 
-    match status {
+    match ended {
         None => Ok(Outcome::Failed),
-        Some(status) if !status.success() => {
-            let why = match status.code() {
-                Some(c) => format!("exit status {c}"),
-                None => "killed by a signal".to_string(),
-            };
+        Some(Ended { success: false, why }) => {
             let message = last_error_line(&log_path).unwrap_or_else(|| why.clone());
-            store.update_state(&job.stage, |s| {
-                s.last_failure =
-                    Some(store::Failure { key: job.key.clone(), log: log_path.clone(), at: store::now_rfc3339(), message: message.clone() })
-            })?;
+            record_failure(store, job, &log_path, &message)?;
             ui.failure(&job.stage, &why, &log_path);
             Ok(Outcome::Failed)
         }
         Some(_) => {
             let metrics = fs::read(dir.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-            for extra in ["spec.json", "metrics.json", "progress"] {
+            for extra in ["spec.json", "metrics.json", "progress", "job.sh", "exit"] {
                 let _ = fs::remove_file(dir.join(extra));
             }
             if let Some(changed) = changed_inputs(job, store) {
                 let message = format!(
                     "the stage wrote into its input {changed}; a stage must only read its inputs (they are rebuilt on the next run)"
                 );
-                store.update_state(&job.stage, |s| {
-                    s.last_failure = Some(store::Failure {
-                        key: job.key.clone(),
-                        log: log_path.clone(),
-                        at: store::now_rfc3339(),
-                        message: message.clone(),
-                    })
-                })?;
+                record_failure(store, job, &log_path, &message)?;
                 ui.error(&format!("stage `{}`: {message}", job.stage));
                 return Ok(Outcome::Failed);
             }
@@ -406,6 +396,62 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
             Ok(Outcome::Built(Arc::new(manifest.head())))
         }
     }
+}
+
+/// The command that runs a stage from its spec, wherever it runs: the local
+/// executor starts it, the Slurm executor's job script runs it.
+pub fn runner_command(spec: &Path, threads: usize) -> Result<Command> {
+    let threads = threads.to_string();
+    let mut runner = Command::new(crate::kinds::runner()?);
+    runner.arg("run").arg(spec).env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads).env("POLARS_MAX_THREADS", &threads);
+    Ok(runner)
+}
+
+/// Runs the stage as a child of this process, its output into `log`, until
+/// it exits; `None` when the run was interrupted (the stage is then killed).
+fn run_local(mut child: Command, log: File, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -> Result<Option<Ended>> {
+    child.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    // SAFETY: prctl and getppid are async-signal-safe. If we die, the runner
+    // gets SIGTERM and kills its whole process group (llmflow-stage's
+    // `die_with_group`); if we died before the prctl, it does not start.
+    let engine = std::process::id() as libc::pid_t;
+    unsafe {
+        child.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if libc::getppid() != engine {
+                // No allocation between fork and exec: a bare OS error.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let mut child = child.spawn().context("cannot start the stage process")?;
+    loop {
+        if exited(&child) {
+            // Whatever the stage left running dies before its output is hashed.
+            let status = end_group(&mut child)?;
+            let why = match status.code() {
+                Some(c) => format!("exit status {c}"),
+                None => "killed by a signal".to_string(),
+            };
+            return Ok(Some(Ended { success: status.success(), why }));
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            let _ = end_group(&mut child);
+            return Ok(None);
+        }
+        if let Ok(text) = fs::read_to_string(dir.join("progress")) {
+            ui.progress(bar, &text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn record_failure(store: &Store, job: &Job, log: &Path, message: &str) -> Result<()> {
+    store.update_state(&job.stage, |s| {
+        s.last_failure =
+            Some(store::Failure { key: job.key.clone(), log: log.to_path_buf(), at: store::now_rfc3339(), message: message.to_string() })
+    })
 }
 
 /// The last line of the log that looks like an error, for `status`.

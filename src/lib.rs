@@ -4,7 +4,8 @@
 //! This crate is the engine. It knows nothing about language models: it reads
 //! `pipeline.toml` ([`config`]), expands sweeps into variants ([`sweep`]), builds the stage graph ([`graph`]),
 //! fingerprints every stage ([`plan`]), keeps built outputs in an artifact
-//! store ([`store`]) and runs stages as child processes ([`exec`]). What a
+//! store ([`store`]) and runs stages as child processes ([`exec`]) or as Slurm batch jobs
+//! ([`slurm`]). What a
 //! stage *does* lives in the `llmflow-stages` crate and its `llmflow-stage`
 //! binary, which the engine reaches only through a process boundary
 //! ([`protocol`], [`kinds`]); the engine binary never loads libtorch.
@@ -27,6 +28,7 @@ pub mod graph;
 pub mod hash;
 pub mod kinds;
 pub mod plan;
+pub mod slurm;
 pub use llmflow_protocol as protocol;
 pub mod store;
 pub mod sweep;

@@ -53,7 +53,7 @@ enum Cmd {
         #[arg(short, long)]
         keep_going: bool,
     },
-    /// Show every stage: fresh, stale (and why), missing, running or failed.
+    /// Show every stage: fresh, stale (and why), missing, queued (on Slurm), running or failed.
     Status {
         /// Machine-readable output.
         #[arg(long)]

@@ -60,12 +60,14 @@ pub enum State {
     Fresh,
     Stale,
     Missing,
+    /// Waiting in a Slurm queue.
+    Queued,
     Running,
     Failed,
 }
 
 /// Every state, in the order of their discriminants.
-pub const STATES: [State; 5] = [State::Fresh, State::Stale, State::Missing, State::Running, State::Failed];
+pub const STATES: [State; 6] = [State::Fresh, State::Stale, State::Missing, State::Queued, State::Running, State::Failed];
 
 impl State {
     pub fn as_str(self) -> &'static str {
@@ -73,6 +75,7 @@ impl State {
             State::Fresh => "fresh",
             State::Stale => "stale",
             State::Missing => "missing",
+            State::Queued => "queued",
             State::Running => "running",
             State::Failed => "failed",
         }
@@ -208,8 +211,14 @@ fn status_of(
             }
         };
         if let Some(pid) = store.holder(&s.name) {
-            status.state = State::Running;
-            status.reasons.insert(0, format!("being built by process {pid}"));
+            // A run building it on Slurm records its job while it is in flight.
+            let (state, why) = match crate::slurm::record(store, &s.name) {
+                Some(job) if job.state == "queued" => (State::Queued, job.describe()),
+                Some(job) => (State::Running, job.describe()),
+                None => (State::Running, format!("being built by process {pid}")),
+            };
+            status.state = state;
+            status.reasons.insert(0, why);
         } else if let Some(f) = state.last_failure.filter(|f| status.key.as_ref() == Some(&f.key)) {
             status.state = State::Failed;
             status.reasons.insert(0, format!("last build failed: {}", f.message));

@@ -7,6 +7,7 @@
 //! artifacts/.work/<stage>/<key>/           checkpoints of an interrupted build
 //! artifacts/.logs/<stage>/<key>.log        the stage process's output
 //! artifacts/.state/<stage>.json            last good key and last failure
+//! artifacts/.state/jobs/<stage>.json       a Slurm job in flight: its id, state and node
 //! artifacts/.locks/<stage>.lock            held while a stage builds
 //! artifacts/.locks/holders/                 one file per run or gc using the store
 //! artifacts/.llmflow-store                  marks the folder as a store; runs lock it
@@ -350,6 +351,11 @@ impl Store {
             .collect();
         found.sort();
         found
+    }
+
+    /// The record of `stage`'s Slurm job while it is in flight (see `slurm::JobRecord`).
+    pub fn job_path(&self, stage: &str) -> PathBuf {
+        self.root.join(".state").join("jobs").join(format!("{stage}.json"))
     }
 
     pub fn stat_cache_path(&self) -> PathBuf {

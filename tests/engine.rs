@@ -8,32 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Project};
-
-/// a → b → c, plus an independent d. Each stage counts its runs in runs/NAME
-/// and its output includes its input's, so a change propagates.
-const CHAIN: &str = r#"
-[pipeline]
-name = "chain"
-
-[stages.a]
-kind = "command"
-cmd = "mkdir -p runs && echo run >> runs/a && echo alpha > {out}/data.txt"
-
-[stages.b]
-kind = "command"
-input = "a"
-cmd = "mkdir -p runs && echo run >> runs/b && cat {inputs.input}/data.txt > {out}/data.txt && echo beta >> {out}/data.txt"
-
-[stages.c]
-kind = "command"
-inputs = { up = "b" }
-cmd = "mkdir -p runs && echo run >> runs/c && cat {inputs.up}/data.txt > {out}/data.txt && echo gamma >> {out}/data.txt"
-
-[stages.d]
-kind = "command"
-cmd = "mkdir -p runs && echo run >> runs/d && echo delta > {out}/data.txt"
-"#;
+use common::{wait_for, Project, CHAIN};
 
 fn runs(p: &Project) -> [usize; 4] {
     [p.runs("a"), p.runs("b"), p.runs("c"), p.runs("d")]

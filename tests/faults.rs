@@ -16,11 +16,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::Project;
+use common::{assert_same_outputs, Project};
 
 const PIPELINE: &str = r#"
 [pipeline]
@@ -79,72 +78,6 @@ fn project() -> Project {
     let p = Project::new(PIPELINE);
     p.write_corpus(60_000);
     p
-}
-
-/// Every stage's output files, from its manifest: name → (path → BLAKE3), and where they are.
-fn outputs(p: &Project) -> BTreeMap<String, (BTreeMap<String, String>, PathBuf)> {
-    let status = p.status_json();
-    status["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let out = PathBuf::from(s["out"].as_str().unwrap_or_else(|| panic!("{} is not built: {s}", s["name"])));
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&fs::read(out.parent().unwrap().join("manifest.json")).unwrap()).unwrap();
-            let files = manifest["files"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| (f["path"].as_str().unwrap().into(), f["blake3"].as_str().unwrap().into()));
-            (s["name"].as_str().unwrap().to_string(), (files.collect(), out))
-        })
-        .collect()
-}
-
-/// Wall-clock measurements (tokens or examples per second, seconds): they
-/// differ between any two runs, killed or not.
-const TIMINGS: [&str; 3] = ["tokens_per_s", "examples_per_s", "seconds"];
-
-fn strip_timings(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(map) => {
-            map.retain(|k, _| !TIMINGS.contains(&k.as_str()));
-            map.values_mut().for_each(strip_timings);
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_timings),
-        _ => {}
-    }
-}
-
-/// A file's contents without its timings: JSON and JSON Lines without the
-/// [`TIMINGS`] keys, text without the report card's throughput rows.
-fn without_timings(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap();
-    let json = |text: &str| {
-        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
-        strip_timings(&mut v);
-        v.to_string()
-    };
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("json") => json(&text),
-        Some("jsonl") => text.lines().map(json).collect::<Vec<_>>().join("\n"),
-        _ => text.lines().filter(|line| !line.contains("/s (")).collect::<Vec<_>>().join("\n"),
-    }
-}
-
-/// Asserts that two stores hold the same outputs, byte for byte, apart from timings.
-fn assert_same_outputs(got: &Project, expected: &Project, context: &str) {
-    let (got, expected) = (outputs(got), outputs(expected));
-    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{context}");
-    for (stage, (files, out)) in &got {
-        let (want, want_out) = &expected[stage];
-        assert_eq!(files.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{context}: {stage}'s files");
-        for (file, digest) in files.iter().filter(|(f, d)| want[*f] != **d) {
-            let same = without_timings(&out.join(file)) == without_timings(&want_out.join(file));
-            assert!(same, "{context}: {stage}/{file} differs from an uninterrupted run's ({digest})");
-        }
-    }
 }
 
 /// xorshift64*: the test's own generator, so a seed replays the same kills.

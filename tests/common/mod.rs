@@ -1,6 +1,7 @@
 //! Helpers for driving the real `llmflow` binary on tiny pipelines.
 #![allow(dead_code)] // each test file uses a different subset
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -151,6 +152,31 @@ pub fn counting_stage(name: &str, inputs: &str, text: &str) -> String {
     )
 }
 
+/// a → b → c, plus an independent d. Each stage counts its runs in runs/NAME
+/// and its output includes its input's, so a change propagates.
+pub const CHAIN: &str = r#"
+[pipeline]
+name = "chain"
+
+[stages.a]
+kind = "command"
+cmd = "mkdir -p runs && echo run >> runs/a && echo alpha > {out}/data.txt"
+
+[stages.b]
+kind = "command"
+input = "a"
+cmd = "mkdir -p runs && echo run >> runs/b && cat {inputs.input}/data.txt > {out}/data.txt && echo beta >> {out}/data.txt"
+
+[stages.c]
+kind = "command"
+inputs = { up = "b" }
+cmd = "mkdir -p runs && echo run >> runs/c && cat {inputs.up}/data.txt > {out}/data.txt && echo gamma >> {out}/data.txt"
+
+[stages.d]
+kind = "command"
+cmd = "mkdir -p runs && echo run >> runs/d && echo delta > {out}/data.txt"
+"#;
+
 /// The data stages of a tiny training pipeline: `corpus` (from corpus.txt,
 /// which [`Project::write_corpus`] writes), `tok` (512 tokens) and `tokens`.
 pub const TINY_DATA: &str = r#"
@@ -173,5 +199,71 @@ impl Project {
     pub fn write_corpus(&self, bytes: usize) {
         let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/corpora/tinyshakespeare.txt")).unwrap();
         self.write("corpus.txt", &text[..bytes]);
+    }
+}
+
+/// Every stage's output files, from its manifest: name → (path → BLAKE3), and where they are.
+pub fn outputs(p: &Project) -> BTreeMap<String, (BTreeMap<String, String>, PathBuf)> {
+    let status = p.status_json();
+    status["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let out = PathBuf::from(s["out"].as_str().unwrap_or_else(|| panic!("{} is not built: {s}", s["name"])));
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&fs::read(out.parent().unwrap().join("manifest.json")).unwrap()).unwrap();
+            let files = manifest["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| (f["path"].as_str().unwrap().into(), f["blake3"].as_str().unwrap().into()));
+            (s["name"].as_str().unwrap().to_string(), (files.collect(), out))
+        })
+        .collect()
+}
+
+/// Wall-clock measurements (tokens or examples per second, seconds): they
+/// differ between any two runs, killed or not.
+const TIMINGS: [&str; 3] = ["tokens_per_s", "examples_per_s", "seconds"];
+
+fn strip_timings(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            map.retain(|k, _| !TIMINGS.contains(&k.as_str()));
+            map.values_mut().for_each(strip_timings);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_timings),
+        _ => {}
+    }
+}
+
+/// A file's contents without its timings: JSON and JSON Lines without the
+/// [`TIMINGS`] keys, text without the report card's throughput rows.
+fn without_timings(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap();
+    let json = |text: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+        strip_timings(&mut v);
+        v.to_string()
+    };
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => json(&text),
+        Some("jsonl") => text.lines().map(json).collect::<Vec<_>>().join("\n"),
+        _ => text.lines().filter(|line| !line.contains("/s (")).collect::<Vec<_>>().join("\n"),
+    }
+}
+
+/// Asserts that two stores hold the same outputs, byte for byte, apart from timings.
+pub fn assert_same_outputs(got: &Project, expected: &Project, context: &str) {
+    let (got, expected) = (outputs(got), outputs(expected));
+    assert_eq!(got.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{context}");
+    for (stage, (files, out)) in &got {
+        let (want, want_out) = &expected[stage];
+        assert_eq!(files.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{context}: {stage}'s files");
+        for (file, digest) in files.iter().filter(|(f, d)| want[*f] != **d) {
+            let same = without_timings(&out.join(file)) == without_timings(&want_out.join(file));
+            assert!(same, "{context}: {stage}/{file} differs ({digest})");
+        }
     }
 }
