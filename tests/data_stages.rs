@@ -217,3 +217,50 @@ fn a_corrupt_file_is_named_with_its_line_or_skipped() {
         .collect::<String>();
     assert!(log.contains("warning: skipped raw/b.jsonl: line 3: invalid JSON"), "{log}");
 }
+
+#[test]
+fn a_corrupt_part_of_a_command_output_is_named_by_filter_or_skipped() {
+    // `mixed` publishes a good part and a copy of it with its first data
+    // page overwritten; nothing checks a command's output, filter is the
+    // first to read it.
+    let p = Project::new(
+        r#"
+[stages.corpus]
+kind = "download"
+sources = [{ url = "raw/*.jsonl" }]
+
+[stages.mixed]
+kind = "command"
+inputs = { docs = "corpus" }
+cmd = "mkdir -p {out}/docs && cp {inputs.docs}/docs/part-00000.parquet {out}/docs/ && cp {inputs.docs}/docs/part-00000.parquet {out}/docs/part-00001.parquet && printf '%0100d' 0 | dd of={out}/docs/part-00001.parquet bs=1 seek=64 conv=notrunc 2>/dev/null"
+
+[stages.clean]
+kind = "filter"
+input = "mixed"
+min_chars = 20
+language = { enabled = false }
+gopher_repetition = { enabled = false }
+gopher_quality = { enabled = false }
+c4 = { enabled = false }
+fineweb = { enabled = false }
+"#,
+    );
+    p.write("raw/a.jsonl", &jsonl(1, 100_000));
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("cannot read docs/part-00001.parquet"), "{}", run.all());
+    assert!(run.all().contains("part-00001.parquet: row group 0 (rows 0.."), "{}", run.all());
+
+    p.edit("fineweb = { enabled = false }", "fineweb = { enabled = false }\non_error = \"skip\"");
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let m = metrics(&p, "clean");
+    assert_eq!(m["skipped"][0]["file"], "docs/part-00001.parquet", "{m}");
+    assert!(m["skipped"][0]["error"].as_str().unwrap().contains("row group 0"), "{m}");
+    assert_eq!(m["documents_in"], metrics(&p, "corpus")["documents"], "the good part is filtered");
+    let log = fs::read_dir(p.artifacts().join(".logs/clean"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect::<String>();
+    assert!(log.contains("warning: skipped docs/part-00001.parquet:"), "{log}");
+}
