@@ -37,8 +37,9 @@
 //! the part's token runs instead, one per split (`units/KEY.train.tokens.bin`,
 //! `KEY.val.tokens.bin`: the tokens at the shards' width, no header), and
 //! the stage then packs the runs of all parts, in order, into shards: a copy
-//! of bytes next to encoding. An added part is encoded alone, and the shards
-//! are byte for byte what a full rebuild writes.
+//! of bytes next to encoding, for as much disk again as the shards. An added
+//! part is encoded alone, and the shards are byte for byte what a full
+//! rebuild writes.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
