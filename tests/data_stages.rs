@@ -1,6 +1,7 @@
 //! The data stages at corpus scale, through the real binaries: peak memory
 //! within `memory_mb` on a corpus larger than what the budget leaves for
-//! buffers, an added input file rebuilt alone and equal to a full rebuild,
+//! buffers, an added input file downloaded, filtered, signed and tokenized
+//! alone with every output equal to a full rebuild's,
 //! `against` dedup, and corrupt files named with their line or skipped.
 
 mod common;
@@ -41,10 +42,14 @@ fn jsonl(seed: u64, bytes: usize) -> String {
     out
 }
 
-fn metrics(p: &Project, stage: &str) -> serde_json::Value {
+/// The manifest of a stage's current artifact.
+fn manifest(p: &Project, stage: &str) -> serde_json::Value {
     let dir = p.out_dir(stage);
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(dir.parent().unwrap().join("manifest.json")).unwrap()).unwrap();
-    manifest["metrics"].clone()
+    serde_json::from_slice(&fs::read(dir.parent().unwrap().join("manifest.json")).unwrap()).unwrap()
+}
+
+fn metrics(p: &Project, stage: &str) -> serde_json::Value {
+    manifest(p, stage)["metrics"].clone()
 }
 
 /// Every file of a stage's output, by path, with its bytes.
@@ -112,10 +117,29 @@ fn peak_memory_stays_within_the_budget_on_a_corpus_larger_than_it() {
     assert!(metrics(&p, "dedup")["duplicate_fraction"].as_f64().unwrap() > 0.09);
 }
 
+/// A tokenizer trained on a file of its own (so it stays the same when the
+/// corpus grows) and `shard` on the deduplicated documents, in shards of
+/// 200,000 tokens that run across the 1 MB parts.
+const SHARD: &str = r#"
+[stages.vocab]
+kind = "download"
+sources = [{ url = "vocab.txt", split = "paragraph" }]
+
+[stages.tok]
+kind = "train_tokenizer"
+input = "vocab"
+vocab_size = 512
+
+[stages.tokens]
+kind = "shard"
+inputs = { docs = "dedup", tokenizer = "tok" }
+shard_tokens = 200000
+"#;
+
 #[test]
-fn an_added_file_is_read_alone_and_the_result_equals_a_full_rebuild() {
+fn an_added_file_is_processed_alone_and_the_result_equals_a_full_rebuild() {
     let stages = format!(
-        "{}\n[stages.more]\nkind = \"download\"\nsources = [{{ url = \"more.jsonl\" }}]\n\n[stages.more_dedup]\nkind = \"dedup\"\ninputs = {{ input = \"more\", against = \"dedup\" }}\n",
+        "{}{SHARD}\n[stages.more]\nkind = \"download\"\nsources = [{{ url = \"more.jsonl\" }}]\n\n[stages.more_dedup]\nkind = \"dedup\"\ninputs = {{ input = \"more\", against = \"dedup\" }}\n",
         STAGES.replace("PART", "1")
     );
     let incremental = Project::new(&stages);
@@ -130,11 +154,14 @@ fn an_added_file_is_read_alone_and_the_result_equals_a_full_rebuild() {
     // `more`: 50 documents of file 0 and 50 of its own (5 of them repeats).
     let own = jsonl(9, 200_000);
     let more: Vec<&str> = files[0].lines().take(50).chain(own.lines().take(50)).collect();
+    let vocab = jsonl(7, 200_000);
     for p in [&incremental, &full] {
         p.write("more.jsonl", &(more.join("\n") + "\n"));
+        p.write("vocab.txt", &vocab.replace("{\"text\":", "\n"));
     }
-    let run = incremental.llmflow(&["run", "dedup"]);
+    let run = incremental.llmflow(&["run", "tokens"]);
     assert_eq!(run.code, 0, "{}", run.all());
+    let parts_before = outputs(&incremental, "dedup").into_iter().filter(|(path, _)| path.starts_with("docs/")).collect::<Vec<_>>();
     incremental.write("raw/3.jsonl", &files[3]);
     let run = incremental.llmflow(&["run"]);
     assert_eq!(run.code, 0, "{}", run.all());
@@ -143,11 +170,26 @@ fn an_added_file_is_read_alone_and_the_result_equals_a_full_rebuild() {
     assert_eq!(metrics(&incremental, "clean")["parts_cached"], 3);
     assert_eq!(fs::read_dir(incremental.out_dir("clean").join("units")).unwrap().count(), 4);
     assert_eq!(metrics(&incremental, "dedup")["parts_cached"], 3);
+    // Dedup's output parts before the new documents are unchanged: shard
+    // encodes only the parts that changed or are new, and packs all runs.
+    let parts_after: Vec<_> = outputs(&incremental, "dedup").into_iter().filter(|(path, _)| path.starts_with("docs/")).collect();
+    let unchanged = parts_after.iter().filter(|part| parts_before.contains(part)).count();
+    assert!(unchanged >= 1 && unchanged < parts_after.len(), "{unchanged} of {} parts unchanged", parts_after.len());
+    let m = metrics(&incremental, "tokens");
+    assert_eq!(m["parts_cached"], unchanged, "{m}");
+    let log = fs::read_dir(incremental.artifacts().join(".logs/tokens"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .find(|log| log.contains(&format!("{unchanged} unchanged since a cached run")))
+        .unwrap_or_default();
+    assert!(log.contains(&format!("{} of {} parts encoded", parts_after.len() - unchanged, parts_after.len())), "{log}");
 
     let run = full.llmflow(&["run"]);
     assert_eq!(run.code, 0, "{}", run.all());
-    for stage in ["corpus", "clean", "dedup", "more_dedup"] {
+    assert_eq!(metrics(&full, "tokens")["parts_cached"], 0);
+    for stage in ["corpus", "clean", "dedup", "tokens", "more_dedup"] {
         assert!(outputs(&incremental, stage) == outputs(&full, stage), "{stage}: the incremental build differs from the full one");
+        assert_eq!(manifest(&incremental, stage)["output_digest"], manifest(&full, stage)["output_digest"], "{stage}");
     }
     // Deduplicated against `dedup`: file 0's documents go, the new ones stay.
     let m = metrics(&full, "more_dedup");
@@ -174,4 +216,51 @@ fn a_corrupt_file_is_named_with_its_line_or_skipped() {
         .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
         .collect::<String>();
     assert!(log.contains("warning: skipped raw/b.jsonl: line 3: invalid JSON"), "{log}");
+}
+
+#[test]
+fn a_corrupt_part_of_a_command_output_is_named_by_filter_or_skipped() {
+    // `mixed` publishes a good part and a copy of it with its first data
+    // page overwritten; nothing checks a command's output, filter is the
+    // first to read it.
+    let p = Project::new(
+        r#"
+[stages.corpus]
+kind = "download"
+sources = [{ url = "raw/*.jsonl" }]
+
+[stages.mixed]
+kind = "command"
+inputs = { docs = "corpus" }
+cmd = "mkdir -p {out}/docs && cp {inputs.docs}/docs/part-00000.parquet {out}/docs/ && cp {inputs.docs}/docs/part-00000.parquet {out}/docs/part-00001.parquet && printf '%0100d' 0 | dd of={out}/docs/part-00001.parquet bs=1 seek=64 conv=notrunc 2>/dev/null"
+
+[stages.clean]
+kind = "filter"
+input = "mixed"
+min_chars = 20
+language = { enabled = false }
+gopher_repetition = { enabled = false }
+gopher_quality = { enabled = false }
+c4 = { enabled = false }
+fineweb = { enabled = false }
+"#,
+    );
+    p.write("raw/a.jsonl", &jsonl(1, 100_000));
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("cannot read docs/part-00001.parquet"), "{}", run.all());
+    assert!(run.all().contains("part-00001.parquet: row group 0 (rows 0.."), "{}", run.all());
+
+    p.edit("fineweb = { enabled = false }", "fineweb = { enabled = false }\non_error = \"skip\"");
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let m = metrics(&p, "clean");
+    assert_eq!(m["skipped"][0]["file"], "docs/part-00001.parquet", "{m}");
+    assert!(m["skipped"][0]["error"].as_str().unwrap().contains("row group 0"), "{m}");
+    assert_eq!(m["documents_in"], metrics(&p, "corpus")["documents"], "the good part is filtered");
+    let log = fs::read_dir(p.artifacts().join(".logs/clean"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect::<String>();
+    assert!(log.contains("warning: skipped docs/part-00001.parquet:"), "{log}");
 }

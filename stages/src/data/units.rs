@@ -11,14 +11,19 @@
 //! `KEY.ROLE.NAME`, the record last, so the cache holds whole units only;
 //! the build that uses a unit hard-links its files into `out/` and its record
 //! into `out/units/`, and `gc` keeps a unit while an artifact links it.
+//!
+//! A file that cannot be read or parsed fails the stage, or with
+//! [`OnError::Skip`] is left out: [`gather`] logs it and lists it in the
+//! metric `skipped`.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::StageCtx;
 
@@ -35,6 +40,44 @@ pub struct Units {
     cache: PathBuf,
     work: PathBuf,
     out: PathBuf,
+}
+
+/// What a data stage does with an input file it cannot read or parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Fail,
+    Skip,
+}
+
+/// The units of a stage's input files, in order, from each file's label and
+/// its unit (`true`: from the cache) or error; returns them with how many
+/// came from the cache. An error fails the stage naming the file, or with
+/// `Skip` is logged and listed in the metric `skipped` (file and error).
+pub fn gather(
+    results: impl IntoIterator<Item = (String, Result<(Unit, bool)>)>,
+    on_error: OnError,
+    ctx: &mut StageCtx,
+) -> Result<(Vec<Unit>, usize)> {
+    let (mut units, mut skipped, mut cached) = (Vec::new(), Vec::new(), 0);
+    for (label, result) in results {
+        match result {
+            Ok((unit, hit)) => {
+                cached += usize::from(hit);
+                units.push(unit);
+            }
+            Err(e) if on_error == OnError::Skip => {
+                eprintln!("warning: skipped {label}: {e:#}");
+                skipped.push(json!({ "file": label, "error": format!("{e:#}") }));
+            }
+            Err(e) => return Err(e.context(format!("cannot read {label} (on_error = \"skip\" leaves such a file out)"))),
+        }
+    }
+    if !skipped.is_empty() {
+        ctx.metric("skipped", &skipped);
+    }
+    Ok((units, cached))
 }
 
 /// The key of a unit: BLAKE3 of everything it depends on, as JSON.

@@ -14,7 +14,7 @@
 //! ([`Manifest`]), which lists the shards of each split with their token counts.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -50,6 +50,17 @@ impl Width {
             Width::U16 => 2,
             Width::U32 => 4,
         }
+    }
+
+    /// Appends `ids` as little-endian tokens of this width.
+    pub fn encode(self, ids: &[u32], out: &mut Vec<u8>) -> Result<()> {
+        for &id in ids {
+            match self {
+                Width::U16 => out.extend_from_slice(&u16::try_from(id).context("token id exceeds uint16")?.to_le_bytes()),
+                Width::U32 => out.extend_from_slice(&id.to_le_bytes()),
+            }
+        }
+        Ok(())
     }
 
     /// `(magic, version)` in the header.
@@ -138,14 +149,22 @@ impl ShardWriter {
 
     pub fn write(&mut self, ids: &[u32]) -> Result<()> {
         let mut bytes = Vec::with_capacity(ids.len() * self.width.bytes());
-        for &id in ids {
-            match self.width {
-                Width::U16 => bytes.extend_from_slice(&u16::try_from(id).context("token id exceeds uint16")?.to_le_bytes()),
-                Width::U32 => bytes.extend_from_slice(&id.to_le_bytes()),
-            }
-        }
+        self.width.encode(ids, &mut bytes)?;
         self.file.write_all(&bytes).with_context(|| format!("cannot write {}", self.path.display()))?;
         self.tokens += ids.len() as u64;
+        Ok(())
+    }
+
+    /// Appends `tokens` tokens already encoded at this width from `from`
+    /// (in the kernel where it can: `copy_file_range`).
+    pub fn copy_from(&mut self, from: &mut File, tokens: u64) -> Result<()> {
+        let bytes = tokens * self.width.bytes() as u64;
+        let copied = std::io::copy(&mut (&mut *from).take(bytes), &mut self.file)
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        if copied != bytes {
+            bail!("{}: a token file ended {} bytes early", self.path.display(), bytes - copied);
+        }
+        self.tokens += tokens;
         Ok(())
     }
 

@@ -72,7 +72,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::data::units::{self, Unit, Units};
+use crate::data::units::{self, OnError, Unit, Units};
 use crate::data::{local_dependency, working_memory_mb};
 use crate::formats::docs::{self, PartWriter, RowGroups};
 use crate::{Inputs, ParamError, Stage, StageCtx};
@@ -105,14 +105,6 @@ pub struct Params {
     pub memory_mb: usize,
     /// `fail` at a file that cannot be read, or `skip` it (logged, listed in the metric `skipped`).
     pub on_error: OnError,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum OnError {
-    #[default]
-    Fail,
-    Skip,
 }
 
 /// Memory one file being read holds: a row group of text as it is parsed,
@@ -236,20 +228,8 @@ impl Stage for Download {
         let workers = ctx.threads.min(working_memory_mb(p.memory_mb) / PER_FILE_MB).max(1);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
         let results: Vec<Result<(Unit, bool)>> = pool.install(|| files.par_iter().map(|input| read_file(input, p, &units)).collect());
-        let (mut done, mut skipped, mut cached) = (Vec::new(), Vec::new(), 0);
-        for (input, result) in files.iter().zip(results) {
-            match result {
-                Ok((unit, hit)) => {
-                    cached += usize::from(hit);
-                    done.push(unit);
-                }
-                Err(e) if p.on_error == OnError::Skip => {
-                    eprintln!("warning: skipped {}: {e:#}", input.label);
-                    skipped.push(json!({ "file": input.label, "error": format!("{e:#}") }));
-                }
-                Err(e) => return Err(e.context(format!("cannot read {} (on_error = \"skip\" leaves such a file out)", input.label))),
-            }
-        }
+        let labels = files.iter().map(|f| f.label.clone());
+        let (done, cached) = units::gather(labels.zip(results), p.on_error, ctx)?;
         units.link(&done, "docs", docs::DIR, true)?;
         let count: u64 = done.iter().map(|u| u.meta["documents"].as_u64().unwrap_or(0)).sum();
         let chars: u64 = done.iter().map(|u| u.meta["text_bytes"].as_u64().unwrap_or(0)).sum();
@@ -259,14 +239,11 @@ impl Stage for Download {
         ctx.metric("text_bytes", chars);
         ctx.metric("files", files.len());
         ctx.metric("files_cached", cached);
-        if !skipped.is_empty() {
-            ctx.metric("skipped", &skipped);
-        }
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "download: {count} documents, {chars} bytes of text from {} files ({cached} unchanged since a cached run, {} skipped) in {seconds:.1}s ({:.1} MB/s)",
             files.len(),
-            skipped.len(),
+            files.len() - done.len(),
             bytes as f64 / 1e6 / seconds.max(1e-9)
         );
         Ok(())

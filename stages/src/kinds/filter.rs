@@ -50,6 +50,11 @@
 //! is a unit cached in the store under a hash of its bytes and the params
 //! ([`crate::data::units`]): a part filtered before, by any build of the
 //! kind, is linked back in, so a new input file filters only its own parts.
+//!
+//! `on_error`: a part that cannot be read (a `command` stage's output is
+//! not checked when it is published) fails the stage, naming the part and
+//! the row group; `"skip"` leaves it out, says so in the log and lists it
+//! in the metric `skipped` (part and error).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -66,7 +71,7 @@ use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::data::text::ngram_hash;
-use crate::data::units::{self, Unit, Units};
+use crate::data::units::{self, OnError, Unit, Units};
 use crate::data::working_memory_mb;
 use crate::formats::docs::{self, PartWriter};
 use crate::{Inputs, ParamError, Stage, StageCtx};
@@ -101,6 +106,8 @@ pub struct Params {
     /// Peak memory of the stage process in MB, the runtime's 128 included; volatile: bounds how many parts are filtered at once.
     #[schemars(range(min = 256, max = 1_000_000_000))]
     pub memory_mb: usize,
+    /// `fail` at an input part that cannot be read, or `skip` it (logged, listed in the metric `skipped`).
+    pub on_error: OnError,
 }
 
 impl Default for Params {
@@ -116,6 +123,7 @@ impl Default for Params {
             pii: Pii::default(),
             part_mb: 256,
             memory_mb: 1024,
+            on_error: OnError::Fail,
         }
     }
 }
@@ -326,6 +334,7 @@ impl Stage for Filter {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "drop low-quality documents (Gopher, C4, FineWeb, language, length rules)";
     const INPUTS: Inputs = Inputs::Fixed(&["input"]);
+    const VOLATILE: &'static [&'static str] = &["memory_mb"];
     type Params = Params;
 
     fn check(p: &Params, _inputs: &[String]) -> Result<(), ParamError> {
@@ -341,10 +350,13 @@ impl Stage for Filter {
     }
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
-        let parts = docs::parts(ctx.input("input")?)?;
+        let input = ctx.input("input")?.to_path_buf();
+        let parts = docs::parts(&input)?;
         let units = Units::new(ctx)?;
         let mut key_params = serde_json::to_value(p)?;
-        key_params.as_object_mut().expect("params are a table").remove("memory_mb");
+        let key_table = key_params.as_object_mut().expect("params are a table");
+        key_table.remove("memory_mb");
+        key_table.remove("on_error");
         let rules = Rules::new(p);
         let workers = ctx.threads.min(working_memory_mb(p.memory_mb) / PER_PART_MB).max(1);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
@@ -360,12 +372,8 @@ impl Stage for Filter {
                 })
                 .collect()
         });
-        let (mut done_units, mut cached) = (Vec::new(), 0);
-        for unit in done {
-            let (unit, hit) = unit?;
-            cached += usize::from(hit);
-            done_units.push(unit);
-        }
+        let labels = parts.iter().map(|part| part.strip_prefix(&input).unwrap_or(part).display().to_string());
+        let (done_units, cached) = units::gather(labels.zip(done), p.on_error, ctx)?;
         units.link(&done_units, "docs", docs::DIR, true)?;
         units.link(&done_units, "removed", "removed", true)?;
 
@@ -379,9 +387,10 @@ impl Stage for Filter {
             }
         }
         eprintln!(
-            "filter: {n} documents in, {out} kept, {} removed ({cached} of {} parts unchanged since a cached run)",
+            "filter: {n} documents in, {out} kept, {} removed ({cached} of {} parts unchanged since a cached run, {} skipped)",
             n - out,
-            parts.len()
+            parts.len(),
+            parts.len() - done_units.len()
         );
         for (rule, count) in &counts {
             eprintln!("  {count:>9}  {rule}");

@@ -22,17 +22,36 @@
 //!
 //! Documents stream in one Parquet row group at a time and are encoded in
 //! parallel batches of at most `memory_mb` / 16 of text, so memory does not
-//! grow with the corpus; `memory_mb` (volatile) changes no byte. Output: the shards, the tokenizer (`tokenizer.json`,
-//! so training and generation need only this artifact) and `manifest.json`;
-//! see [`crate::formats::tokens`] for the format. Metrics: `documents`, `train_tokens`,
-//! `val_tokens`, `bytes_per_token`, `encode_mb_per_s`.
+//! grow with the corpus; `memory_mb` (volatile) changes no byte. Output: the
+//! shards, the tokenizer (`tokenizer.json`, so training and generation need
+//! only this artifact), `manifest.json` (see [`crate::formats::tokens`] for
+//! the format) and `units/`. Metrics: `documents`, `train_tokens`,
+//! `val_tokens`, `bytes_per_token`, `parts_cached`, and `encode_mb_per_s`
+//! when a part was encoded.
+//!
+//! Incremental: each input part is a unit ([`crate::data::units`]) cached
+//! under a hash of its bytes, the tokenizer's and `val_fraction`. A unit is
+//! not a set of shards: shards hold exactly `shard_tokens` tokens and a
+//! document runs across their boundaries, so a shard mixes parts, and one
+//! new part at the front would move every boundary after it. A unit holds
+//! the part's token runs instead, one per split (`units/KEY.train.tokens.bin`,
+//! `KEY.val.tokens.bin`: the tokens at the shards' width, no header), and
+//! the stage then packs the runs of all parts, in order, into shards: a copy
+//! of bytes next to encoding, for as much disk again as the shards. An added
+//! part is encoded alone, and the shards are byte for byte what a full
+//! rebuild writes.
 
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
+use crate::data::units::{self, Unit, Units};
 use crate::data::working_memory_mb;
 use crate::formats::docs;
 use crate::formats::tokenizer::{self, BatchEncoder, END_OF_TEXT};
@@ -62,9 +81,21 @@ impl Default for Params {
     }
 }
 
+const SPLITS: [&str; 2] = ["train", "val"];
+
+/// What encodes a part: the tokenizer and how much text goes in one batch.
+struct Encoding {
+    encoder: BatchEncoder,
+    pool: rayon::ThreadPool,
+    eot: u32,
+    width: Width,
+    val_fraction: f64,
+    batch_limit: usize,
+}
+
 impl Stage for Shard {
     const KIND: &'static str = "shard";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "encode documents into llm.c token shards (train/val) with a tokenizer";
     const INPUTS: Inputs = Inputs::Fixed(&["docs", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &["memory_mb"];
@@ -73,54 +104,56 @@ impl Stage for Shard {
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
         let docs_dir = ctx.input("docs")?.to_path_buf();
         let parts = docs::parts(&docs_dir)?;
-        let tokenizer_dir = ctx.input("tokenizer")?;
-        let tokenizer = tokenizer::load(tokenizer_dir)?;
+        let tokenizer_dir = ctx.input("tokenizer")?.to_path_buf();
+        let tokenizer = tokenizer::load(&tokenizer_dir)?;
         let eot = tokenizer
             .token_to_id(END_OF_TEXT)
             .with_context(|| format!("{}: the tokenizer has no {END_OF_TEXT} token", tokenizer_dir.display()))?;
         let vocab_size = tokenizer.get_vocab_size(true);
         let width = Width::for_vocab(vocab_size);
-        std::fs::copy(tokenizer_dir.join(tokenizer::FILE), ctx.out.join(tokenizer::FILE)).context("copying the tokenizer")?;
+        fs::copy(tokenizer_dir.join(tokenizer::FILE), ctx.out.join(tokenizer::FILE)).context("copying the tokenizer")?;
 
-        let mut train = SplitWriter::new("train", ctx, width, params.shard_tokens);
-        let mut val = SplitWriter::new("val", ctx, width, params.shard_tokens);
-        let encoder = BatchEncoder::new(&tokenizer)?;
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads).build()?;
-        // Tokens take about as much memory again as their text.
-        let batch_limit = (working_memory_mb(params.memory_mb) << 20) / 16;
-        let total_bytes: u64 = parts.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
-        let start = Instant::now();
-        let (mut documents, mut text_bytes) = (0usize, 0usize);
-        for (n, part) in parts.iter().enumerate() {
-            for df in docs::batches(part)? {
-                let df = df?;
-                let ids = df.column("id")?.str()?;
-                let texts: Vec<&str> = df.column("text")?.str()?.iter().map(Option::unwrap_or_default).collect();
-                let is_val: Vec<bool> = ids.iter().map(|id| in_val(id.unwrap_or_default(), params.val_fraction)).collect();
-                let mut first = 0;
-                while first < texts.len() {
-                    let mut last = first;
-                    let mut batch_bytes = 0;
-                    while last < texts.len() && (last == first || batch_bytes + texts[last].len() <= batch_limit) {
-                        batch_bytes += texts[last].len();
-                        last += 1;
-                    }
-                    let encoded = pool.install(|| encoder.encode(&texts[first..last]))?;
-                    for (doc, mut tokens) in (first..last).zip(encoded) {
-                        tokens.push(eot);
-                        let split = if is_val[doc] { &mut val } else { &mut train };
-                        split.push(&tokens)?;
-                    }
-                    text_bytes += batch_bytes;
-                    first = last;
+        let units = Units::new(ctx)?;
+        let tokenizer_digest = units::file_digest(&tokenizer_dir.join(tokenizer::FILE))?;
+        let encoding = Encoding {
+            encoder: BatchEncoder::new(&tokenizer)?,
+            pool: rayon::ThreadPoolBuilder::new().num_threads(ctx.threads).build()?,
+            eot,
+            width,
+            val_fraction: params.val_fraction,
+            // Tokens take about as much memory again as their text.
+            batch_limit: (working_memory_mb(params.memory_mb) << 20) / 16,
+        };
+        let total_bytes: u64 = parts.iter().filter_map(|p| fs::metadata(p).ok()).map(|m| m.len()).sum();
+        let (mut done, mut cached, mut done_bytes) = (Vec::new(), 0, 0);
+        let (mut encoded_bytes, mut encode_seconds) = (0, 0.0);
+        for part in &parts {
+            let key = units::key(&json!({
+                "shard": Shard::VERSION, "tokenizer": tokenizer_digest, "val_fraction": params.val_fraction, "part": units::file_digest(part)?,
+            }));
+            match units.load(&key) {
+                Some(unit) => {
+                    cached += 1;
+                    done.push(unit);
                 }
-                documents += texts.len();
+                None => {
+                    let start = Instant::now();
+                    let unit = units.build(&key, |dir| encode_part(part, &encoding, dir))?;
+                    encode_seconds += start.elapsed().as_secs_f64();
+                    encoded_bytes += count(&unit, "text_bytes");
+                    done.push(unit);
+                }
             }
-            let done: u64 = parts[..=n].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
-            ctx.progress(done, total_bytes, "bytes");
+            done_bytes += fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+            ctx.progress(done_bytes, total_bytes, "bytes");
         }
-        let seconds = start.elapsed().as_secs_f64();
-        let manifest = Manifest { vocab_size, width, eot, train: train.finish()?, val: val.finish()? };
+        for split in SPLITS {
+            units.link(&done, split, "units", false)?;
+        }
+
+        let [train, val] = SPLITS.map(|split| pack(split, &done, &units, &ctx.out, width, params.shard_tokens));
+        let manifest = Manifest { vocab_size, width, eot, train: train?, val: val? };
+        let documents = manifest.train.documents + manifest.val.documents;
         if manifest.train.documents == 0 {
             bail!("{}: no documents to shard", docs_dir.display());
         }
@@ -133,24 +166,98 @@ impl Stage for Shard {
         manifest.write(&ctx.out)?;
 
         let tokens = manifest.train.tokens + manifest.val.tokens;
+        let text_bytes: u64 = done.iter().map(|u| count(u, "text_bytes")).sum();
         // The end-of-text tokens are not text; leave them out of the ratio.
-        let bytes_per_token = text_bytes as f64 / (tokens - documents as u64).max(1) as f64;
-        let mb_per_s = text_bytes as f64 / 1e6 / seconds;
+        let bytes_per_token = text_bytes as f64 / (tokens - documents).max(1) as f64;
         ctx.metric("documents", documents);
         ctx.metric("train_tokens", manifest.train.tokens);
         ctx.metric("val_tokens", manifest.val.tokens);
         ctx.metric("bytes_per_token", bytes_per_token);
-        ctx.metric("encode_mb_per_s", mb_per_s);
+        ctx.metric("parts_cached", cached);
+        let encoded = if encoded_bytes > 0 {
+            let mb_per_s = encoded_bytes as f64 / 1e6 / encode_seconds;
+            ctx.metric("encode_mb_per_s", mb_per_s);
+            format!(", encoded at {mb_per_s:.1} MB/s")
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{documents} documents → {} train tokens in {} shards, {} val tokens in {} shards ({:?}); {bytes_per_token:.3} bytes per token, encoded at {mb_per_s:.1} MB/s",
+            "{documents} documents → {} train tokens in {} shards, {} val tokens in {} shards ({:?}); {bytes_per_token:.3} bytes per token; {} of {} parts encoded, {cached} unchanged since a cached run{encoded}",
             manifest.train.tokens,
             manifest.train.shards.len(),
             manifest.val.tokens,
             manifest.val.shards.len(),
             width,
+            parts.len() - cached,
+            parts.len(),
         );
         Ok(())
     }
+}
+
+fn count(unit: &Unit, field: &str) -> u64 {
+    unit.meta[field].as_u64().unwrap_or(0)
+}
+
+/// Encodes one part into `dir/train/tokens.bin` and `dir/val/tokens.bin`,
+/// each document's tokens followed by `<|endoftext|>`, in document order.
+fn encode_part(part: &Path, e: &Encoding, dir: &Path) -> Result<Value> {
+    let mut runs = Vec::new();
+    for split in SPLITS {
+        fs::create_dir_all(dir.join(split))?;
+        let path = dir.join(split).join("tokens.bin");
+        let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        runs.push((BufWriter::with_capacity(1 << 20, file), path, 0u64, 0u64));
+    }
+    let (mut text_bytes, mut bytes) = (0u64, Vec::new());
+    for df in docs::batches(part)? {
+        let df = df?;
+        let ids = df.column("id")?.str()?;
+        let texts: Vec<&str> = df.column("text")?.str()?.iter().map(Option::unwrap_or_default).collect();
+        let is_val: Vec<bool> = ids.iter().map(|id| in_val(id.unwrap_or_default(), e.val_fraction)).collect();
+        let mut first = 0;
+        while first < texts.len() {
+            let mut last = first;
+            let mut batch_bytes = 0;
+            while last < texts.len() && (last == first || batch_bytes + texts[last].len() <= e.batch_limit) {
+                batch_bytes += texts[last].len();
+                last += 1;
+            }
+            let encoded = e.pool.install(|| e.encoder.encode(&texts[first..last]))?;
+            for (doc, mut tokens) in (first..last).zip(encoded) {
+                tokens.push(e.eot);
+                let (file, path, documents, count) = &mut runs[usize::from(is_val[doc])];
+                bytes.clear();
+                e.width.encode(&tokens, &mut bytes)?;
+                file.write_all(&bytes).with_context(|| format!("cannot write {}", path.display()))?;
+                *documents += 1;
+                *count += tokens.len() as u64;
+            }
+            text_bytes += batch_bytes as u64;
+            first = last;
+        }
+    }
+    let mut meta = json!({ "text_bytes": text_bytes });
+    for (split, (mut file, path, documents, tokens)) in SPLITS.into_iter().zip(runs) {
+        file.flush().with_context(|| format!("cannot write {}", path.display()))?;
+        meta[format!("{split}_documents")] = json!(documents);
+        meta[format!("{split}_tokens")] = json!(tokens);
+    }
+    Ok(meta)
+}
+
+/// Packs the token runs of `split` of every unit, in order, into shards of
+/// `shard_tokens`.
+fn pack(split: &'static str, done: &[Unit], units: &Units, out: &Path, width: Width, shard_tokens: u64) -> Result<SplitInfo> {
+    let mut writer = SplitWriter { name: split, dir: out.to_path_buf(), width, shard_tokens, current: None, info: SplitInfo::default() };
+    for unit in done {
+        let name = unit.files.get(split).and_then(|f| f.first()).with_context(|| format!("unit {} has no {split} tokens", unit.key))?;
+        let path = units.path(name);
+        let mut run = File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        writer.append(&mut run, count(unit, &format!("{split}_tokens")))?;
+        writer.info.documents += count(unit, &format!("{split}_documents"));
+    }
+    writer.finish()
 }
 
 /// Whether the document `id` belongs to the validation split.
@@ -161,10 +268,10 @@ fn in_val(id: &str, val_fraction: f64) -> bool {
     ((h >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
 }
 
-/// The shards of one split, written as tokens arrive.
+/// The shards of one split, written as token runs are appended.
 struct SplitWriter {
     name: &'static str,
-    dir: std::path::PathBuf,
+    dir: PathBuf,
     width: Width,
     shard_tokens: u64,
     current: Option<ShardWriter>,
@@ -172,22 +279,16 @@ struct SplitWriter {
 }
 
 impl SplitWriter {
-    fn new(name: &'static str, ctx: &StageCtx, width: Width, shard_tokens: u64) -> Self {
-        SplitWriter { name, dir: ctx.out.clone(), width, shard_tokens, current: None, info: SplitInfo::default() }
-    }
-
-    /// Appends one document's tokens, opening and closing shards as they fill.
-    fn push(&mut self, mut tokens: &[u32]) -> Result<()> {
-        self.info.documents += 1;
-        while !tokens.is_empty() {
+    /// Appends `tokens` tokens from `run`, opening and closing shards as they fill.
+    fn append(&mut self, run: &mut File, mut tokens: u64) -> Result<()> {
+        while tokens > 0 {
             if self.current.is_none() {
                 self.current = Some(ShardWriter::create(&self.dir.join(self.next_file()), self.width)?);
             }
             let writer = self.current.as_mut().expect("opened above");
-            let room = (self.shard_tokens - writer.tokens()) as usize;
-            let (now, rest) = tokens.split_at(room.min(tokens.len()));
-            writer.write(now)?;
-            tokens = rest;
+            let now = (self.shard_tokens - writer.tokens()).min(tokens);
+            writer.copy_from(run, now)?;
+            tokens -= now;
             if writer.tokens() == self.shard_tokens {
                 self.close()?;
             }
