@@ -42,14 +42,8 @@ fn jsonl(seed: u64, bytes: usize) -> String {
     out
 }
 
-/// The manifest of a stage's current artifact.
-fn manifest(p: &Project, stage: &str) -> serde_json::Value {
-    let dir = p.out_dir(stage);
-    serde_json::from_slice(&fs::read(dir.parent().unwrap().join("manifest.json")).unwrap()).unwrap()
-}
-
 fn metrics(p: &Project, stage: &str) -> serde_json::Value {
-    manifest(p, stage)["metrics"].clone()
+    p.manifest(stage)["metrics"].clone()
 }
 
 /// Every file of a stage's output, by path, with its bytes.
@@ -189,7 +183,7 @@ fn an_added_file_is_processed_alone_and_the_result_equals_a_full_rebuild() {
     assert_eq!(metrics(&full, "tokens")["parts_cached"], 0);
     for stage in ["corpus", "clean", "dedup", "tokens", "more_dedup"] {
         assert!(outputs(&incremental, stage) == outputs(&full, stage), "{stage}: the incremental build differs from the full one");
-        assert_eq!(manifest(&incremental, stage)["output_digest"], manifest(&full, stage)["output_digest"], "{stage}");
+        assert_eq!(incremental.manifest(stage)["output_digest"], full.manifest(stage)["output_digest"], "{stage}");
     }
     // Deduplicated against `dedup`: file 0's documents go, the new ones stay.
     let m = metrics(&full, "more_dedup");

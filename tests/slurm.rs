@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{assert_same_outputs, wait_for, Project, Run, CHAIN, TINY_DATA};
+use common::{assert_same_outputs, manifest_of, wait_for, Project, Run, CHAIN, TINY_DATA};
 
 /// The cluster's `SLURM_CONF`, or `None` (with the reason printed) where it cannot be set up.
 fn cluster() -> Option<&'static Path> {
@@ -143,9 +143,7 @@ samples = {{ count = 1, max_tokens = 8 }}
             .unwrap()
             .iter()
             .map(|s| {
-                let out = PathBuf::from(s["out"].as_str().unwrap());
-                let manifest: serde_json::Value =
-                    serde_json::from_slice(&fs::read(out.parent().unwrap().join("manifest.json")).unwrap()).unwrap();
+                let manifest = manifest_of(&PathBuf::from(s["out"].as_str().unwrap()));
                 (s["name"].as_str().unwrap().into(), s["key"].as_str().unwrap().into(), manifest["output_digest"].as_str().unwrap().into())
             })
             .collect()

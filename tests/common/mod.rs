@@ -99,6 +99,11 @@ impl Project {
         PathBuf::from(st["out"].as_str().unwrap_or_else(|| panic!("{stage} has no artifact: {st}")))
     }
 
+    /// The manifest of a stage's current artifact.
+    pub fn manifest(&self, stage: &str) -> serde_json::Value {
+        manifest_of(&self.out_dir(stage))
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let r = self.llmflow(&["status", "--json"]);
         assert_eq!(r.code, 0, "{}", r.all());
@@ -202,6 +207,11 @@ impl Project {
     }
 }
 
+/// The manifest of the artifact whose `out/` is `out`.
+pub fn manifest_of(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(out.parent().unwrap().join("manifest.json")).unwrap()).unwrap()
+}
+
 /// Every stage's output files, from its manifest: name → (path → BLAKE3), and where they are.
 pub fn outputs(p: &Project) -> BTreeMap<String, (BTreeMap<String, String>, PathBuf)> {
     let status = p.status_json();
@@ -211,8 +221,7 @@ pub fn outputs(p: &Project) -> BTreeMap<String, (BTreeMap<String, String>, PathB
         .iter()
         .map(|s| {
             let out = PathBuf::from(s["out"].as_str().unwrap_or_else(|| panic!("{} is not built: {s}", s["name"])));
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&fs::read(out.parent().unwrap().join("manifest.json")).unwrap()).unwrap();
+            let manifest = manifest_of(&out);
             let files = manifest["files"]
                 .as_array()
                 .unwrap()
