@@ -30,9 +30,9 @@ STAMP         := $(LIBTORCH_DIR)/.torch-$(TORCH_VERSION)$(if $(filter 1,$(CUDA))
 
 export LIBTORCH := $(LIBTORCH_DIR)/torch
 
-.PHONY: setup sandbox build run lint test clean
+.PHONY: setup sandbox gloo build run lint test clean
 
-setup: $(STAMP) sandbox
+setup: $(STAMP) sandbox gloo
 
 # Code evaluation (HumanEval) runs the model's programs in bubblewrap's sandbox.
 sandbox:
@@ -42,6 +42,18 @@ sandbox:
 			apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
 		else \
 			echo "warning: bubblewrap is missing; install it (apt-get install bubblewrap) to evaluate code"; \
+		fi; }
+
+# Training across processes (`processes = N`) goes through libtorch's c10d
+# and Gloo; libtorch_cpu has Gloo built in, but the wheel lacks its headers,
+# which the stage runner is compiled against (stages/build.rs).
+gloo:
+	@test -f /usr/include/gloo/config.h || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing libgloo-dev (Gloo's headers, for training across processes)"; \
+			apt-get update -qq && apt-get install -y -qq libgloo-dev >/dev/null; \
+		else \
+			echo "warning: Gloo's headers are missing; install them (apt-get install libgloo-dev) to train across processes"; \
 		fi; }
 
 $(STAMP):

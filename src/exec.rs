@@ -102,7 +102,9 @@ struct Job {
     input_heads: BTreeMap<String, Arc<Head>>,
     deps: BTreeMap<String, String>,
     force: bool,
+    /// A node's threads, shared by the stage's ranks on it.
     threads: usize,
+    processes: usize,
     slurm: Option<slurm::Request>,
 }
 
@@ -136,6 +138,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     for &i in &wanted {
         if let (Some(req), true) = (&p.stages[i].slurm, planned[i].state != State::Fresh || forced.contains(&i)) {
             slurm::sbatch(&p.stages[i].name, req)?;
+            req.tasks_per_node(&p.stages[i].name, p.stages[i].resolved.resources.processes)?;
         }
     }
     let mut cache = StatCache::open(store.stat_cache_path());
@@ -194,8 +197,9 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 let res = s.resolved.resources;
                 // The same threads wherever it runs, unless its Slurm request sets them: a
                 // stage's output may depend on how it splits its work.
-                let threads = match s.slurm.as_ref().and_then(|r| r.cpus_per_task) {
-                    Some(cpus) => cpus,
+                let threads = match s.slurm.as_ref().and_then(|r| Some((r.cpus_per_task?, r.tasks_per_node(&s.name, res.processes).ok()?)))
+                {
+                    Some((cpus, tasks)) => cpus * tasks,
                     None => res.threads.unwrap_or(cores).clamp(1, cores),
                 };
                 let held = s.slurm.is_none().then_some(res);
@@ -217,6 +221,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     deps,
                     force,
                     threads,
+                    processes: res.processes,
                     slurm: s.slurm.clone(),
                 };
                 running.insert(i, held);
@@ -328,7 +333,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     let runner = runner_command(&spec_path, job.threads)?;
     let ended = match &job.slurm {
         None => run_local(runner, log, &dir, ui, &bar)?,
-        Some(req) => match slurm::submit(store, &job.stage, &job.key, req, &runner, job.threads, &dir, &log_path, root)? {
+        Some(req) => match slurm::submit(store, &job.stage, &job.key, req, &runner, job.threads, job.processes, &dir, &log_path, root)? {
             Ok(submitted) => {
                 ui.status("Submitted", &format!("{} as Slurm job {}", job.stage, submitted.id));
                 slurm::follow(submitted, &dir, ui, &bar)?

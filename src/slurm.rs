@@ -82,11 +82,9 @@ pub fn field_args(field: &str, value: &toml::Value) -> Result<(Vec<String>, Stri
             args.map(|a| (a, shown.clone())).ok_or_else(|| "must be a list of sbatch options, e.g. [\"--exclusive\"]".to_string())
         }
         ("extra", _) => Err("must be a list of sbatch options, e.g. [\"--exclusive\"]".to_string()),
-        ("nodes" | "ntasks_per_node", toml::Value::Integer(1)) => one("1".into()),
-        ("nodes" | "ntasks_per_node", toml::Value::Integer(_)) => {
-            Err("must be 1: a stage runs as one task on one node (multi-process training is not supported yet)".to_string())
-        }
-        ("cpus_per_task" | "gpus_per_node", toml::Value::Integer(n)) if *n >= 1 => one(n.to_string()),
+        ("nodes" | "ntasks_per_node" | "cpus_per_task" | "gpus_per_node", toml::Value::Integer(n)) if *n >= 1 => one(n.to_string()),
+        ("nodes", _) => Err("must be a whole number of nodes, 1 or more".to_string()),
+        ("ntasks_per_node", _) => Err("must be a whole number of tasks, 1 or more".to_string()),
         ("cpus_per_task", _) => Err("must be a whole number of CPUs, 1 or more".to_string()),
         // `--gpus-per-node` takes `[type:]count`, `--mem` a size such as 16G (or MB as a number).
         ("gpus_per_node" | "mem", toml::Value::String(s)) if !s.is_empty() => one(s.clone()),
@@ -95,6 +93,31 @@ pub fn field_args(field: &str, value: &toml::Value) -> Result<(Vec<String>, Stri
         ("mem", _) => Err("must be a size such as \"16G\" or a number of MB".to_string()),
         (_, toml::Value::String(s)) if !s.is_empty() => one(s.clone()),
         _ => Err("must be a non-empty string".to_string()),
+    }
+}
+
+impl Request {
+    fn number(&self, field: &str) -> Option<(usize, &Setting)> {
+        self.settings.iter().find(|s| s.field == field).and_then(|s| Some((s.shown.parse().ok()?, s)))
+    }
+
+    /// The ranks of a stage with `processes` ranks that one node runs: the
+    /// stage's tasks are its ranks, `ntasks_per_node` on each of `nodes`.
+    /// Fails, naming the settings, where they make another number of tasks.
+    pub fn tasks_per_node(&self, stage: &str, processes: usize) -> Result<usize, crate::config::ConfigError> {
+        let (nodes, per_node) = (self.number("nodes"), self.number("ntasks_per_node"));
+        let tasks = nodes.map_or(1, |n| n.0) * per_node.map_or(1, |n| n.0);
+        let set: Vec<String> =
+            [nodes, per_node].into_iter().flatten().map(|(n, s)| format!("`slurm.{}` = {n} at {}", s.field, s.at)).collect();
+        match (nodes, per_node) {
+            (None, None) => Ok(processes),
+            (_, Some((per_node, _))) if tasks == processes => Ok(per_node),
+            (Some((nodes, _)), None) if processes.is_multiple_of(nodes) => Ok(processes / nodes),
+            _ => Err(crate::config::ConfigError(format!(
+                "stage `{stage}` runs as {processes} process(es) (its `processes`), but {} do not make {processes} equal tasks, one a rank",
+                set.join(" and ")
+            ))),
+        }
     }
 }
 
@@ -175,7 +198,9 @@ pub fn cancel_leftover(store: &Store, stage: &str) {
 }
 
 /// Writes the job script and submits it. `runner` is the command the local
-/// executor would run.
+/// executor would run; a stage of `processes` ranks runs it as that many
+/// `srun` tasks, which place themselves from Slurm's environment
+/// (`llmflow-stage`'s `dist`). `threads` are a node's.
 #[allow(clippy::too_many_arguments)]
 pub fn submit(
     store: &Store,
@@ -184,6 +209,7 @@ pub fn submit(
     req: &Request,
     runner: &Command,
     threads: usize,
+    processes: usize,
     dir: &Path,
     log: &Path,
     root: &Path,
@@ -197,7 +223,15 @@ pub fn submit(
             text.push_str(&format!("export {name}={}\n", quote(value)));
         }
     }
-    let words: Vec<String> = std::iter::once(runner.get_program()).chain(runner.get_args()).map(|w| quote(&w.to_string_lossy())).collect();
+    let mut words: Vec<String> =
+        std::iter::once(runner.get_program()).chain(runner.get_args()).map(|w| quote(&w.to_string_lossy())).collect();
+    if processes > 1 {
+        // Each task one rank; rank 0 on the allocation's first node serves the rendezvous.
+        text.push_str("export MASTER_ADDR=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\"\n");
+        text.push_str("export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))\n");
+        words
+            .splice(0..0, ["srun".to_string(), "--kill-on-bad-exit=1".to_string(), "--cpus-per-task=\"$SLURM_CPUS_PER_TASK\"".to_string()]);
+    }
     // The status goes beside the spec whole (rename), so the engine never reads half of it.
     text.push_str(&format!(
         "{}\nstatus=$?\necho $status > {tmp} && mv {tmp} {exit}\nexit $status\n",
@@ -215,8 +249,13 @@ pub fn submit(
         // A preempted or failed node's job ends; the next run resumes it from its checkpoints.
         "--no-requeue".to_string(),
     ];
+    if processes > 1 {
+        args.push(format!("--ntasks={processes}"));
+    }
     if req.cpus_per_task.is_none() {
-        args.push(format!("--cpus-per-task={threads}"));
+        // The stage's threads are a node's, shared by the ranks on it.
+        let per_node = req.tasks_per_node(stage, processes)?;
+        args.push(format!("--cpus-per-task={}", (threads / per_node).max(1)));
     }
     args.extend(req.settings.iter().flat_map(|s| s.args.iter().cloned()));
     let out = slurm_command(&sbatch).args(&args).arg(&script).output().with_context(|| format!("cannot run {}", sbatch.display()))?;

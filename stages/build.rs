@@ -25,18 +25,36 @@ fn main() {
 }
 
 /// `cpp/`, compiled against libtorch's headers as torch-sys compiles its own
-/// C++ (C++17, the new libstdc++ ABI the PyPI wheels use).
+/// C++ (C++17, the new libstdc++ ABI the PyPI wheels use). The c10d shim
+/// needs Gloo's headers, which the wheel lacks: with Debian's libgloo-dev
+/// (or GLOO_INCLUDE) it is built with USE_C10D_GLOO, the macro libtorch
+/// itself was built with; without, its calls fail saying what to install.
 fn compile_cpp(lib: &std::path::Path) {
     let include = lib.join("../include");
-    cc::Build::new()
+    let gloo = std::env::var("GLOO_INCLUDE").unwrap_or_else(|_| "/usr/include".to_string());
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .file("cpp/onednn_linear.cpp")
+        .file("cpp/c10d.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .warnings(false)
-        .compile("llmflow_cpp");
+        .warnings(false);
+    let gloo_config = std::path::Path::new(&gloo).join("gloo/config.h");
+    if gloo_config.is_file() {
+        // The compiler searches /usr/include already, and after libstdc++'s own headers.
+        if gloo != "/usr/include" {
+            build.include(&gloo);
+        }
+        build.define("USE_C10D_GLOO", None);
+    } else {
+        println!("cargo:warning=Gloo's headers are not installed ({} is missing): a stage with `processes` above 1 will fail; `make setup` as root installs libgloo-dev", gloo_config.display());
+    }
+    build.compile("llmflow_cpp");
     println!("cargo:rerun-if-changed=cpp");
+    println!("cargo:rerun-if-changed={}", gloo_config.display());
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
 }

@@ -107,10 +107,10 @@ fn the_cache_rules_hold_for_stages_built_on_slurm() {
 }
 
 /// The same tiny pipeline from a local corpus file to a few pretraining
-/// steps, built locally and through Slurm, into two stores: every stage has
-/// the same key, the data stages the same output digest, and the model the
-/// same bytes (its training log differs only in its measured tokens per
-/// second, as between any two runs).
+/// steps on 2 ranks, built locally and through Slurm (2 `srun` tasks), into
+/// two stores: every stage has the same key, the data stages the same
+/// output digest, and the model the same bytes (its training log differs
+/// only in its measured tokens per second, as between any two runs).
 #[test]
 fn a_tiny_training_pipeline_built_on_slurm_equals_a_local_build() {
     let Some(conf) = cluster() else { return };
@@ -125,6 +125,7 @@ eval_every = 4
 eval_batches = 2
 checkpoint_every = 4
 samples = {{ count = 1, max_tokens = 8 }}
+processes = 2
 "#
     );
     let local = Project::new(&pipeline);
@@ -157,6 +158,10 @@ samples = {{ count = 1, max_tokens = 8 }}
     }
     let weights = |p: &Project| fs::read(p.out_dir("pretrain").join("model.safetensors")).unwrap();
     assert!(weights(&local) == weights(&cluster_built), "the weights trained on Slurm differ from the local run's");
+    let log =
+        fs::read_to_string(cluster_built.llmflow(&["show", "pretrain", "--json"]).stdout.split('"').find(|s| s.ends_with(".log")).unwrap())
+            .unwrap();
+    assert!(log.contains("2 process(es)") && !log.contains("launching"), "2 srun tasks, no launcher: {log}");
     assert_same_outputs(&cluster_built, &local, "built on Slurm vs locally");
 }
 
@@ -300,6 +305,13 @@ fn an_impossible_request_fails_at_submit_naming_stage_and_field() {
         run.stderr
     );
     assert!(!p.artifacts().join("s").exists());
+
+    // Tasks that are not the stage's ranks: one process on two nodes.
+    p.edit("slurm = { cpus_per_task = 1000 }\n", "slurm = { nodes = 2 }\n");
+    let run = slurm_run(&p, conf, &["run"]);
+    assert_eq!(run.code, 2, "{}", run.all());
+    assert!(run.stderr.contains("stage `s` runs as 1 process(es) (its `processes`), but `slurm.nodes` = 2 at"), "{}", run.stderr);
+    assert!(!p.artifacts().join("s").exists());
 }
 
 #[test]
@@ -332,8 +344,8 @@ fn mistakes_in_slurm_settings_are_config_errors() {
     assert!(e.contains("pipeline.toml:2:1: `pipeline.executor` is \"cluster\": use \"local\""), "{e}");
     let e = common::config_error("[stages.s]\nkind = \"command\"\ncmd = \"true\"\nslurm = { partiton = \"gpu\" }\n");
     assert!(e.contains("pipeline.toml:4:11: unknown key `stages.s.slurm.partiton`, did you mean `partition`?"), "{e}");
-    let e = common::config_error("[pipeline.slurm]\nnodes = 2\n");
-    assert!(e.contains("pipeline.toml:2:1: `pipeline.slurm.nodes` must be 1: a stage runs as one task"), "{e}");
+    let e = common::config_error("[pipeline.slurm]\nnodes = 0\n");
+    assert!(e.contains("pipeline.toml:2:1: `pipeline.slurm.nodes` must be a whole number of nodes, 1 or more"), "{e}");
     let e = common::config_error("[stages.s]\nkind = \"command\"\ncmd = \"true\"\nslurm = { extra = \"--exclusive\" }\n");
     assert!(e.contains("`stages.s.slurm.extra` must be a list of sbatch options"), "{e}");
 }

@@ -111,12 +111,25 @@ pub struct Spec {
 }
 
 /// What a running stage holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
     /// CPU threads it keeps busy; `None` means all the engine allows.
     pub threads: Option<usize>,
     /// Whether it runs on the pipeline's accelerator (one such stage per device).
     pub accelerator: bool,
+    /// Ranks of the stage runner it runs as (`processes`), sharing its threads.
+    #[serde(default = "one")]
+    pub processes: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { threads: None, accelerator: false, processes: 1 }
+    }
 }
 
 /// A parameter error: the path of the offending field and what is wrong.

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// The shared layers, lowest first, then the kinds.
-const LAYERS: [&str; 7] = ["fast", "model", "formats", "data", "sample", "train", "kinds"];
+const LAYERS: [&str; 8] = ["dist", "fast", "model", "formats", "data", "sample", "train", "kinds"];
 
 /// A `.rs` file under `src/`, its layer (a top-level module) and, under
 /// `kinds/`, the kind it belongs to.

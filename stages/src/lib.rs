@@ -38,6 +38,7 @@ pub mod bounds;
 pub mod data;
 pub mod describe;
 pub mod device;
+pub mod dist;
 pub mod fast;
 pub mod formats;
 pub mod kinds;
@@ -267,6 +268,23 @@ pub fn describe(kind: &str) -> Result<String> {
     let mut d = Describe(kind, None);
     kinds::each_kind(&mut d);
     d.1.with_context(|| format!("unknown stage kind `{kind}`"))
+}
+
+/// What a stage of kind `kind` with these params holds while it runs: the
+/// runner starts `processes` ranks of itself from it.
+pub fn resources(kind: &str, params: &serde_json::Value) -> Result<Resources> {
+    struct Of<'a>(&'a str, &'a serde_json::Value, Option<Result<Resources>>);
+    impl KindVisitor for Of<'_> {
+        fn visit<S: Stage + 'static>(&mut self) {
+            if S::KIND == self.0 {
+                self.2 =
+                    Some(serde_json::from_value::<S::Params>(self.1.clone()).context("decoding stage params").map(|p| S::resources(&p)));
+            }
+        }
+    }
+    let mut of = Of(kind, params, None);
+    kinds::each_kind(&mut of);
+    of.2.unwrap_or_else(|| anyhow::bail!("unknown stage kind `{kind}`"))
 }
 
 /// Runs a stage of kind `kind` (in the stage process).

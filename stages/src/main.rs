@@ -7,7 +7,10 @@
 //! * `llmflow-stage run SPEC` runs one stage. The scheduler writes SPEC (the
 //!   kind, its params and the stage's context) into the stage's temporary
 //!   build directory, with output going to the stage's log; metrics are
-//!   written beside SPEC as `metrics.json`.
+//!   written beside SPEC as `metrics.json`. A stage with `processes = N`
+//!   runs as N ranks: started as no rank, the runner starts them
+//!   ([`dist::launch`]); started as one (by itself, `torchrun` or `srun`),
+//!   it trains as that rank.
 //! * `llmflow-stage estimate` reads specs (JSON) on stdin and prints what
 //!   running each stage would cost
 //!   (what `llmflow estimate` and `llmflow run --dry-run` show).
@@ -24,6 +27,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use llmflow_protocol::{GenerateRequest, ResolveRequest, Spec};
+use llmflow_stages::dist;
 use llmflow_stages::formats::model::ModelArtifact;
 use llmflow_stages::sample::complete;
 
@@ -70,7 +74,31 @@ fn run(spec_path: &Path) -> Result<()> {
     keep_freed_memory();
     let spec: Spec = serde_json::from_slice(&fs::read(spec_path).context("reading the stage spec")?)?;
     let mut ctx = spec.ctx;
+    let processes = llmflow_stages::resources(&spec.kind, &spec.params)?.processes;
+    let placement = dist::placement()?;
+    match placement {
+        None if processes > 1 => return dist::launch::run(spec_path, processes, ctx.threads),
+        Some((rank, size, _, local_size)) => {
+            anyhow::ensure!(
+                size == processes,
+                "the environment starts {size} ranks (WORLD_SIZE or SLURM_NTASKS), but stage `{}` has processes = {processes}",
+                ctx.stage
+            );
+            // The ranks on a machine share its threads; only the first
+            // writes the output and reports progress.
+            ctx.threads = (ctx.threads / local_size).max(1);
+            if rank > 0 {
+                ctx.progress_file = None;
+                ctx.out = ctx.work.join(format!("rank-{rank}")).join("out");
+                fs::create_dir_all(&ctx.out)?;
+            }
+        }
+        None => {}
+    }
     llmflow_stages::run(&spec.kind, spec.params, &mut ctx)?;
+    if placement.is_some_and(|(rank, ..)| rank > 0) {
+        return Ok(());
+    }
     if let Some(peak) = peak_rss_mb() {
         ctx.metric("peak_rss_mb", peak);
     }

@@ -153,7 +153,7 @@ impl Stage for Classify {
     }
 
     fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true }
+        crate::Resources { threads: None, accelerator: true, ..Default::default() }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -378,8 +378,15 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
 
     let (vs, head) = scorer.parts();
     let mut task = Classification { head, hyper: &params.train, train: train_set, val };
-    let trainer =
-        Trainer { name: "classify", hyper: &params.train, every: &params.every, tokens_per_step: None, stop_after, evaluate_first: false };
+    let trainer = Trainer {
+        name: "classify",
+        hyper: &params.train,
+        every: &params.every,
+        tokens_per_step: None,
+        stop_after,
+        evaluate_first: false,
+        zero: false,
+    };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
     let (predicted, _) = test.predict(task.head, params.train.batch_size * 2);
     let confusion = Confusion::new(labels.len(), &test.classes, &predicted);

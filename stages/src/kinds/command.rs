@@ -76,7 +76,7 @@ impl Stage for Command {
     }
 
     fn resources(params: &Params) -> Resources {
-        Resources { threads: Some(params.threads.unwrap_or(1)), accelerator: false }
+        Resources { threads: Some(params.threads.unwrap_or(1)), ..Default::default() }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {

@@ -165,7 +165,7 @@ impl Stage for Dpo {
     }
 
     fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true }
+        crate::Resources { threads: None, accelerator: true, ..Default::default() }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -236,7 +236,8 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let examples = [train.len(), val.len()];
     let mut task = Preferences { gpt, train, val, hyper, objective };
-    let trainer = Trainer { name: "dpo", hyper, every: &params.every, tokens_per_step: None, stop_after, evaluate_first: false };
+    let trainer =
+        Trainer { name: "dpo", hyper, every: &params.every, tokens_per_step: None, stop_after, evaluate_first: false, zero: false };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),

@@ -221,7 +221,7 @@ impl Stage for Eval {
     }
 
     fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true }
+        crate::Resources { threads: None, accelerator: true, ..Default::default() }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {

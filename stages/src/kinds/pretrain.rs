@@ -27,6 +27,12 @@
 //!   is skipped and logged (`skipped: true`); 0 turns the guard off.
 //! * `checkpoint_every` (100), `keep_checkpoints` (2), `log_every` (50; a line
 //!   on stderr): volatile, they cannot change the result.
+//! * `processes` (1), `zero` (0), `collective_timeout_s` (600): train as that
+//!   many ranks, data-parallel through c10d, each on its slice of every
+//!   batch, with AdamW's moments partitioned among them if `zero = 1`
+//!   ([`crate::train::distributed`]); volatile: the weights agree with one
+//!   process's to rounding. Validation batches are shared out among the
+//!   ranks; rank 0 writes the output.
 //! * `samples`: `count` texts of `max_tokens` tokens generated after training
 //!   from `prompt` (empty: from `<|endoftext|>`), `temperature`, `top_k`.
 //!
@@ -35,7 +41,7 @@
 //! `grad_norm`, `tokens_per_s`; per evaluation: `val_loss`, `val_bpb`),
 //! `loss.png` and `samples.txt`. Metrics: `train_loss` (last step),
 //! `val_loss`, `val_bpb`, `tokens_per_s`, `params`, `wall_seconds`,
-//! `skipped_steps`.
+//! `skipped_steps`, `processes`, `optimizer_mb_per_rank` (AdamW's moments).
 //!
 //! Bits per byte: the summed loss (nats) of the evaluated targets over ln 2
 //! and over the UTF-8 bytes those targets stand for. Each token's byte length
@@ -78,10 +84,12 @@ use tch::{nn, Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::data::loader::{Batch, Loader, Order, Position, Split};
+use crate::dist;
 use crate::formats::model::save_model;
 use crate::formats::tokenizer;
 use crate::model::{self, Gpt, ModelConfig};
 use crate::sample::{complete, Sampling};
+use crate::train::distributed::{self, Distributed};
 use crate::train::replicas::Replicas;
 use crate::train::trainer::{self, Every, Objective, Outcome, Trainer};
 use crate::train::{self, Hyper};
@@ -101,6 +109,8 @@ pub struct Params {
     pub eval_batches: usize,
     #[serde(flatten)]
     pub every: Every,
+    #[serde(flatten)]
+    pub distributed: Distributed,
     /// Texts generated from the trained model into `samples.txt`.
     pub samples: Samples,
 }
@@ -137,6 +147,7 @@ impl Default for Params {
             train: Hyper::default(),
             eval_batches: 20,
             every: Every::default(),
+            distributed: Distributed::default(),
             samples: Samples::default(),
         }
     }
@@ -147,7 +158,14 @@ impl Stage for Pretrain {
     const VERSION: u32 = 5;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
-    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
+    const VOLATILE: &'static [&'static str] = &[
+        trainer::VOLATILE[0],
+        trainer::VOLATILE[1],
+        trainer::VOLATILE[2],
+        distributed::VOLATILE[0],
+        distributed::VOLATILE[1],
+        distributed::VOLATILE[2],
+    ];
     const MERGED: &'static [&'static str] = &["train"];
     const SHOW: &'static [&'static str] = &["loss.png", "samples.txt", "metrics.jsonl"];
     const ESTIMATES: bool = true;
@@ -156,14 +174,15 @@ impl Stage for Pretrain {
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
         params.train.check("train")?;
         params.every.check()?;
+        params.distributed.check(params.train.batch_size)?;
         if params.samples.count > 0 && params.samples.max_tokens == 0 {
             return Err(ParamError::new(&["samples", "max_tokens"], "`max_tokens` must be at least 1"));
         }
         Ok(())
     }
 
-    fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true }
+    fn resources(params: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -240,6 +259,7 @@ fn estimate(config: &ModelConfig, hyper: &Hyper, device: &Device, threads: usize
 fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
+    let world = params.distributed.init(device)?;
     let hyper = &params.train;
     let tokenizer_dir = ctx.input("tokenizer")?.to_path_buf();
     let tokenizer = tokenizer::load(&tokenizer_dir)?;
@@ -253,13 +273,16 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
     tch::manual_seed(hyper.seed as i64);
     let mut vs = nn::VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &config)?;
-    eprintln!(
-        "pretrain: {} parameters, {} steps of {} tokens on {device:?}, {} threads",
-        config.num_params(),
-        hyper.steps,
-        hyper.tokens_per_step(config.context),
-        ctx.threads
-    );
+    if world.is_first() {
+        eprintln!(
+            "pretrain: {} parameters, {} steps of {} tokens on {device:?}, {} process(es) of {} threads",
+            config.num_params(),
+            hyper.steps,
+            hyper.tokens_per_step(config.context),
+            world.size,
+            ctx.threads
+        );
+    }
     let trainer = Trainer {
         name: "pretrain",
         hyper,
@@ -267,16 +290,20 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
         tokens_per_step: Some(hyper.tokens_per_step(config.context)),
         stop_after,
         evaluate_first: false,
+        zero: params.distributed.zero(),
     };
     // Dropout masks drawn on several threads at once would depend on scheduling.
     let replicas = if config.dropout > 0.0 { None } else { Replicas::new(&vs, &config, ctx.threads)? };
-    if replicas.is_some() {
+    if replicas.is_some() && world.is_first() {
         eprintln!("pretrain: each batch split across {} cores, one single-threaded model replica each", ctx.threads);
     }
     let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val, replicas })? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
+    if !world.is_first() {
+        return Ok(Outcome::Finished(trained));
+    }
 
     let out = ctx.out.clone();
     save_model(&out, &vs, &config, &tokenizer_dir)?;
@@ -291,6 +318,8 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
     ctx.metric("params", config.num_params());
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
     ctx.metric("skipped_steps", trained.skipped);
+    ctx.metric("processes", world.size);
+    ctx.metric("optimizer_mb_per_rank", trained.optimizer_bytes as f64 / 1e6);
     Ok(Outcome::Finished(trained))
 }
 
@@ -306,6 +335,11 @@ struct Pretraining<'a> {
 impl Objective for Pretraining<'_> {
     fn backward(&mut self, _step: u64, _micro: usize, scale: f64) -> Result<f64> {
         let (x, y) = tensors(&self.loader.next_batch(), self.gpt.device());
+        // Every rank reads the whole batch and trains on its rows.
+        let rows = x.size()[0] as usize;
+        let (start, end) = dist::world().rows(rows);
+        let (x, y) = (x.narrow(0, start as i64, (end - start) as i64), y.narrow(0, start as i64, (end - start) as i64));
+        let scale = scale * (end - start) as f64 / rows as f64;
         match &mut self.replicas {
             Some(replicas) => replicas.backward(self.gpt, &x, &y, scale, train_pass),
             None => Ok(train_pass(self.gpt, &x, &y, scale)),
@@ -382,9 +416,11 @@ impl Evaluator {
     /// (mean loss in nats per token, bits per byte); each batch split across
     /// the cores when training is.
     fn evaluate(&self, gpt: &Gpt, mut replicas: Option<&mut Replicas>) -> Result<(f64, f64)> {
+        let world = dist::world();
         let mut nats = 0.0;
         let mut tokens = 0.0;
-        for batch in &self.batches {
+        // Across ranks, each takes every so many batches, and the sums are added up.
+        for batch in self.batches.iter().skip(world.rank).step_by(world.size) {
             let (x, y) = tensors(batch, gpt.device());
             let loss = match replicas.as_deref_mut() {
                 Some(r) => r.map(gpt, &x, &y, 1.0, val_pass)?,
@@ -393,6 +429,8 @@ impl Evaluator {
             nats += loss * batch.y.len() as f64;
             tokens += batch.y.len() as f64;
         }
+        let sums = world.sum(&[nats, tokens])?;
+        let (nats, tokens) = (sums[0], sums[1]);
         Ok((nats / tokens, nats / std::f64::consts::LN_2 / self.bytes.max(1.0)))
     }
 }

@@ -148,7 +148,7 @@ impl Stage for RewardModel {
     }
 
     fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true }
+        crate::Resources { threads: None, accelerator: true, ..Default::default() }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -206,6 +206,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
         tokens_per_step: None,
         stop_after,
         evaluate_first: false,
+        zero: false,
     };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
     let after = task.judge();

@@ -163,7 +163,7 @@ impl Stage for Sft {
     }
 
     fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true }
+        crate::Resources { threads: None, accelerator: true, ..Default::default() }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -209,7 +209,8 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let mut task = Instructions { gpt, train, val, hyper, pad_id: encoder.eot };
     let val_loss_before = task.val_loss();
-    let trainer = Trainer { name: "sft", hyper, every: &params.every, tokens_per_step: None, stop_after, evaluate_first: false };
+    let trainer =
+        Trainer { name: "sft", hyper, every: &params.every, tokens_per_step: None, stop_after, evaluate_first: false, zero: false };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),

@@ -6,6 +6,8 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use tch::{nn, Kind, Tensor};
 
+use crate::dist::{Group, World};
+
 use super::Hyper;
 use crate::fast::floats::{self, cpu_floats, CHUNK};
 
@@ -19,17 +21,32 @@ pub fn decays(name: &str, tensor: &Tensor) -> bool {
 
 struct Param {
     name: String,
+    /// The variable, or under ZeRO-1 the part of its elements this rank
+    /// updates (a view of them, flattened).
     value: Tensor,
     /// First and second moments, f32 like the weights, on their device.
     m: Tensor,
     v: Tensor,
     decay: bool,
+    /// Under ZeRO-1, where the part's gradient starts in [`Zero::grads`].
+    shard_offset: Option<i64>,
 }
 
 /// AdamW with decoupled weight decay over every trainable variable of a
 /// VarStore, taken in name order so that sums over them (the gradient norm)
 /// add up the same way on every run.
+///
+/// Across ranks ([`crate::dist`]) each rank holds the gradients of its own
+/// slice of the batch. [`AdamW::reduce_gradients`] makes them the batch's:
+/// * plain data parallelism (DDP) all-reduces them in flat buckets, and
+///   every rank then makes the same update with all the moments;
+/// * ZeRO-1 reduce-scatters them: each rank holds the summed gradients and
+///   the moments of its 1/N of the elements only (the variables
+///   concatenated in name order), updates those, and the ranks all-gather
+///   the updated weights.
 pub struct AdamW {
+    /// Every trainable variable, whole, in name order.
+    vars: Vec<Tensor>,
     params: Vec<Param>,
     beta1: f64,
     beta2: f64,
@@ -37,21 +54,60 @@ pub struct AdamW {
     weight_decay: f64,
     /// Updates applied; drives the bias correction.
     t: u64,
+    /// The ranks that train together; `None` in one process.
+    group: Option<&'static Group>,
+    zero: Option<Zero>,
 }
 
+/// ZeRO-1's share of this rank.
+struct Zero {
+    /// Elements per rank: the variables' total, rounded up to a multiple of the ranks.
+    shard: i64,
+    /// The summed gradients of this rank's elements.
+    grads: Tensor,
+}
+
+/// Gradient elements all-reduced at once under DDP (16 MiB of f32).
+const BUCKET: i64 = 1 << 22;
+
 impl AdamW {
-    pub fn new(vs: &nn::VarStore, hyper: &Hyper) -> AdamW {
-        let params = super::trainable(vs)
-            .into_iter()
-            .map(|(name, value)| Param {
-                decay: decays(&name, &value),
-                m: value.zeros_like().detach(),
-                v: value.zeros_like().detach(),
-                name,
-                value,
-            })
-            .collect();
-        AdamW { params, beta1: hyper.beta1, beta2: hyper.beta2, eps: hyper.eps, weight_decay: hyper.weight_decay, t: 0 }
+    /// The optimizer of `vs`'s trainable variables; `world`'s ranks share
+    /// its updates, with the moments partitioned among them if `zero`.
+    pub fn new(vs: &nn::VarStore, hyper: &Hyper, world: &'static World, zero: bool) -> AdamW {
+        let named = super::trainable(vs);
+        let vars: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let param = |name: &str, value: Tensor, whole: &Tensor, shard_offset| Param {
+            decay: decays(name, whole),
+            m: value.zeros_like().detach(),
+            v: value.zeros_like().detach(),
+            name: name.to_string(),
+            value,
+            shard_offset,
+        };
+        let group = world.group();
+        let (params, zero) = match group.filter(|_| zero) {
+            None => (named.iter().map(|(name, t)| param(name, t.shallow_clone(), t, None)).collect(), None),
+            Some(group) => {
+                let total: i64 = vars.iter().map(Tensor::numel).sum::<usize>() as i64;
+                let ranks = group.size() as i64;
+                let shard = (total + ranks - 1) / ranks;
+                let (lo, hi) = (group.rank() as i64 * shard, (group.rank() as i64 + 1) * shard);
+                let mut params = Vec::new();
+                let mut offset = 0;
+                for (name, t) in &named {
+                    let n = t.numel() as i64;
+                    let (start, end) = (offset.max(lo), (offset + n).min(hi));
+                    if start < end {
+                        let part = t.detach().view([-1]).narrow(0, start - offset, end - start);
+                        params.push(param(name, part, t, Some(start - lo)));
+                    }
+                    offset += n;
+                }
+                let grads = Tensor::zeros([shard], (Kind::Float, vs.device()));
+                (params, Some(Zero { shard, grads }))
+            }
+        };
+        AdamW { vars, params, beta1: hyper.beta1, beta2: hyper.beta2, eps: hyper.eps, weight_decay: hyper.weight_decay, t: 0, group, zero }
     }
 
     /// Updates applied so far.
@@ -60,8 +116,8 @@ impl AdamW {
     }
 
     pub fn zero_grad(&self) {
-        for p in &self.params {
-            let mut grad = p.value.grad();
+        for var in &self.vars {
+            let mut grad = var.grad();
             if grad.defined() {
                 let _ = grad.detach_().zero_();
             }
@@ -70,10 +126,20 @@ impl AdamW {
 
     /// Scales the gradients so that their global L2 norm is at most `max`
     /// (0: no clipping) and returns the norm before scaling.
-    pub fn clip_grad_norm(&self, max: f64) -> f64 {
-        let grads: Vec<Tensor> = self.params.iter().map(|p| p.value.grad()).filter(Tensor::defined).collect();
+    pub fn clip_grad_norm(&self, max: f64) -> Result<f64> {
+        if let (Some(zero), Some(group)) = (&self.zero, self.group) {
+            // The norm over every rank's share; each scales its own.
+            let squares = zero.grads.square().sum(Kind::Double);
+            group.all_reduce(&squares)?;
+            let norm = squares.double_value(&[]).sqrt();
+            if max > 0.0 && norm > max {
+                let _ = tch::no_grad(|| zero.grads.shallow_clone().g_mul_scalar_(max / (norm + 1e-6)));
+            }
+            return Ok(norm);
+        }
+        let grads: Vec<Tensor> = self.vars.iter().map(Tensor::grad).filter(Tensor::defined).collect();
         if grads.is_empty() {
-            return 0.0;
+            return Ok(0.0);
         }
         // SAFETY: the gradients are distinct tensors, viewed once each, and
         // nothing else runs meanwhile.
@@ -84,7 +150,7 @@ impl AdamW {
                 if max > 0.0 && norm > max {
                     floats::scale(&mut slices, (max / (norm + 1e-6)) as f32);
                 }
-                norm
+                Ok(norm)
             }
             None => {
                 let squares: Vec<Tensor> = grads.iter().map(|g| g.square().sum(Kind::Float)).collect();
@@ -96,13 +162,84 @@ impl AdamW {
                         }
                     });
                 }
-                norm
+                Ok(norm)
             }
         }
     }
 
-    /// One update at learning rate `lr` from the accumulated gradients.
-    pub fn step(&mut self, lr: f64) {
+    /// Makes each rank's gradients the sum over the ranks (see [`AdamW`]);
+    /// nothing in one process.
+    pub fn reduce_gradients(&mut self) -> Result<()> {
+        let Some(group) = self.group else { return Ok(()) };
+        // A variable no pass reached has no gradient: it adds zeros.
+        let grad = |var: &Tensor| {
+            let g = var.grad();
+            if g.defined() {
+                g.view([-1])
+            } else {
+                var.zeros_like().view([-1])
+            }
+        };
+        match &mut self.zero {
+            Some(zero) => {
+                let mut flat: Vec<Tensor> = self.vars.iter().map(grad).collect();
+                let total: i64 = flat.iter().map(|t| t.numel() as i64).sum();
+                let padding = zero.shard * group.size() as i64 - total;
+                flat.push(Tensor::zeros([padding], (Kind::Float, zero.grads.device())));
+                group.reduce_scatter(&zero.grads, &Tensor::cat(&flat, 0))?;
+            }
+            None => {
+                let mut bucket: Vec<&Tensor> = Vec::new();
+                let mut size = 0;
+                for (i, var) in self.vars.iter().enumerate() {
+                    bucket.push(var);
+                    size += var.numel() as i64;
+                    if size >= BUCKET || i + 1 == self.vars.len() {
+                        let flat = Tensor::cat(&bucket.iter().map(|v| grad(v)).collect::<Vec<_>>(), 0);
+                        group.all_reduce(&flat)?;
+                        let mut at = 0;
+                        tch::no_grad(|| {
+                            for var in bucket.drain(..) {
+                                let n = var.numel() as i64;
+                                // A variable without a gradient got none on any rank: the step skips it.
+                                let mut g = var.grad();
+                                if g.defined() {
+                                    g.copy_(&flat.narrow(0, at, n).view_as(var));
+                                }
+                                at += n;
+                            }
+                        });
+                        size = 0;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of this rank's moments: under ZeRO-1 its share.
+    pub fn state_bytes(&self) -> u64 {
+        self.params.iter().map(|p| 2 * p.m.numel() as u64 * p.m.kind().elt_size_in_bytes() as u64).sum()
+    }
+
+    /// The moments' file in a checkpoint: one for all ranks, or one per
+    /// rank under ZeRO-1.
+    pub fn file_name(&self) -> String {
+        match (&self.zero, self.group) {
+            (Some(_), Some(group)) => format!("optimizer.rank-{}-of-{}.safetensors", group.rank(), group.size()),
+            _ => "optimizer.safetensors".to_string(),
+        }
+    }
+
+    /// Whether this rank writes its moments into a checkpoint: under
+    /// ZeRO-1 every rank, else the first (they are the same on all).
+    pub fn saves(&self) -> bool {
+        self.zero.is_some() || self.group.is_none_or(|g| g.rank() == 0)
+    }
+
+    /// One update at learning rate `lr` from the accumulated gradients
+    /// (after [`AdamW::reduce_gradients`] across ranks).
+    pub fn step(&mut self, lr: f64) -> Result<()> {
         self.t += 1;
         let rule = Rule {
             lr,
@@ -112,7 +249,14 @@ impl AdamW {
             bias1: 1.0 - self.beta1.powi(self.t as i32),
             bias2_sqrt: (1.0 - self.beta2.powi(self.t as i32)).sqrt(),
         };
-        let grads: Vec<Tensor> = self.params.iter().map(|p| p.value.grad()).collect();
+        let grads: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| match (p.shard_offset, &self.zero) {
+                (Some(at), Some(zero)) => zero.grads.narrow(0, at, p.value.numel() as i64),
+                _ => p.value.grad(),
+            })
+            .collect();
         // Work for rayon: CPU variables in chunks, each (value, g, m, v, decay).
         let mut chunks = Vec::new();
         tch::no_grad(|| {
@@ -138,6 +282,26 @@ impl AdamW {
             }
         });
         chunks.into_par_iter().for_each(|(value, g, m, v, decay)| rule.apply(value, g, m, v, decay));
+        self.gather()
+    }
+
+    /// Under ZeRO-1, every rank's updated elements into every rank's variables.
+    fn gather(&self) -> Result<()> {
+        let (Some(zero), Some(group)) = (&self.zero, self.group) else { return Ok(()) };
+        let mut mine: Vec<Tensor> = self.params.iter().map(|p| p.value.shallow_clone()).collect();
+        let owned: i64 = mine.iter().map(|t| t.numel() as i64).sum();
+        mine.push(Tensor::zeros([zero.shard - owned], (Kind::Float, zero.grads.device())));
+        let all = Tensor::zeros([zero.shard * group.size() as i64], (Kind::Float, zero.grads.device()));
+        group.all_gather(&all, &Tensor::cat(&mine, 0))?;
+        let mut at = 0;
+        tch::no_grad(|| {
+            for var in &self.vars {
+                let n = var.numel() as i64;
+                var.detach().view([-1]).copy_(&all.narrow(0, at, n));
+                at += n;
+            }
+        });
+        Ok(())
     }
 
     /// Writes the moments and the update count (safetensors: `m.NAME`,
@@ -243,7 +407,7 @@ mod tests {
         let _rng = torch_rng();
         let (vs, _) = build(&tiny("gpt2", json!({})), 0);
         let hyper = Hyper { weight_decay: 0.1, ..Default::default() };
-        let mut opt = AdamW::new(&vs, &hyper);
+        let mut opt = AdamW::new(&vs, &hyper, crate::dist::world(), false);
         let vars = vs.variables();
         let w = &vars["transformer.h.0.mlp.c_fc.weight"];
         let b = &vars["transformer.h.0.mlp.c_fc.bias"];
@@ -254,7 +418,7 @@ mod tests {
             opt.zero_grad();
             // Gradients: 3 for w[0,0], 2 for b[0].
             (w.get(0).get(0) * 3.0 + b.get(0) * 2.0).backward();
-            opt.step(lr);
+            opt.step(lr).unwrap();
             for (i, (value, m, v, g)) in expected.iter_mut().enumerate() {
                 *m = 0.9 * *m + 0.1 * *g;
                 *v = 0.99 * *v + 0.01 * *g * *g;
@@ -279,7 +443,7 @@ mod tests {
             Rule { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, bias1: 1.0 - 0.9f64.powi(3), bias2_sqrt: (1.0 - 0.95f64.powi(3)).sqrt() };
         let randn = || Tensor::randn([1000], (Kind::Float, tch::Device::Cpu));
         let (value, g, m, v) = (randn(), randn(), randn() * 0.1, randn().square() * 0.01);
-        let by_ops = Param { name: "w".into(), value: value.copy(), m: m.copy(), v: v.copy(), decay: true };
+        let by_ops = Param { name: "w".into(), value: value.copy(), m: m.copy(), v: v.copy(), decay: true, shard_offset: None };
         tch::no_grad(|| rule.apply_tensors(&by_ops, &g, 0.999));
         let (value, m, v) = (value.copy(), m.copy(), v.copy());
         // SAFETY: four distinct tensors, used by nothing else here.
@@ -296,17 +460,17 @@ mod tests {
         let _rng = torch_rng();
         let dir = tempfile::tempdir().unwrap();
         let (vs, _) = build(&tiny("llama", json!({})), 1);
-        let mut opt = AdamW::new(&vs, &Hyper::default());
+        let mut opt = AdamW::new(&vs, &Hyper::default(), crate::dist::world(), false);
         let vars = vs.variables();
         let total: Tensor = vars.values().map(|t| t.square().sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b);
         (total * 100.0).backward();
-        let norm = opt.clip_grad_norm(1.0);
+        let norm = opt.clip_grad_norm(1.0).unwrap();
         assert!(norm > 1.0);
-        assert!((opt.clip_grad_norm(0.0) - 1.0).abs() < 1e-4);
-        opt.step(1e-3);
+        assert!((opt.clip_grad_norm(0.0).unwrap() - 1.0).abs() < 1e-4);
+        opt.step(1e-3).unwrap();
         let path = dir.path().join("optimizer.safetensors");
         opt.save(&path).unwrap();
-        let mut again = AdamW::new(&vs, &Hyper::default());
+        let mut again = AdamW::new(&vs, &Hyper::default(), crate::dist::world(), false);
         again.load(&path).unwrap();
         assert_eq!(again.updates(), 1);
         for (a, b) in opt.params.iter().zip(&again.params) {

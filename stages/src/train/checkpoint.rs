@@ -24,7 +24,12 @@ impl Checkpoints {
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "tmp") {
-                fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+                // Every rank of a stage opens them; another may have removed it first.
+                if let Err(e) = fs::remove_dir_all(&path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+                    }
+                }
             }
         }
         Ok(Checkpoints { dir: dir.to_path_buf(), keep: keep.max(1) })
@@ -48,12 +53,17 @@ impl Checkpoints {
         Ok(self.list()?.pop())
     }
 
+    /// The directory checkpoint `step` is written in until it is complete:
+    /// where other ranks add their files while [`Checkpoints::save`] runs.
+    pub fn partial(&self, step: u64) -> PathBuf {
+        self.dir.join(format!("{PREFIX}{step:010}.tmp"))
+    }
+
     /// Writes checkpoint `step`: `write` fills the directory it is given.
     /// Then drops all but the last `keep`.
     pub fn save(&self, step: u64, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-        let name = format!("{PREFIX}{step:010}");
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let done = self.dir.join(&name);
+        let tmp = self.partial(step);
+        let done = self.dir.join(format!("{PREFIX}{step:010}"));
         fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         write(&tmp)?;
         for entry in fs::read_dir(&tmp)? {

@@ -15,14 +15,17 @@
 //! * [`trainer`]: the loop itself, over a stage's [`trainer::Objective`].
 //! * [`rl`]: the clipped policy-ratio objective and entropy that the
 //!   policy-gradient stages share.
-//! * [`parallel`]: a micro-batch split across the CPU cores, one
+//! * [`replicas`]: a micro-batch split across the CPU cores, one
 //!   single-threaded model replica each.
+//! * [`distributed`]: the params of training across processes, whose
+//!   collectives [`AdamW`] and the loop make ([`crate::dist`]).
 //! * [`step_seed`]: the libtorch seed for each micro-batch, which makes
 //!   dropout reproducible across a resume without saving libtorch's generator
 //!   (tch cannot read it back).
 
 mod adamw;
 mod checkpoint;
+pub mod distributed;
 pub mod finetune;
 pub mod head;
 mod metrics;
@@ -46,7 +49,12 @@ use crate::ParamError;
 /// order in which the optimizer and the model replicas take them, so that
 /// sums over them add up the same way on every run.
 pub fn trainable(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
-    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    sorted_variables(vs).into_iter().filter(|(_, t)| t.requires_grad()).collect()
+}
+
+/// Every variable of `vs`, in name order: the same on every run and rank.
+pub fn sorted_variables(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
 }

@@ -68,9 +68,7 @@ struct Worker {
 
 /// The variables of `vs`, in name order.
 fn sorted_vars(vs: &nn::VarStore) -> Vec<Tensor> {
-    let mut vars = vs.variables().into_iter().collect::<Vec<_>>();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars.into_iter().map(|(_, t)| t).collect()
+    super::sorted_variables(vs).into_iter().map(|(_, t)| t).collect()
 }
 
 impl Replicas {

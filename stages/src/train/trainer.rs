@@ -26,6 +26,7 @@ use tch::nn;
 
 use super::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard};
 use crate::data::rng::shuffled;
+use crate::dist::{self, World};
 use crate::{ParamError, StageCtx};
 
 /// What a stage trains: the part of the loop that is not shared.
@@ -84,15 +85,21 @@ impl Update<'_> {
     /// and `grad_norm`, or `skipped` for an update the guard refused.
     pub fn apply(&mut self, micro_batches: usize, mut backward: impl FnMut(usize, f64) -> Result<f64>) -> Result<Map<String, Value>> {
         self.opt.zero_grad();
+        let world = dist::world();
         let mut loss = 0.0;
         for micro in 0..micro_batches {
-            tch::manual_seed(step_seed(self.seed, self.step, micro));
+            // Each rank draws its own dropout masks, the same on every run.
+            tch::manual_seed(step_seed(self.seed, self.step, micro * world.size + world.rank));
             loss += backward(micro, 1.0 / micro_batches as f64)?;
         }
+        // Each rank's loss is its slice's share: the sum is the batch's, and
+        // every rank makes the same decision on it.
+        let loss = world.sum(&[loss])?[0];
+        self.opt.reduce_gradients()?;
         let mut row = Map::from_iter([("loss".to_string(), json!(loss))]);
         if self.guard.accept(loss, self.spike_factor) {
-            let norm = self.opt.clip_grad_norm(self.grad_clip);
-            self.opt.step(self.lr);
+            let norm = self.opt.clip_grad_norm(self.grad_clip)?;
+            self.opt.step(self.lr)?;
             row.insert("grad_norm".into(), json!(norm));
         } else {
             *self.skipped += 1;
@@ -123,6 +130,8 @@ pub struct Trainer<'a> {
     /// Evaluate before the first step too (a fresh run), as the row of step
     /// 0: where the curve starts.
     pub evaluate_first: bool,
+    /// Across ranks, partition AdamW's moments among them (ZeRO-1).
+    pub zero: bool,
 }
 
 /// Intervals and guard of a training loop: top-level params of every
@@ -169,6 +178,17 @@ impl Every {
     }
 }
 
+/// The environment variable `RANK@STEP` that kills rank RANK of a training
+/// stage with SIGKILL right after step STEP, to exercise a rank's death.
+pub const KILL_ENV: &str = "LLMFLOW_KILL_RANK";
+
+/// (rank, step) of [`KILL_ENV`], if set.
+fn kill_after_env() -> Result<Option<(usize, u64)>> {
+    let Ok(v) = std::env::var(KILL_ENV) else { return Ok(None) };
+    let parsed = v.split_once('@').and_then(|(rank, step)| Some((rank.parse().ok()?, step.parse().ok()?)));
+    parsed.map(Some).with_context(|| format!("{KILL_ENV}={v}: not RANK@STEP"))
+}
+
 /// The step [`STOP_ENV`] asks to stop after, if set.
 pub fn stop_after_env() -> Result<Option<u64>> {
     match std::env::var(STOP_ENV) {
@@ -208,6 +228,8 @@ pub struct Trained {
     /// Training throughput of this run's own steps (a resumed run has not
     /// timed the others); 0 without `tokens_per_step`.
     pub tokens_per_s: f64,
+    /// Bytes of AdamW's moments this rank holds.
+    pub optimizer_bytes: u64,
 }
 
 /// What a checkpoint's `state.json` holds besides the tensors.
@@ -220,7 +242,6 @@ struct State {
 }
 
 const MODEL_FILE: &str = "model.safetensors";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "state.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
@@ -229,18 +250,40 @@ impl Trainer<'_> {
     /// latest checkpoint in the stage's work dir.
     pub fn run(&self, ctx: &mut StageCtx, vs: &mut nn::VarStore, task: &mut impl Objective) -> Result<Outcome> {
         let (hyper, every, name) = (self.hyper, self.every, self.name);
-        let mut opt = AdamW::new(vs, hyper);
+        let world = dist::world();
+        let mut opt = AdamW::new(vs, hyper, world, self.zero);
         let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), every.keep_checkpoints)?;
         let mut state = State { step: 0, guard: SpikeGuard::default(), skipped: 0, task: Value::Null };
         if let Some((step, dir)) = checkpoints.latest()? {
             vs.load(dir.join(MODEL_FILE)).with_context(|| format!("cannot load {}", dir.join(MODEL_FILE).display()))?;
-            opt.load(&dir.join(OPTIMIZER_FILE))?;
+            let moments = dir.join(opt.file_name());
+            ensure!(
+                moments.exists(),
+                "{}: no {}; the checkpoint was written with other `processes` or `zero`: run with those to resume",
+                dir.display(),
+                opt.file_name()
+            );
+            opt.load(&moments)?;
             state = serde_json::from_str(&std::fs::read_to_string(dir.join(STATE_FILE))?)?;
             ensure!(state.step == step, "{}: state is for step {}", dir.display(), state.step);
             task.restore(state.task.take())?;
-            eprintln!("{name}: resuming from the checkpoint of step {step}");
+            if world.is_first() {
+                eprintln!("{name}: resuming from the checkpoint of step {step}");
+            }
         }
-        let mut log = MetricsLog::open(&ctx.work.join(METRICS_FILE), state.step)?;
+        if let Some(group) = world.group() {
+            // Every rank starts from rank 0's weights, as PyTorch's DDP does.
+            for (_, var) in super::sorted_variables(vs) {
+                group.broadcast(&var.detach(), 0)?;
+            }
+        }
+        // Only the first rank keeps the stage's log; the others' stay beside it.
+        let log_path = match world.rank {
+            0 => ctx.work.join(METRICS_FILE),
+            r => ctx.work.join(format!("rank-{r}")).join(METRICS_FILE),
+        };
+        std::fs::create_dir_all(log_path.parent().expect("in the work dir"))?;
+        let mut log = MetricsLog::open(&log_path, state.step)?;
         let (mut timed_tokens, mut timed_seconds) = (0u64, 0.0);
         let mut last_eval = Map::new();
         if self.evaluate_first && state.step == 0 {
@@ -275,13 +318,15 @@ impl Trainer<'_> {
                 row.insert("tokens_per_s".into(), json!(tokens as f64 / seconds));
             }
             let last = state.step == hyper.steps;
-            if state.step.is_multiple_of(every.log_every.max(1)) || last {
+            if (state.step.is_multiple_of(every.log_every.max(1)) || last) && world.is_first() {
                 eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&row));
             }
             log.write(&Value::Object(row))?;
             if state.step.is_multiple_of(every.eval_every) || last {
                 last_eval = task.evaluate(state.step)?;
-                eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&last_eval));
+                if world.is_first() {
+                    eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&last_eval));
+                }
                 let mut row = Map::from_iter([("step".to_string(), json!(state.step))]);
                 row.extend(last_eval.clone());
                 log.write(&Value::Object(row))?;
@@ -289,19 +334,43 @@ impl Trainer<'_> {
             ctx.progress(state.step, hyper.steps, "steps");
             if every.checkpoint_every > 0 && state.step.is_multiple_of(every.checkpoint_every) && !last {
                 state.task = task.state();
-                checkpoints.save(state.step, |dir| {
-                    vs.save(dir.join(MODEL_FILE))?;
-                    opt.save(&dir.join(OPTIMIZER_FILE))?;
-                    Ok(std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?)
-                })?;
+                save(&checkpoints, world, vs, &opt, &state)?;
             }
             if self.stop_after == Some(state.step) && !last {
                 return Ok(Outcome::Stopped(state.step));
             }
+            if kill_after_env()? == Some((world.rank, state.step)) {
+                // SAFETY: kill on this very process.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
         }
         let tokens_per_s = if timed_seconds > 0.0 { timed_tokens as f64 / timed_seconds } else { 0.0 };
-        Ok(Outcome::Finished(Trained { log, last_eval, skipped: state.skipped, tokens_per_s }))
+        let optimizer_bytes = opt.state_bytes();
+        Ok(Outcome::Finished(Trained { log, last_eval, skipped: state.skipped, tokens_per_s, optimizer_bytes }))
     }
+}
+
+/// Writes checkpoint `state.step`. The first rank writes the weights and the
+/// state; the moments are its too, or under ZeRO-1 each rank's share is its
+/// own file, written between two barriers while the first rank waits to
+/// complete the checkpoint.
+fn save(checkpoints: &Checkpoints, world: &World, vs: &nn::VarStore, opt: &AdamW, state: &State) -> Result<()> {
+    if world.is_first() {
+        checkpoints.save(state.step, |dir| {
+            vs.save(dir.join(MODEL_FILE))?;
+            opt.save(&dir.join(opt.file_name()))?;
+            std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+            world.barrier()?;
+            world.barrier()
+        })?;
+    } else {
+        world.barrier()?;
+        if opt.saves() {
+            opt.save(&checkpoints.partial(state.step).join(opt.file_name()))?;
+        }
+        world.barrier()?;
+    }
+    Ok(())
 }
 
 impl Trained {

@@ -1,0 +1,346 @@
+//! Training across processes: the ranks of a stage, their rendezvous, and
+//! the collectives data parallelism needs, on PyTorch's own distributed
+//! engine (c10d), reached from libtorch through `cpp/c10d.cpp`.
+//!
+//! A stage with `processes = N` runs as N ranks of the stage runner. Each
+//! learns its place from the environment, by the conventions the field
+//! uses:
+//!
+//! * torchrun's: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
+//!   `MASTER_ADDR`, `MASTER_PORT`. The runner's own launcher ([`launch`])
+//!   sets these, so does `torchrun` itself;
+//! * Slurm's, inside an `srun` step: `SLURM_PROCID`, `SLURM_NTASKS`,
+//!   `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE`, with `MASTER_ADDR` and
+//!   `MASTER_PORT` set by the job script (the allocation's first node).
+//!
+//! Rank 0 serves a c10d `TCPStore` at the master address; every rank then
+//! joins a `ProcessGroupGloo` through it. Gloo runs on the CPU; a collective
+//! that waits longer than the group's timeout fails, so a rank that dies or
+//! hangs fails the others instead of stalling them.
+
+pub mod launch;
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Device, Tensor};
+use torch_sys::C_tensor;
+
+/// Where this process stands among the ranks of its stage.
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    /// Rank and rank count on this machine.
+    pub local_rank: usize,
+    pub local_size: usize,
+    /// `None` in a single process.
+    group: Option<Group>,
+}
+
+static WORLD: OnceLock<World> = OnceLock::new();
+
+/// This process's world: a single process unless [`init`] joined a group.
+pub fn world() -> &'static World {
+    WORLD.get_or_init(World::single)
+}
+
+/// Where the environment places this process, if it names a rank: torchrun's
+/// variables, or Slurm's inside an `srun` step. `(rank, size, local_rank,
+/// local_size)`.
+pub fn placement() -> Result<Option<(usize, usize, usize, usize)>> {
+    let var = |name: &str| -> Result<Option<usize>> {
+        match std::env::var(name) {
+            Ok(v) => Ok(Some(v.trim().parse().with_context(|| format!("{name}={v}: not a number"))?)),
+            Err(_) => Ok(None),
+        }
+    };
+    if let (Some(rank), Some(size)) = (var("RANK")?, var("WORLD_SIZE")?) {
+        let local_rank = var("LOCAL_RANK")?.unwrap_or(rank);
+        let local_size = var("LOCAL_WORLD_SIZE")?.unwrap_or(size);
+        return Ok(Some((rank, size, local_rank, local_size)));
+    }
+    // The batch script of a job has SLURM_PROCID too; only a step's tasks are ranks.
+    if std::env::var_os("SLURM_STEP_ID").is_some() && std::env::var_os("SLURM_JOB_ID").is_some() {
+        if let (Some(rank), Some(size)) = (var("SLURM_PROCID")?, var("SLURM_NTASKS")?) {
+            let local_rank = var("SLURM_LOCALID")?.unwrap_or(0);
+            // SLURM_NTASKS_PER_NODE reads like "2" or "2(x3)"; the step's local count is SLURM_STEP_TASKS_PER_NODE.
+            let per_node = std::env::var("SLURM_STEP_TASKS_PER_NODE").or_else(|_| std::env::var("SLURM_NTASKS_PER_NODE")).ok();
+            let local_size = per_node.and_then(|v| v.split(['(', ',']).next()?.parse().ok()).unwrap_or(size);
+            return Ok(Some((rank, size, local_rank, local_size)));
+        }
+    }
+    Ok(None)
+}
+
+/// Joins the stage's `processes` ranks, as the environment places this
+/// process, with collectives failing after `timeout`; a single process when
+/// `processes` is 1 and the environment names no rank.
+pub fn init(processes: usize, timeout: Duration) -> Result<&'static World> {
+    if let Some(world) = WORLD.get() {
+        ensure!(world.size == processes, "this process already trains as one of {} ranks, not {processes}", world.size);
+        return Ok(world);
+    }
+    let world = match placement()? {
+        None if processes > 1 => bail!("the stage asks for {processes} processes, but this process was started as no rank of them"),
+        None => World::single(),
+        Some((rank, size, local_rank, local_size)) => {
+            ensure!(
+                size == processes,
+                "the environment starts {size} ranks (WORLD_SIZE or SLURM_NTASKS), but the stage's `processes` is {processes}"
+            );
+            ensure!(rank < size && local_rank < local_size, "rank {rank} of {size} (local {local_rank} of {local_size}) is out of range");
+            let group = if size > 1 {
+                let host = std::env::var("MASTER_ADDR").context("MASTER_ADDR is not set: where rank 0 serves the rendezvous")?;
+                let port: u16 = std::env::var("MASTER_PORT")
+                    .context("MASTER_PORT is not set: the rendezvous's port")?
+                    .parse()
+                    .context("MASTER_PORT is not a port number")?;
+                let group = Group::join(&host, port, rank, size, timeout).with_context(|| {
+                    format!("rank {rank} of {size} cannot join the process group at {host}:{port} (c10d TCPStore and Gloo)")
+                })?;
+                eprintln!("rank {rank} of {size} (local {local_rank} of {local_size}) joined the process group at {host}:{port}");
+                Some(group)
+            } else {
+                None
+            };
+            World { rank, size, local_rank, local_size, group }
+        }
+    };
+    Ok(WORLD.get_or_init(|| world))
+}
+
+impl World {
+    fn single() -> World {
+        World { rank: 0, size: 1, local_rank: 0, local_size: 1, group: None }
+    }
+
+    /// Whether this rank writes what the stage publishes and logs.
+    pub fn is_first(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// The process group; `None` in a single process.
+    pub fn group(&self) -> Option<&Group> {
+        self.group.as_ref()
+    }
+
+    /// The sum of `values` over the ranks (each f64 in every rank's order).
+    pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>> {
+        let Some(group) = &self.group else { return Ok(values.to_vec()) };
+        let t = Tensor::from_slice(values);
+        group.all_reduce(&t)?;
+        Ok(Vec::<f64>::try_from(&t)?)
+    }
+
+    /// Waits until every rank has come here.
+    pub fn barrier(&self) -> Result<()> {
+        self.sum(&[0.0]).map(drop)
+    }
+
+    /// This rank's rows `[start, end)` of a batch of `rows`: consecutive,
+    /// equal slices in rank order, as the single process would split them.
+    pub fn rows(&self, rows: usize) -> (usize, usize) {
+        (self.rank * rows / self.size, (self.rank + 1) * rows / self.size)
+    }
+}
+
+extern "C" {
+    fn llmflow_c10d_gloo(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        iface: *const c_char,
+        bind_host: *const c_char,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> *mut std::ffi::c_void;
+    fn llmflow_c10d_free(group: *mut std::ffi::c_void);
+    fn llmflow_c10d_collective(
+        group: *mut std::ffi::c_void,
+        op: c_int,
+        a: *mut C_tensor,
+        b: *mut C_tensor,
+        root: c_int,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> c_int;
+}
+
+/// A c10d process group over Gloo, with its TCPStore.
+pub struct Group {
+    ptr: *mut std::ffi::c_void,
+    rank: usize,
+    size: usize,
+}
+
+// SAFETY: c10d process groups are used from any thread; this crate calls a
+// group from one thread at a time (`&self` methods wait for each collective).
+unsafe impl Send for Group {}
+unsafe impl Sync for Group {}
+
+#[derive(Clone, Copy)]
+enum Op {
+    AllReduce = 0,
+    ReduceScatter = 1,
+    AllGather = 2,
+    Broadcast = 3,
+}
+
+impl Group {
+    /// Joins the group of `size` ranks whose rendezvous rank 0 serves at
+    /// `host:port`. Gloo binds the interface `GLOO_SOCKET_IFNAME` names, as
+    /// in PyTorch; else the loopback for a loopback master, or the address
+    /// this machine's hostname resolves to.
+    pub fn join(host: &str, port: u16, rank: usize, size: usize, timeout: Duration) -> Result<Group> {
+        let iface = std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default();
+        let loopback = matches!(host, "127.0.0.1" | "localhost" | "::1");
+        let bind = if loopback { "127.0.0.1" } else { "" };
+        let (host_c, iface_c, bind_c) = (CString::new(host)?, CString::new(iface)?, CString::new(bind)?);
+        let mut error = [0 as c_char; 1024];
+        // SAFETY: NUL-terminated strings and an error buffer of the given length.
+        let ptr = unsafe {
+            llmflow_c10d_gloo(
+                host_c.as_ptr(),
+                c_int::from(port),
+                rank as c_int,
+                size as c_int,
+                timeout.as_millis() as i64,
+                iface_c.as_ptr(),
+                bind_c.as_ptr(),
+                error.as_mut_ptr(),
+                error.len(),
+            )
+        };
+        if ptr.is_null() {
+            // SAFETY: the C++ side wrote a NUL-terminated message.
+            bail!("{}", unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy());
+        }
+        Ok(Group { ptr, rank, size })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    fn collective(&self, op: Op, a: &Tensor, b: Option<&Tensor>, root: usize) -> Result<()> {
+        ensure!(a.device() == Device::Cpu, "Gloo's collectives take CPU tensors");
+        ensure!(a.is_contiguous() && b.is_none_or(Tensor::is_contiguous), "collectives take contiguous tensors");
+        let mut error = [0 as c_char; 1024];
+        let b_ptr = b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut C_tensor);
+        // SAFETY: live tensors and group; the call waits for the collective.
+        let rc = unsafe {
+            llmflow_c10d_collective(
+                self.ptr,
+                op as c_int,
+                a.as_ptr() as *mut C_tensor,
+                b_ptr,
+                root as c_int,
+                error.as_mut_ptr(),
+                error.len(),
+            )
+        };
+        if rc != 0 {
+            // SAFETY: as in `join`.
+            let message = unsafe { CStr::from_ptr(error.as_ptr()) }.to_string_lossy().into_owned();
+            bail!("rank {} of {}: a collective failed (another rank died, hung or timed out): {message}", self.rank, self.size);
+        }
+        Ok(())
+    }
+
+    /// t ← Σ over the ranks of t, in place.
+    pub fn all_reduce(&self, t: &Tensor) -> Result<()> {
+        self.collective(Op::AllReduce, t, None, 0)
+    }
+
+    /// `out` (n elements) ← this rank's n-element slice of Σ over the ranks
+    /// of `input` (size × n elements).
+    pub fn reduce_scatter(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        ensure!(input.numel() == out.numel() * self.size, "reduce-scatter of {} elements into {}", input.numel(), out.numel());
+        self.collective(Op::ReduceScatter, out, Some(input), 0)
+    }
+
+    /// `out` (size × n elements) ← every rank's `input` (n elements), in rank order.
+    pub fn all_gather(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        ensure!(out.numel() == input.numel() * self.size, "all-gather of {} elements into {}", input.numel(), out.numel());
+        self.collective(Op::AllGather, out, Some(input), 0)
+    }
+
+    /// t ← rank `root`'s t, in place.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        self.collective(Op::Broadcast, t, None, root)
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `llmflow_c10d_gloo` and is freed once.
+        unsafe { llmflow_c10d_free(self.ptr) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Kind;
+
+    use super::*;
+
+    /// Each collective of a 3-rank group (three threads of this process, on
+    /// loopback) against the same sums computed here, over sizes that do and
+    /// do not divide evenly among Gloo's chunks, and over dtypes.
+    #[test]
+    fn collectives_agree_with_a_reference() {
+        let port = launch::free_port("127.0.0.1").unwrap();
+        let size = 3;
+        let ranks: Vec<_> = (0..size)
+            .map(|rank| {
+                std::thread::spawn(move || -> Result<()> {
+                    let group = Group::join("127.0.0.1", port, rank, size, Duration::from_secs(60))?;
+                    for kind in [Kind::Float, Kind::Double, Kind::Int64, Kind::BFloat16] {
+                        for n in [1i64, 7, 1000, 65_537] {
+                            // Rank r's data: (i mod 8 + 1) · (r + 1), whose sums are exact even in bf16.
+                            let data = |r: usize, n: i64| {
+                                let i = Tensor::arange(n, (Kind::Double, Device::Cpu)).remainder(8) + 1;
+                                (i * (r as f64 + 1.0)).to_kind(kind)
+                            };
+                            let sum_over_ranks = |n: i64| {
+                                (0..size)
+                                    .map(|r| data(r, n).to_kind(Kind::Double))
+                                    .fold(Tensor::zeros([n], (Kind::Double, Device::Cpu)), |a, b| a + b)
+                            };
+                            let mine = data(rank, n);
+                            group.all_reduce(&mine)?;
+                            ensure!(mine.to_kind(Kind::Double).equal(&sum_over_ranks(n)), "all-reduce of {n} {kind:?}");
+
+                            let input = data(rank, n * size as i64);
+                            let out = Tensor::zeros([n], (kind, Device::Cpu));
+                            group.reduce_scatter(&out, &input)?;
+                            let want = sum_over_ranks(n * size as i64).narrow(0, rank as i64 * n, n);
+                            ensure!(out.to_kind(Kind::Double).equal(&want), "reduce-scatter of {n} {kind:?}");
+
+                            let out = Tensor::zeros([n * size as i64], (kind, Device::Cpu));
+                            group.all_gather(&out, &data(rank, n))?;
+                            let want = Tensor::cat(&(0..size).map(|r| data(r, n)).collect::<Vec<_>>(), 0);
+                            ensure!(out.equal(&want), "all-gather of {n} {kind:?}");
+
+                            let t = data(rank, n);
+                            group.broadcast(&t, 1)?;
+                            ensure!(t.equal(&data(1, n)), "broadcast of {n} {kind:?}");
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for (rank, r) in ranks.into_iter().enumerate() {
+            r.join().unwrap().unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
+        }
+    }
+}

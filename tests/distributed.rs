@@ -1,0 +1,172 @@
+//! Training across processes (`processes = N`, c10d with Gloo), through the
+//! real binaries: two ranks train what one process trains, with and without
+//! ZeRO-1; a stopped or killed multi-rank run resumes to bitwise the same
+//! weights; a dead rank fails the stage at once, with its output, and
+//! publishes nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use common::{Project, TINY_DATA};
+
+/// A tiny pretrain, without dropout, with `extra` lines in its table. Llama
+/// has no biases: GPT-2's key bias gets only rounding noise as its gradient
+/// (attention is blind to it), which AdamW's normalization makes as large as
+/// any step, so it cannot agree between two orders of summation.
+fn pipeline(extra: &str) -> Project {
+    let p = Project::new(&format!(
+        r#"{TINY_DATA}
+[stages.pretrain]
+kind = "pretrain"
+inputs = {{ data = "tokens", tokenizer = "tok" }}
+model = {{ arch = "llama", n_layer = 2, n_head = 2, d_model = 32, context = 32, dropout = 0.0 }}
+train = {{ steps = 12, batch_size = 4, grad_accum = 2, lr = 3e-3, warmup = 3 }}
+eval_every = 6
+eval_batches = 2
+checkpoint_every = 4
+samples = {{ count = 1, max_tokens = 8 }}
+{extra}
+"#
+    ));
+    p.write_corpus(120_000);
+    p
+}
+
+fn weights_file(p: &Project) -> Vec<u8> {
+    fs::read(p.out_dir("pretrain").join("model.safetensors")).unwrap()
+}
+
+/// The f32 tensors of a safetensors file, by name.
+fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<f32>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            assert_eq!(info["dtype"], "F32", "{name}");
+            let [start, end] = [0, 1].map(|i| info["data_offsets"][i].as_u64().unwrap() as usize);
+            let floats = data[start..end].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (name.clone(), floats)
+        })
+        .collect()
+}
+
+/// The largest difference between the two models' tensors, each relative
+/// to the tensor's largest magnitude.
+fn max_relative_difference(a: &Project, b: &Project) -> f64 {
+    let (a, b) = (tensors(&weights_file(a)), tensors(&weights_file(b)));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(name, x)| {
+            let y = &b[name];
+            let scale = y.iter().fold(0f64, |m, v| m.max(f64::from(v.abs()))).max(1e-12);
+            x.iter().zip(y).fold(0f64, |m, (x, y)| m.max(f64::from((x - y).abs()))) / scale
+        })
+        .fold(0.0, f64::max)
+}
+
+fn log_of(p: &Project) -> String {
+    let shown = p.llmflow(&["show", "pretrain", "--json"]).stdout;
+    fs::read_to_string(shown.split('"').find(|s| s.ends_with(".log")).unwrap()).unwrap()
+}
+
+#[test]
+fn two_ranks_train_what_one_process_trains_with_and_without_zero() {
+    let one = pipeline("");
+    let run = one.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    for extra in ["processes = 2", "processes = 2\nzero = 1"] {
+        let two = pipeline(extra);
+        let run = two.llmflow(&["run"]);
+        assert_eq!(run.code, 0, "{extra}: {}", run.all());
+        let log = log_of(&two);
+        assert!(log.contains("launching 2 ranks"), "{log}");
+        // Two micro-batches an update: each rank adds up its own before the
+        // ranks' sums are added, an order one process does not take.
+        let diff = max_relative_difference(&two, &one);
+        assert!(diff <= 1e-5, "{extra}: the weights differ from one process's by {diff:e} (relative)");
+        // The same data, model and batches: the same key as one process's.
+        assert_eq!(two.status_json()["stages"][3]["key"], one.status_json()["stages"][3]["key"]);
+        let metrics = &two.manifest("pretrain")["metrics"];
+        assert_eq!(metrics["processes"], 2);
+        let moments = metrics["optimizer_mb_per_rank"].as_f64().unwrap();
+        let whole = one.manifest("pretrain")["metrics"]["optimizer_mb_per_rank"].as_f64().unwrap();
+        if extra.contains("zero") {
+            assert!((moments - whole / 2.0).abs() < 0.01 * whole, "ZeRO-1 holds half the moments a rank: {moments} of {whole} MB");
+        } else {
+            assert_eq!(moments, whole, "DDP holds all the moments on every rank");
+        }
+    }
+}
+
+#[test]
+fn a_stopped_two_rank_run_resumes_to_bitwise_equal_weights() {
+    let whole = pipeline("processes = 2");
+    let run = whole.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+
+    let resumed = pipeline("processes = 2");
+    let stopped = resumed.cmd(&["run"]).env("LLMFLOW_STOP_AFTER_STEP", "6").output().unwrap();
+    assert_eq!(stopped.status.code(), Some(1), "{}", String::from_utf8_lossy(&stopped.stderr));
+    assert_eq!(resumed.state("pretrain"), "failed");
+    let again = resumed.llmflow(&["run"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(log_of(&resumed).contains("resuming from the checkpoint of step 4"));
+    assert!(weights_file(&whole) == weights_file(&resumed), "resumed weights differ from the uninterrupted 2-rank run's");
+}
+
+/// Rank 1 is killed (SIGKILL) after step 6 of a ZeRO-1 run, whose moments
+/// are in per-rank files: the stage fails at once with rank 1's output,
+/// publishes nothing, leaves no rank running, and the next run resumes
+/// from the checkpoint of step 4 to the uninterrupted run's weights.
+#[test]
+fn a_killed_rank_fails_the_stage_at_once_and_the_run_resumes() {
+    let whole = pipeline("processes = 2\nzero = 1");
+    let run = whole.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+
+    let killed = pipeline("processes = 2\nzero = 1");
+    let started = Instant::now();
+    let failed = killed.cmd(&["run"]).env("LLMFLOW_KILL_RANK", "1@6").output().unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(60), "the stage took {took:?} to fail");
+    assert_eq!(killed.state("pretrain"), "failed");
+    let path = stderr.lines().find_map(|l| l.trim().strip_prefix("full log: ")).unwrap_or_else(|| panic!("{stderr}"));
+    let log = fs::read_to_string(path).unwrap();
+    assert!(log.contains("rank 1 of 2 was killed by signal 9; the last lines of its output:\n  [rank 1] rank 1 of 2"), "{log}");
+    let status = killed.status_json();
+    assert!(status["stages"][3]["out"].is_null(), "nothing is published: {status}");
+    let leftover = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| fs::read(e.path().join("environ")).is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == b"LLMFLOW_KILL_RANK=1@6")));
+    assert!(!leftover, "a rank is still running");
+
+    let again = killed.llmflow(&["run"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(log_of(&killed).contains("resuming from the checkpoint of step 4"));
+    assert!(weights_file(&whole) == weights_file(&killed), "resumed weights differ from the uninterrupted run's");
+}
+
+#[test]
+fn more_processes_than_rows_is_an_error_naming_the_field() {
+    let err = common::config_error(&format!(
+        r#"{TINY_DATA}
+[stages.pretrain]
+kind = "pretrain"
+inputs = {{ data = "tokens", tokenizer = "tok" }}
+train = {{ batch_size = 2 }}
+processes = 4
+"#
+    ));
+    assert!(err.contains("processes") && err.contains("train.batch_size of at least 4"), "{err}");
+}
