@@ -226,8 +226,11 @@ pub fn submit(
     let mut words: Vec<String> =
         std::iter::once(runner.get_program()).chain(runner.get_args()).map(|w| quote(&w.to_string_lossy())).collect();
     if processes > 1 {
-        // Each task one rank; rank 0 on the allocation's first node serves the rendezvous.
-        text.push_str("export MASTER_ADDR=\"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\"\n");
+        // Each task is one rank. Rank 0, on the allocation's first node, serves the rendezvous
+        // at the address Slurm reaches that node at (a node's name need not resolve).
+        text.push_str("first=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\n");
+        text.push_str("addr=$(scontrol show node \"$first\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')\n");
+        text.push_str("export MASTER_ADDR=\"${addr:-$first}\"\n");
         text.push_str("export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))\n");
         words
             .splice(0..0, ["srun".to_string(), "--kill-on-bad-exit=1".to_string(), "--cpus-per-task=\"$SLURM_CPUS_PER_TASK\"".to_string()]);
