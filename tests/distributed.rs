@@ -36,7 +36,11 @@ samples = {{ count = 1, max_tokens = 8 }}
 }
 
 fn weights_file(p: &Project) -> Vec<u8> {
-    fs::read(p.out_dir("pretrain").join("model.safetensors")).unwrap()
+    weights_of(p, "pretrain")
+}
+
+fn weights_of(p: &Project, stage: &str) -> Vec<u8> {
+    fs::read(p.out_dir(stage).join("model.safetensors")).unwrap()
 }
 
 /// The f32 tensors of a safetensors file, by name.
@@ -58,10 +62,10 @@ fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-/// The largest difference between the two models' tensors, each relative
-/// to the tensor's largest magnitude.
-fn max_relative_difference(a: &Project, b: &Project) -> f64 {
-    let (a, b) = (tensors(&weights_file(a)), tensors(&weights_file(b)));
+/// The largest difference between the two stages' models' tensors, each
+/// relative to the tensor's largest magnitude.
+fn max_relative_difference(a: &Project, b: &Project, stage: &str) -> f64 {
+    let (a, b) = (tensors(&weights_of(a, stage)), tensors(&weights_of(b, stage)));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     a.iter()
         .map(|(name, x)| {
@@ -73,7 +77,11 @@ fn max_relative_difference(a: &Project, b: &Project) -> f64 {
 }
 
 fn log_of(p: &Project) -> String {
-    let shown = p.llmflow(&["show", "pretrain", "--json"]).stdout;
+    log_of_stage(p, "pretrain")
+}
+
+fn log_of_stage(p: &Project, stage: &str) -> String {
+    let shown = p.llmflow(&["show", stage, "--json"]).stdout;
     fs::read_to_string(shown.split('"').find(|s| s.ends_with(".log")).unwrap()).unwrap()
 }
 
@@ -90,7 +98,7 @@ fn two_ranks_train_what_one_process_trains_with_and_without_zero() {
         assert!(log.contains("launching 2 ranks"), "{log}");
         // Two micro-batches an update: each rank adds up its own before the
         // ranks' sums are added, an order one process does not take.
-        let diff = max_relative_difference(&two, &one);
+        let diff = max_relative_difference(&two, &one, "pretrain");
         assert!(diff <= 1e-5, "{extra}: the weights differ from one process's by {diff:e} (relative)");
         // The same data, model and batches: the same key as one process's.
         assert_eq!(two.status_json()["stages"][3]["key"], one.status_json()["stages"][3]["key"]);
@@ -104,6 +112,29 @@ fn two_ranks_train_what_one_process_trains_with_and_without_zero() {
             assert_eq!(moments, whole, "DDP holds all the moments on every rank");
         }
     }
+}
+
+/// Fine-tuning on 2 ranks: instruction records of different lengths, so
+/// each rank's share of the loss is its share of the counted tokens.
+#[test]
+fn sft_on_two_ranks_tunes_what_one_process_tunes() {
+    let tuned = |extra: &str| {
+        let p = pipeline("");
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/instruct/instruction-data.json");
+        let sft = format!(
+            "\n[stages.sft]\nkind = \"sft\"\ninputs = {{ model = \"pretrain\" }}\ndata = \"{}\"\ntemplate = \"Q: {{instruction}} {{input}}\\nA: \"\n\
+             train = {{ steps = 6, batch_size = 6, grad_accum = 2, lr = 1e-3, warmup = 2 }}\neval_every = 3\nresponses = {{ max_tokens = 2 }}\n{extra}\n",
+            data.display()
+        );
+        p.set_pipeline(&(p.read("pipeline.toml") + &sft));
+        let run = p.llmflow(&["run"]);
+        assert_eq!(run.code, 0, "{extra}: {}", run.all());
+        p
+    };
+    let (one, two) = (tuned(""), tuned("processes = 2"));
+    assert!(log_of_stage(&two, "sft").contains("launching 2 ranks"));
+    let diff = max_relative_difference(&two, &one, "sft");
+    assert!(diff <= 1e-5, "the tuned weights differ from one process's by {diff:e} (relative)");
 }
 
 #[test]

@@ -144,6 +144,24 @@ impl World {
     pub fn rows(&self, rows: usize) -> (usize, usize) {
         (self.rank * rows / self.size, (self.rank + 1) * rows / self.size)
     }
+
+    /// This rank's [`World::rows`] of a batch's `items`, and its share of
+    /// the batch by `weight`: an item's 1 where the loss is a mean over
+    /// items, its counted tokens where it is a mean over tokens. Each rank's
+    /// mean loss times its share adds up, over the ranks, to the batch's.
+    /// (A batch of no weight at all is shared by rows.)
+    pub fn share<T>(&self, mut items: Vec<T>, weight: impl Fn(&T) -> f64) -> (Vec<T>, f64) {
+        let rows = items.len() as f64;
+        let total: f64 = items.iter().map(&weight).sum();
+        let (start, end) = self.rows(items.len());
+        items.truncate(end);
+        let mine: Vec<T> = items.drain(start..).collect();
+        let share = match total > 0.0 {
+            true => mine.iter().map(&weight).sum::<f64>() / total,
+            false => mine.len() as f64 / rows,
+        };
+        (mine, share)
+    }
 }
 
 extern "C" {

@@ -76,11 +76,13 @@ use tokenizers::Tokenizer;
 
 use crate::data::records;
 use crate::data::sequences::{pad, Sequence};
+use crate::dist;
 use crate::formats::tokenizer::END_OF_TEXT;
+use crate::train::distributed::Distributed;
 use crate::train::finetune::Trainable;
 use crate::train::head::{Head, HeadModel};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer};
-use crate::train::Hyper;
+use crate::train::{self, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Classify;
@@ -103,6 +105,8 @@ pub struct Params {
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
+    #[serde(flatten)]
+    pub distributed: Distributed,
 }
 
 impl Default for Params {
@@ -116,6 +120,7 @@ impl Default for Params {
             trainable: Trainable::LastBlocks(4),
             train: Hyper { steps: 150, batch_size: 16, lr: 1e-3, min_lr: 1e-4, warmup: 15, weight_decay: 0.01, ..Hyper::default() },
             every: Every { eval_every: 50, spike_factor: 0.0, ..Every::default() },
+            distributed: Distributed::default(),
         }
     }
 }
@@ -132,13 +137,14 @@ impl Stage for Classify {
     const VERSION: u32 = 4;
     const SUMMARY: &'static str = "fine-tune a GPT with a last-token head to classify texts (spam detection)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
-    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
+    const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const SHOW: &'static [&'static str] = &["results.json", "loss.png", "metrics.jsonl"];
     type Params = Params;
 
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
         params.train.check("train")?;
+        params.distributed.check(params.train.batch_size)?;
         params.every.check()?;
         params.trainable.check()?;
         records::check_split(&params.split, &["train", "validation", "test"])?;
@@ -152,8 +158,8 @@ impl Stage for Classify {
         vec![params.data.clone()]
     }
 
-    fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, ..Default::default() }
+    fn resources(params: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -329,6 +335,7 @@ impl Examples {
 fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<()> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
+    let world = params.distributed.init(device)?;
     let model_dir = ctx.input("model")?.to_path_buf();
     let data = ctx.project_path(&params.data);
     let records: Vec<Labeled> = records::read(&data).with_context(|| "the labeled data (param `data`)")?;
@@ -385,9 +392,12 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
         tokens_per_step: None,
         stop_after,
         evaluate_first: false,
-        zero: false,
+        zero: params.distributed.zero(),
     };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
+    if !world.is_first() {
+        return Ok(());
+    }
     let (predicted, _) = test.predict(task.head, params.train.batch_size * 2);
     let confusion = Confusion::new(labels.len(), &test.classes, &predicted);
     let train_examples = task.train.classes.len();
@@ -420,7 +430,9 @@ struct Classification<'a> {
 
 impl Objective for Classification<'_> {
     fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64> {
-        let picked = batch_indices(self.train.classes.len(), self.hyper, step, micro);
+        // This rank's examples; the loss is a mean over examples.
+        let (picked, share) = dist::world().share(batch_indices(self.train.classes.len(), self.hyper, step, micro), |_| 1.0);
+        let scale = scale * share;
         let seqs: Vec<Sequence> = picked.iter().map(|&i| self.train.sequences[i].clone()).collect();
         let device = self.head.gpt.device();
         let targets: Vec<i64> = picked.iter().map(|&i| self.train.classes[i] as i64).collect();

@@ -86,10 +86,12 @@ use tch::{Kind, Tensor};
 use crate::data::instruct::{self, Encoder, Template};
 use crate::data::records;
 use crate::data::sequences::{pad, score, sequence_logprobs, Sequence};
+use crate::dist;
 use crate::model::Gpt;
+use crate::train::distributed::Distributed;
 use crate::train::finetune::{self, read_records, Trainable, Tuning};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Outcome, Trainer};
-use crate::train::Hyper;
+use crate::train::{self, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Dpo;
@@ -112,6 +114,8 @@ pub struct Params {
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
+    #[serde(flatten)]
+    pub distributed: Distributed,
 }
 
 /// The preference loss; see the module docs.
@@ -134,6 +138,7 @@ impl Default for Params {
             trainable: Trainable::All,
             train: Hyper { steps: 100, batch_size: 8, lr: 1e-4, min_lr: 1e-5, warmup: 10, weight_decay: 0.0, ..Hyper::default() },
             every: Every { eval_every: 50, ..Every::default() },
+            distributed: Distributed::default(),
         }
     }
 }
@@ -143,7 +148,7 @@ impl Stage for Dpo {
     const VERSION: u32 = 4;
     const SUMMARY: &'static str = "direct preference optimization on chosen/rejected pairs (sigmoid, IPO or hinge loss)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
-    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
+    const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const MOVED: &'static [(&'static str, &'static str)] = &[finetune::MOVED_LORA];
     const SHOW: &'static [&'static str] = &["loss.png", "metrics.jsonl"];
@@ -157,6 +162,7 @@ impl Stage for Dpo {
         records::check_split(&params.split, &["train", "validation"])?;
         params.trainable.check()?;
         params.train.check("train")?;
+        params.distributed.check(params.train.batch_size)?;
         params.every.check()
     }
 
@@ -164,8 +170,8 @@ impl Stage for Dpo {
         vec![params.data.clone()]
     }
 
-    fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, ..Default::default() }
+    fn resources(params: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -197,6 +203,7 @@ struct Pair {
 pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
+    let world = params.distributed.init(device)?;
     let input = ctx.input("model")?.to_path_buf();
     let hyper = &params.train;
     let mut tuning = Tuning::open(&input, &params.trainable, device, hyper.seed)?;
@@ -236,12 +243,22 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let examples = [train.len(), val.len()];
     let mut task = Preferences { gpt, train, val, hyper, objective };
-    let trainer =
-        Trainer { name: "dpo", hyper, every: &params.every, tokens_per_step: None, stop_after, evaluate_first: false, zero: false };
+    let trainer = Trainer {
+        name: "dpo",
+        hyper,
+        every: &params.every,
+        tokens_per_step: None,
+        stop_after,
+        evaluate_first: false,
+        zero: params.distributed.zero(),
+    };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
+    if !world.is_first() {
+        return Ok(Outcome::Finished(trained));
+    }
     let out = ctx.out.clone();
     trained.write(&out, "val_loss")?;
     tuning.save(&out, &input)?;
@@ -309,6 +326,9 @@ struct Preferences<'a> {
 impl Objective for Preferences<'_> {
     fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64> {
         let pairs: Vec<&Pair> = batch_indices(self.train.len(), self.hyper, step, micro).into_iter().map(|i| &self.train[i]).collect();
+        // This rank's pairs; the loss is a mean over pairs.
+        let (pairs, share) = dist::world().share(pairs, |_| 1.0);
+        let scale = scale * share;
         let b = pairs.len() as i64;
         // Chosen then rejected responses, in one batch.
         let sequences: Vec<Sequence> =

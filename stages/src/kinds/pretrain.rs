@@ -89,7 +89,7 @@ use crate::formats::model::save_model;
 use crate::formats::tokenizer;
 use crate::model::{self, Gpt, ModelConfig};
 use crate::sample::{complete, Sampling};
-use crate::train::distributed::{self, Distributed};
+use crate::train::distributed::Distributed;
 use crate::train::replicas::Replicas;
 use crate::train::trainer::{self, Every, Objective, Outcome, Trainer};
 use crate::train::{self, Hyper};
@@ -158,14 +158,7 @@ impl Stage for Pretrain {
     const VERSION: u32 = 5;
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
-    const VOLATILE: &'static [&'static str] = &[
-        trainer::VOLATILE[0],
-        trainer::VOLATILE[1],
-        trainer::VOLATILE[2],
-        distributed::VOLATILE[0],
-        distributed::VOLATILE[1],
-        distributed::VOLATILE[2],
-    ];
+    const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const SHOW: &'static [&'static str] = &["loss.png", "samples.txt", "metrics.jsonl"];
     const ESTIMATES: bool = true;

@@ -77,10 +77,12 @@ use tch::{Kind, Tensor};
 use crate::data::instruct::{Encoder, Pair, Record, Template};
 use crate::data::records;
 use crate::data::sequences::{pad, Sequence};
+use crate::dist;
+use crate::train::distributed::Distributed;
 use crate::train::finetune::Trainable;
 use crate::train::head::{Head, HeadModel};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer};
-use crate::train::Hyper;
+use crate::train::{self, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct RewardModel;
@@ -104,6 +106,8 @@ pub struct Params {
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
+    #[serde(flatten)]
+    pub distributed: Distributed,
 }
 
 impl Default for Params {
@@ -117,6 +121,7 @@ impl Default for Params {
             trainable: Trainable::LastBlocks(4),
             train: Hyper { steps: 150, batch_size: 16, lr: 1e-3, min_lr: 1e-4, warmup: 15, weight_decay: 0.01, ..Hyper::default() },
             every: Every { eval_every: 50, ..Every::default() },
+            distributed: Distributed::default(),
         }
     }
 }
@@ -126,13 +131,14 @@ impl Stage for RewardModel {
     const VERSION: u32 = 4;
     const SUMMARY: &'static str = "train a scalar reward head on preference pairs (Bradley–Terry loss)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
-    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
+    const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const SHOW: &'static [&'static str] = &["loss.png", "metrics.jsonl"];
     type Params = Params;
 
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
         params.train.check("train")?;
+        params.distributed.check(params.train.batch_size)?;
         params.every.check()?;
         params.trainable.check()?;
         params.template.check("template")?;
@@ -147,8 +153,8 @@ impl Stage for RewardModel {
         vec![params.data.clone()]
     }
 
-    fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, ..Default::default() }
+    fn resources(params: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -169,6 +175,7 @@ pub fn pairwise_loss(chosen: &Tensor, rejected: &Tensor, margin: f64, center_coe
 fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<()> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
+    let world = params.distributed.init(device)?;
     let model_dir = ctx.input("model")?.to_path_buf();
     let data = ctx.project_path(&params.data);
     let records: Vec<Record> = records::read(&data).with_context(|| "the preference data (param `data`)")?;
@@ -206,9 +213,12 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
         tokens_per_step: None,
         stop_after,
         evaluate_first: false,
-        zero: false,
+        zero: params.distributed.zero(),
     };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
+    if !world.is_first() {
+        return Ok(());
+    }
     let after = task.judge();
     let (train_len, val_len) = (task.train.len(), task.val.len());
 
@@ -279,7 +289,9 @@ pub fn judge(chosen: &Tensor, rejected: &Tensor, margin: f64, center_coef: f64) 
 
 impl Objective for Preferences<'_> {
     fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64> {
-        let picked = batch_indices(self.train.len(), &self.params.train, step, micro);
+        // This rank's pairs; the loss is a mean over pairs.
+        let (picked, share) = dist::world().share(batch_indices(self.train.len(), &self.params.train, step, micro), |_| 1.0);
+        let scale = scale * share;
         // Chosen then rejected responses in one batch, one forward pass.
         let seqs: Vec<Sequence> =
             picked.iter().map(|&i| self.train[i].chosen.clone()).chain(picked.iter().map(|&i| self.train[i].rejected.clone())).collect();

@@ -72,11 +72,13 @@ use serde_json::json;
 use crate::data::instruct::{Encoder, Record, Template};
 use crate::data::records;
 use crate::data::sequences::{pad, score, Sequence};
+use crate::dist;
 use crate::model::Gpt;
 use crate::sample::{generate_batch, Sampling};
+use crate::train::distributed::Distributed;
 use crate::train::finetune::{self, read_records, Trainable, Tuning};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Outcome, Trainer};
-use crate::train::Hyper;
+use crate::train::{self, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Sft;
@@ -97,6 +99,8 @@ pub struct Params {
     pub train: Hyper,
     #[serde(flatten)]
     pub every: Every,
+    #[serde(flatten)]
+    pub distributed: Distributed,
     /// How the answers to the test instructions (`responses.jsonl`) are sampled.
     pub responses: Responses,
 }
@@ -131,6 +135,7 @@ impl Default for Params {
             trainable: Trainable::All,
             train: Hyper { steps: 300, lr: 1e-3, min_lr: 1e-4, warmup: 20, weight_decay: 0.01, ..Hyper::default() },
             every: Every { eval_every: 100, ..Every::default() },
+            distributed: Distributed::default(),
             responses: Responses::default(),
         }
     }
@@ -141,7 +146,7 @@ impl Stage for Sft {
     const VERSION: u32 = 4;
     const SUMMARY: &'static str = "instruction fine-tuning on response tokens, in full or with LoRA adapters";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
-    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
+    const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const MOVED: &'static [(&'static str, &'static str)] = &[finetune::MOVED_LORA];
     const SHOW: &'static [&'static str] = &["loss.png", "responses.jsonl", "metrics.jsonl"];
@@ -155,6 +160,7 @@ impl Stage for Sft {
         records::check_split(&params.split, &["train", "validation", "test"])?;
         params.trainable.check()?;
         params.train.check("train")?;
+        params.distributed.check(params.train.batch_size)?;
         params.every.check()
     }
 
@@ -162,8 +168,8 @@ impl Stage for Sft {
         vec![params.data.clone()]
     }
 
-    fn resources(_params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, ..Default::default() }
+    fn resources(params: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -176,6 +182,7 @@ impl Stage for Sft {
 pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
+    let world = params.distributed.init(device)?;
     let input = ctx.input("model")?.to_path_buf();
     let hyper = &params.train;
     let mut tuning = Tuning::open(&input, &params.trainable, device, hyper.seed)?;
@@ -209,12 +216,22 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let mut task = Instructions { gpt, train, val, hyper, pad_id: encoder.eot };
     let val_loss_before = task.val_loss();
-    let trainer =
-        Trainer { name: "sft", hyper, every: &params.every, tokens_per_step: None, stop_after, evaluate_first: false, zero: false };
+    let trainer = Trainer {
+        name: "sft",
+        hyper,
+        every: &params.every,
+        tokens_per_step: None,
+        stop_after,
+        evaluate_first: false,
+        zero: params.distributed.zero(),
+    };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
+    if !world.is_first() {
+        return Ok(Outcome::Finished(trained));
+    }
 
     let out = ctx.out.clone();
     let mut lines = String::new();
@@ -284,6 +301,12 @@ impl Objective for Instructions<'_> {
     fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64> {
         let batch: Vec<Sequence> =
             batch_indices(self.train.len(), self.hyper, step, micro).into_iter().map(|i| self.train[i].clone()).collect();
+        // This rank's rows; the loss is a mean over the counted tokens.
+        let (batch, share) = dist::world().share(batch, |s| s.counted() as f64);
+        if share == 0.0 {
+            return Ok(0.0);
+        }
+        let scale = scale * share;
         let batch = pad(&batch, self.pad_id, self.gpt.device());
         let cuda = self.gpt.device().is_cuda();
         let loss = tch::autocast(cuda, || self.gpt.backward_lm(&batch.x, &batch.y, scale));

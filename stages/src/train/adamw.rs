@@ -85,6 +85,13 @@ impl AdamW {
             shard_offset,
         };
         let group = world.group();
+        if group.is_some() && !zero {
+            // Every rank holds a gradient for every variable from the start: a
+            // rank whose slice reached none (no counted token) still takes part
+            // in the update the others make.
+            let nothing = vars.iter().fold(Tensor::zeros([], (Kind::Float, vs.device())), |sum, v| sum + v.sum(Kind::Float) * 0.0);
+            nothing.backward();
+        }
         let (params, zero) = match group.filter(|_| zero) {
             None => (named.iter().map(|(name, t)| param(name, t.shallow_clone(), t, None)).collect(), None),
             Some(group) => {

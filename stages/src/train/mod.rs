@@ -59,6 +59,13 @@ pub fn sorted_variables(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
     vars
 }
 
+/// The volatile params of a stage on the shared loop that trains across
+/// processes: the loop's ([`trainer::VOLATILE`]) and [`distributed::VOLATILE`].
+pub const VOLATILE: [&str; 6] = {
+    let (looped, ranks) = (trainer::VOLATILE, distributed::VOLATILE);
+    [looped[0], looped[1], looped[2], ranks[0], ranks[1], ranks[2]]
+};
+
 /// Optimization settings: the `train` table of a training stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
