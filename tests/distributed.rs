@@ -188,6 +188,28 @@ fn a_killed_rank_fails_the_stage_at_once_and_the_run_resumes() {
     assert!(weights_file(&whole) == weights_file(&killed), "resumed weights differ from the uninterrupted run's");
 }
 
+/// Rank 1 hangs (SIGSTOP) after step 6: rank 0's next collective fails
+/// after `collective_timeout_s`, the stage fails with rank 0's error, and
+/// no rank is left, stopped or not.
+#[test]
+fn a_hung_rank_fails_the_stage_after_the_collective_timeout() {
+    let hung = pipeline("processes = 2\ncollective_timeout_s = 3");
+    let started = Instant::now();
+    let failed = hung.cmd(&["run"]).env("LLMFLOW_KILL_RANK", "1@6:stop").output().unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(took < Duration::from_secs(60), "the stage took {took:?} to fail");
+    let path = stderr.lines().find_map(|l| l.trim().strip_prefix("full log: ")).unwrap_or_else(|| panic!("{stderr}"));
+    let log = fs::read_to_string(path).unwrap();
+    assert!(log.contains("rank 0 of 2 exited with status 1; the last lines of its output:"), "{log}");
+    assert!(log.contains("rank 0 of 2: a collective failed"), "{log}");
+    let leftover = fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        fs::read(e.path().join("environ")).is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == b"LLMFLOW_KILL_RANK=1@6:stop"))
+    });
+    assert!(!leftover, "a rank is still there");
+}
+
 #[test]
 fn more_processes_than_rows_is_an_error_naming_the_field() {
     let err = common::config_error(&format!(

@@ -179,14 +179,19 @@ impl Every {
 }
 
 /// The environment variable `RANK@STEP` that kills rank RANK of a training
-/// stage with SIGKILL right after step STEP, to exercise a rank's death.
+/// stage with SIGKILL right after step STEP, to exercise a rank's death;
+/// `RANK@STEP:stop` stops it (SIGSTOP) instead: a rank that hangs.
 pub const KILL_ENV: &str = "LLMFLOW_KILL_RANK";
 
-/// (rank, step) of [`KILL_ENV`], if set.
-fn kill_after_env() -> Result<Option<(usize, u64)>> {
+/// (rank, step, signal) of [`KILL_ENV`], if set.
+fn kill_after_env() -> Result<Option<(usize, u64, libc::c_int)>> {
     let Ok(v) = std::env::var(KILL_ENV) else { return Ok(None) };
-    let parsed = v.split_once('@').and_then(|(rank, step)| Some((rank.parse().ok()?, step.parse().ok()?)));
-    parsed.map(Some).with_context(|| format!("{KILL_ENV}={v}: not RANK@STEP"))
+    let (at, signal) = match v.strip_suffix(":stop") {
+        Some(at) => (at, libc::SIGSTOP),
+        None => (v.as_str(), libc::SIGKILL),
+    };
+    let parsed = at.split_once('@').and_then(|(rank, step)| Some((rank.parse().ok()?, step.parse().ok()?, signal)));
+    parsed.map(Some).with_context(|| format!("{KILL_ENV}={v}: not RANK@STEP or RANK@STEP:stop"))
 }
 
 /// The step [`STOP_ENV`] asks to stop after, if set.
@@ -339,9 +344,9 @@ impl Trainer<'_> {
             if self.stop_after == Some(state.step) && !last {
                 return Ok(Outcome::Stopped(state.step));
             }
-            if kill_after_env()? == Some((world.rank, state.step)) {
+            if let Some((_, _, signal)) = kill_after_env()?.filter(|&(rank, step, _)| (rank, step) == (world.rank, state.step)) {
                 // SAFETY: kill on this very process.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                unsafe { libc::kill(libc::getpid(), signal) };
             }
         }
         let tokens_per_s = if timed_seconds > 0.0 { timed_tokens as f64 / timed_seconds } else { 0.0 };
