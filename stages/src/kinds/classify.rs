@@ -47,7 +47,9 @@
 //!   warmup 15, weight decay 0.01); `eval_every` (50), `spike_factor` (0:
 //!   off, since once most texts are classified right, a batch of hard ones
 //!   legitimately costs several times the running mean), `checkpoint_every`,
-//!   `keep_checkpoints`, `log_every` as in `pretrain`.
+//!   `keep_checkpoints`, `log_every` as in `pretrain`; `processes`, `zero`,
+//!   `collective_timeout_s` as in `pretrain`, each rank on its texts of
+//!   every batch.
 //!
 //! Output: the classifier artifact (`model.safetensors` with `score.weight`,
 //! `config.json`, `tokenizer.json`, `head.json` with the labels),
@@ -385,15 +387,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
 
     let (vs, head) = scorer.parts();
     let mut task = Classification { head, hyper: &params.train, train: train_set, val };
-    let trainer = Trainer {
-        name: "classify",
-        hyper: &params.train,
-        every: &params.every,
-        tokens_per_step: None,
-        stop_after,
-        evaluate_first: false,
-        zero: params.distributed.zero(),
-    };
+    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("classify", &params.train, &params.every, stop_after) };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
     if !world.is_first() {
         return Ok(());

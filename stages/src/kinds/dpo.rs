@@ -48,7 +48,9 @@
 //!   [`crate::train::finetune`].
 //! * `train`: a [`Hyper`] (defaults: 100 steps of 8 pairs, lr 1e-4 → 1e-5,
 //!   warmup 10, no weight decay); `eval_every` (50) and the other loop
-//!   params as in `pretrain`, resumable the same way.
+//!   params as in `pretrain`, resumable the same way, `processes`, `zero`
+//!   and `collective_timeout_s` included (each rank on its pairs of every
+//!   batch).
 //!
 //! Output: the tuned model artifact, `metrics.jsonl` (per step `loss`, `lr`,
 //! `grad_norm`; per evaluation the `val_` metrics below) and `loss.png`.
@@ -243,15 +245,7 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let examples = [train.len(), val.len()];
     let mut task = Preferences { gpt, train, val, hyper, objective };
-    let trainer = Trainer {
-        name: "dpo",
-        hyper,
-        every: &params.every,
-        tokens_per_step: None,
-        stop_after,
-        evaluate_first: false,
-        zero: params.distributed.zero(),
-    };
+    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("dpo", hyper, &params.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),

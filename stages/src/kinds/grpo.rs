@@ -444,7 +444,7 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Optio
     // The starting point: the reference is the policy before any update.
     let before = HeldOut::measure(m.reference, &m, &held_out, &scorer, p)?;
     let mut task = Rl { m: &m, p, train: &train, held_out: &held_out, scorer: &scorer, before, after: None, timing: [0.0; 4] };
-    let trainer = Trainer { name: "grpo", hyper, every: &p.every, tokens_per_step: None, stop_after, evaluate_first: true, zero: false };
+    let trainer = Trainer { evaluate_first: true, ..Trainer::new("grpo", hyper, &p.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         trainer::Outcome::Finished(trained) => trained,
         trainer::Outcome::Stopped(step) => return Ok(Some(step)),

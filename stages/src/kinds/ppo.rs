@@ -345,7 +345,7 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
     let eval_seed = step_seed(hyper.seed, u64::MAX, 0) as u64;
     let before = Rollout::collect(&m.reference, &m, &prompts.val, eval_seed, p)?;
     let mut task = Rlhf { m: &m, p, prompts: &prompts, before, after: None, eval_seed };
-    let trainer = Trainer { name: "ppo", hyper, every: &p.every, tokens_per_step: None, stop_after, evaluate_first: true, zero: false };
+    let trainer = Trainer { evaluate_first: true, ..Trainer::new("ppo", hyper, &p.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         Outcome::Stopped(step) => return Ok(Some(step)),

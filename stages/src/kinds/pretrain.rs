@@ -277,13 +277,9 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
         );
     }
     let trainer = Trainer {
-        name: "pretrain",
-        hyper,
-        every: &params.every,
         tokens_per_step: Some(hyper.tokens_per_step(config.context)),
-        stop_after,
-        evaluate_first: false,
         zero: params.distributed.zero(),
+        ..Trainer::new("pretrain", hyper, &params.every, stop_after)
     };
     // Dropout masks drawn on several threads at once would depend on scheduling.
     let replicas = if config.dropout > 0.0 { None } else { Replicas::new(&vs, &config, ctx.threads)? };

@@ -49,7 +49,8 @@
 //! * `train`: a [`Hyper`] (defaults: 150 steps of 16 pairs, lr 1e-3 → 1e-4,
 //!   warmup 15, weight decay 0.01); `eval_every` (50), `spike_factor`,
 //!   `checkpoint_every`, `keep_checkpoints`, `log_every` as in `pretrain`
-//!   (resumable the same way).
+//!   (resumable the same way); `processes`, `zero`, `collective_timeout_s`
+//!   as in `pretrain`, each rank on its pairs of every batch.
 //!
 //! Output: the scorer artifact (`model.safetensors` with `score.weight`,
 //! `config.json`, `tokenizer.json`, `head.json`), `metrics.jsonl` (per step
@@ -206,15 +207,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let (vs, head) = scorer.parts();
     let mut task = Preferences { head, params, train: train_pairs, val: val_pairs };
     let before = task.judge();
-    let trainer = Trainer {
-        name: "reward_model",
-        hyper: &params.train,
-        every: &params.every,
-        tokens_per_step: None,
-        stop_after,
-        evaluate_first: false,
-        zero: params.distributed.zero(),
-    };
+    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("reward_model", &params.train, &params.every, stop_after) };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
     if !world.is_first() {
         return Ok(());

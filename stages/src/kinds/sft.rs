@@ -42,6 +42,9 @@
 //!   `pretrain`, resumable the same way (`LLMFLOW_STOP_AFTER_STEP`). The
 //!   batches are a function of the step ([`batch_indices`]), so a resumed
 //!   run ends bitwise equal to an uninterrupted one on the CPU.
+//! * `processes`, `zero`, `collective_timeout_s` as in `pretrain`: each rank
+//!   trains on its records of every batch, its loss weighted by its share of
+//!   the batch's counted response tokens.
 //! * `responses`: `max_tokens` (64) and `temperature` (0: greedy), `top_k`
 //!   (none) for the answers to the test instructions.
 //!
@@ -216,15 +219,7 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let mut task = Instructions { gpt, train, val, hyper, pad_id: encoder.eot };
     let val_loss_before = task.val_loss();
-    let trainer = Trainer {
-        name: "sft",
-        hyper,
-        every: &params.every,
-        tokens_per_step: None,
-        stop_after,
-        evaluate_first: false,
-        zero: params.distributed.zero(),
-    };
+    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("sft", hyper, &params.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         stopped => return Ok(stopped),

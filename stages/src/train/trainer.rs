@@ -134,6 +134,15 @@ pub struct Trainer<'a> {
     pub zero: bool,
 }
 
+impl<'a> Trainer<'a> {
+    /// The loop of a stage `name` with these settings: updates of no fixed
+    /// size in tokens, no evaluation before the first, AdamW's moments whole
+    /// on every rank; a stage changes what differs.
+    pub fn new(name: &'a str, hyper: &'a Hyper, every: &'a Every, stop_after: Option<u64>) -> Self {
+        Trainer { name, hyper, every, tokens_per_step: None, stop_after, evaluate_first: false, zero: false }
+    }
+}
+
 /// Intervals and guard of a training loop: top-level params of every
 /// training stage (`#[serde(flatten)]` them into the stage's params).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
