@@ -13,7 +13,9 @@ threads per process differ. The modes take turns, round by round, so each
 sees the same stretch of a machine whose speed drifts. Per build: the median
 `tokens_per_s` of its steps after a warm-up, the AdamW moments a rank holds,
 and the peak resident memory of rank 0. The table shows the median over
-rounds and the ratio to the in-process path.
+rounds and the ratio to the in-process path. A second table puts each step's
+time beside what the collectives cost for the model's gradients, alone
+(`cargo bench --bench collectives`: 2 ranks, Gloo over loopback).
 
 usage: python3 bench/ddp.py [--steps N] [--rounds R]
 (LLMFLOW_BIN names the directory of the llmflow binaries when they are not
@@ -82,7 +84,15 @@ def build(workdir, preset, steps, mode):
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     rate = statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > WARMUP)
     metrics = json.load(open(os.path.join(os.path.dirname(out), "manifest.json")))["metrics"]
-    return rate, metrics["optimizer_mb_per_rank"], metrics["peak_rss_mb"]
+    return rate, metrics["optimizer_mb_per_rank"], metrics["peak_rss_mb"], metrics["params"]
+
+
+def collectives(sizes):
+    """{elements: (all-reduce ms, reduce-scatter + all-gather ms)} from the collectives benchmark."""
+    out = subprocess.run(["cargo", "bench", "--workspace", "--bench", "collectives", "--", *map(str, sizes)],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    return [(r["all_reduce_ms"], r["reduce_scatter_all_gather_ms"]) for r in rows]
 
 
 def main():
@@ -93,6 +103,7 @@ def main():
     print(f"{os.cpu_count()} cores; {args.steps} steps a build, median of {args.rounds} rounds, modes in turn\n")
     print("| model | mode | tokens/s | vs replicas | AdamW moments / rank (MB) | peak RSS rank 0 (MB) |")
     print("|---|---|---|---|---|---|")
+    steps = {}  # model -> (params, step ms per mode)
     for name, preset in PRESETS.items():
         with tempfile.TemporaryDirectory() as workdir:
             results = {mode: [] for mode in MODES}
@@ -100,9 +111,17 @@ def main():
                 for mode, table in MODES.items():
                     results[mode].append(build(workdir, preset, args.steps, table))
             base = statistics.median(r[0] for r in results[next(iter(MODES))])
+            tokens = preset["batch"] * preset["context"]
+            steps[name] = (results[next(iter(MODES))][0][3], [])
             for mode, runs in results.items():
                 rate = statistics.median(r[0] for r in runs)
+                steps[name][1].append(1e3 * tokens / rate)
                 print(f"| {name} | {mode} | {rate:,.0f} | {rate / base:.2f}x | {runs[0][1]:.2f} | {max(r[2] for r in runs):.0f} |")
+    print("\n| model | gradients (MB) | step ms: replicas / DDP / ZeRO-1 | all-reduce ms | reduce-scatter + all-gather ms |")
+    print("|---|---|---|---|---|")
+    costs = collectives([params for params, _ in steps.values()])
+    for (name, (params, ms)), (all_reduce, zero) in zip(steps.items(), costs):
+        print(f"| {name} | {params * 4e-6:.2f} | {' / '.join(f'{m:.1f}' for m in ms)} | {all_reduce:.1f} | {zero:.1f} |")
 
 
 if __name__ == "__main__":

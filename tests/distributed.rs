@@ -85,6 +85,23 @@ fn log_of_stage(p: &Project, stage: &str) -> String {
     fs::read_to_string(shown.split('"').find(|s| s.ends_with(".log")).unwrap()).unwrap()
 }
 
+/// [`pipeline`] with `extra`, built.
+fn built(extra: &str) -> Project {
+    let p = pipeline(extra);
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 0, "{extra}: {}", run.all());
+    p
+}
+
+/// Runs the interrupted `p` again: it resumes from the checkpoint of step 4
+/// and ends with the weights of `whole`, run without interruption, bitwise.
+fn resumes_to(p: &Project, whole: &Project) {
+    let again = p.llmflow(&["run"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(log_of(p).contains("resuming from the checkpoint of step 4"));
+    assert!(weights_file(whole) == weights_file(p), "resumed weights differ from the uninterrupted run's");
+}
+
 /// Runs `p` with rank and step `kill` in `LLMFLOW_KILL_RANK`: the stage
 /// fails within a minute, publishes nothing and leaves no rank, running or
 /// stopped. Returns its log.
@@ -110,13 +127,9 @@ fn failed_run(p: &Project, kill: &str) -> String {
 
 #[test]
 fn two_ranks_train_what_one_process_trains_with_and_without_zero() {
-    let one = pipeline("");
-    let run = one.llmflow(&["run"]);
-    assert_eq!(run.code, 0, "{}", run.all());
+    let one = built("");
     for extra in ["processes = 2", "processes = 2\nzero = 1"] {
-        let two = pipeline(extra);
-        let run = two.llmflow(&["run"]);
-        assert_eq!(run.code, 0, "{extra}: {}", run.all());
+        let two = built(extra);
         let log = log_of(&two);
         assert!(log.contains("launching 2 ranks"), "{log}");
         // Two micro-batches an update: each rank adds up its own before the
@@ -162,18 +175,12 @@ fn sft_on_two_ranks_tunes_what_one_process_tunes() {
 
 #[test]
 fn a_stopped_two_rank_run_resumes_to_bitwise_equal_weights() {
-    let whole = pipeline("processes = 2");
-    let run = whole.llmflow(&["run"]);
-    assert_eq!(run.code, 0, "{}", run.all());
-
+    let whole = built("processes = 2");
     let resumed = pipeline("processes = 2");
     let stopped = resumed.cmd(&["run"]).env("LLMFLOW_STOP_AFTER_STEP", "6").output().unwrap();
     assert_eq!(stopped.status.code(), Some(1), "{}", String::from_utf8_lossy(&stopped.stderr));
     assert_eq!(resumed.state("pretrain"), "failed");
-    let again = resumed.llmflow(&["run"]);
-    assert_eq!(again.code, 0, "{}", again.all());
-    assert!(log_of(&resumed).contains("resuming from the checkpoint of step 4"));
-    assert!(weights_file(&whole) == weights_file(&resumed), "resumed weights differ from the uninterrupted 2-rank run's");
+    resumes_to(&resumed, &whole);
 }
 
 /// Rank 1 is killed (SIGKILL) after step 6 of a ZeRO-1 run, whose moments
@@ -182,18 +189,11 @@ fn a_stopped_two_rank_run_resumes_to_bitwise_equal_weights() {
 /// from the checkpoint of step 4 to the uninterrupted run's weights.
 #[test]
 fn a_killed_rank_fails_the_stage_at_once_and_the_run_resumes() {
-    let whole = pipeline("processes = 2\nzero = 1");
-    let run = whole.llmflow(&["run"]);
-    assert_eq!(run.code, 0, "{}", run.all());
-
+    let whole = built("processes = 2\nzero = 1");
     let killed = pipeline("processes = 2\nzero = 1");
     let log = failed_run(&killed, "1@6");
     assert!(log.contains("rank 1 of 2 was killed by signal 9; the last lines of its output:\n  [rank 1] rank 1 of 2"), "{log}");
-
-    let again = killed.llmflow(&["run"]);
-    assert_eq!(again.code, 0, "{}", again.all());
-    assert!(log_of(&killed).contains("resuming from the checkpoint of step 4"));
-    assert!(weights_file(&whole) == weights_file(&killed), "resumed weights differ from the uninterrupted run's");
+    resumes_to(&killed, &whole);
 }
 
 /// Rank 1 hangs (SIGSTOP) after step 6: rank 0's next collective fails
