@@ -245,6 +245,47 @@ fn a_hung_rank_fails_the_stage_after_the_collective_timeout() {
     assert!(log.contains("rank 0 of 2: a collective failed"), "{log}");
 }
 
+/// A runner that `torchrun` starts (its own rendezvous, `RANK` and the rest
+/// set by it) trains as one of the ranks: the same weights, bitwise, as the
+/// 2-rank build the engine started. Needs torch's `torchrun`: the
+/// interpreter `LLMFLOW_PYTHON` names (`make test` sets it) must have it;
+/// without LLMFLOW_PYTHON the check is skipped.
+#[test]
+fn ranks_started_by_torchrun_train_what_the_runner_launches() {
+    let Ok(python) = std::env::var("LLMFLOW_PYTHON") else {
+        eprintln!("SKIPPED: set LLMFLOW_PYTHON to an interpreter with torch to run torchrun");
+        return;
+    };
+    let launched = built("processes = 2");
+    let out = |stage: &str| launched.out_dir(stage);
+    let dir = launched.path().join("torchrun");
+    fs::create_dir_all(dir.join("out")).unwrap();
+    let manifest = launched.manifest("pretrain");
+    let spec = serde_json::json!({
+        "kind": "pretrain",
+        "params": manifest["params"],
+        "ctx": {
+            "stage": "pretrain", "project_dir": launched.path(), "device": "cpu", "threads": 2, "progress_file": null,
+            "inputs": {"data": out("tokens"), "tokenizer": out("tok")},
+            "out": dir.join("out"), "work": dir.join("work"), "cache": dir.join("cache"),
+        },
+    });
+    fs::write(dir.join("spec.json"), spec.to_string()).unwrap();
+    let runner = std::path::Path::new(env!("CARGO_BIN_EXE_llmflow")).with_file_name("llmflow-stage");
+    let run = std::process::Command::new(python)
+        .args(["-m", "torch.distributed.run", "--no-python", "--standalone", "--nproc-per-node", "2"])
+        .arg(runner)
+        .arg("run")
+        .arg(dir.join("spec.json"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1 of 2 (local 1 of 2) joined the process group") && !stderr.contains("launching"), "{stderr}");
+    let weights = fs::read(dir.join("out/model.safetensors")).unwrap();
+    assert!(weights == weights_file(&launched), "torchrun's ranks trained other weights");
+}
+
 #[test]
 fn more_processes_than_rows_is_an_error_naming_the_field() {
     let err = common::config_error(&format!(
