@@ -85,7 +85,7 @@ impl AdamW {
             shard_offset,
         };
         let group = world.group();
-        if group.is_some() && !zero {
+        if group.is_some() && !zero && !vars.is_empty() {
             // Every rank holds a gradient for every variable from the start: a
             // rank whose slice reached none (no counted token) still takes part
             // in the update the others make.
