@@ -105,6 +105,7 @@ struct Job {
     /// A node's threads, shared by the stage's ranks on it.
     threads: usize,
     processes: usize,
+    tasks_per_node: usize,
     slurm: Option<slurm::Request>,
 }
 
@@ -197,9 +198,13 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 let res = s.resolved.resources;
                 // The same threads wherever it runs, unless its Slurm request sets them: a
                 // stage's output may depend on how it splits its work.
-                let threads = match s.slurm.as_ref().and_then(|r| Some((r.cpus_per_task?, r.tasks_per_node(&s.name, res.processes).ok()?)))
-                {
-                    Some((cpus, tasks)) => cpus * tasks,
+                // A node's threads are shared by the stage's ranks on it (checked before the run).
+                let tasks_per_node = match &s.slurm {
+                    Some(req) => req.tasks_per_node(&s.name, res.processes)?,
+                    None => 1,
+                };
+                let threads = match s.slurm.as_ref().and_then(|r| r.cpus_per_task) {
+                    Some(cpus) => cpus * tasks_per_node,
                     None => res.threads.unwrap_or(cores).clamp(1, cores),
                 };
                 let held = s.slurm.is_none().then_some(res);
@@ -222,6 +227,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     force,
                     threads,
                     processes: res.processes,
+                    tasks_per_node,
                     slurm: s.slurm.clone(),
                 };
                 running.insert(i, held);
@@ -333,7 +339,18 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     let runner = runner_command(&spec_path, job.threads)?;
     let ended = match &job.slurm {
         None => run_local(runner, log, &dir, ui, &bar)?,
-        Some(req) => match slurm::submit(store, &job.stage, &job.key, req, &runner, job.threads, job.processes, &dir, &log_path, root)? {
+        Some(req) => match slurm::submit(
+            store,
+            &job.stage,
+            &job.key,
+            req,
+            &runner,
+            job.threads / job.tasks_per_node,
+            job.processes,
+            &dir,
+            &log_path,
+            root,
+        )? {
             Ok(submitted) => {
                 ui.status("Submitted", &format!("{} as Slurm job {}", job.stage, submitted.id));
                 slurm::follow(submitted, &dir, ui, &bar)?

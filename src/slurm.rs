@@ -200,7 +200,7 @@ pub fn cancel_leftover(store: &Store, stage: &str) {
 /// Writes the job script and submits it. `runner` is the command the local
 /// executor would run; a stage of `processes` ranks runs it as that many
 /// `srun` tasks, which place themselves from Slurm's environment
-/// (`llmflow-stage`'s `dist`). `threads` are a node's.
+/// (`llmflow-stage`'s `dist`). `cpus` are a task's.
 #[allow(clippy::too_many_arguments)]
 pub fn submit(
     store: &Store,
@@ -208,7 +208,7 @@ pub fn submit(
     key: &str,
     req: &Request,
     runner: &Command,
-    threads: usize,
+    cpus: usize,
     processes: usize,
     dir: &Path,
     log: &Path,
@@ -256,9 +256,7 @@ pub fn submit(
         args.push(format!("--ntasks={processes}"));
     }
     if req.cpus_per_task.is_none() {
-        // The stage's threads are a node's, shared by the ranks on it.
-        let per_node = req.tasks_per_node(stage, processes)?;
-        args.push(format!("--cpus-per-task={}", (threads / per_node).max(1)));
+        args.push(format!("--cpus-per-task={cpus}"));
     }
     args.extend(req.settings.iter().flat_map(|s| s.args.iter().cloned()));
     let out = slurm_command(&sbatch).args(&args).arg(&script).output().with_context(|| format!("cannot run {}", sbatch.display()))?;
@@ -271,7 +269,7 @@ pub fn submit(
         if ["contact", "connect", "timed out"].iter().any(|w| said.contains(w)) {
             anyhow::bail!("cannot submit to Slurm: {said}");
         }
-        return Ok(Err(Refused(format!("stage `{stage}`: Slurm refused the job: {said}; {}", culprit(&said, req, threads)))));
+        return Ok(Err(Refused(format!("stage `{stage}`: Slurm refused the job: {said}; {}", culprit(&said, req, cpus)))));
     }
     let record = store.job_path(stage);
     let job = Job { id: id.clone(), record: record.clone(), ended: false };
@@ -281,7 +279,7 @@ pub fn submit(
 }
 
 /// The settings an `sbatch` refusal is about, named with where they are set.
-fn culprit(said: &str, req: &Request, threads: usize) -> String {
+fn culprit(said: &str, req: &Request, cpus: usize) -> String {
     let said = said.to_lowercase();
     let fields: &[&str] = if said.contains("partition") {
         &["partition"]
@@ -310,7 +308,7 @@ fn culprit(said: &str, req: &Request, threads: usize) -> String {
         .collect();
     match (named.is_empty(), fields.contains(&"cpus_per_task") && req.cpus_per_task.is_none()) {
         (false, _) => format!("check {}", named.join(", ")),
-        (true, true) => format!("it asked for {threads} CPUs, the stage's threads: set `slurm.cpus_per_task`"),
+        (true, true) => format!("it asked for {cpus} CPUs, the stage's threads: set `slurm.cpus_per_task`"),
         (true, false) => format!("the stage sets no `slurm.{}`; check the cluster's defaults", fields[0]),
     }
 }

@@ -77,7 +77,7 @@ fn run(spec_path: &Path) -> Result<()> {
     let processes = llmflow_stages::resources(&spec.kind, &spec.params)?.processes;
     let placement = dist::placement()?;
     match placement {
-        None if processes > 1 => return dist::launch::run(spec_path, processes, ctx.threads),
+        None if processes > 1 => return dist::launch::run(spec_path, processes),
         Some((rank, size, _, local_size)) => {
             anyhow::ensure!(
                 size == processes,
@@ -87,6 +87,10 @@ fn run(spec_path: &Path) -> Result<()> {
             // The ranks on a machine share its threads; only the first
             // writes the output and reports progress.
             ctx.threads = (ctx.threads / local_size).max(1);
+            // Before any pool starts: rayon, OpenMP and polars size theirs from these.
+            for var in ["RAYON_NUM_THREADS", "OMP_NUM_THREADS", "POLARS_MAX_THREADS"] {
+                std::env::set_var(var, ctx.threads.to_string());
+            }
             if rank > 0 {
                 ctx.progress_file = None;
                 ctx.out = ctx.work.join(format!("rank-{rank}")).join("out");

@@ -1,8 +1,8 @@
 //! The ranks of a stage on one machine, started by the stage runner itself
 //! (as `torchrun` starts a script's): `llmflow-stage run SPEC` for a stage
 //! with `processes = N`, started as no rank, runs N ranks of `llmflow-stage
-//! run SPEC` with torchrun's variables, a rendezvous port of its own, and
-//! its threads shared among them.
+//! run SPEC` with torchrun's variables and a rendezvous port of its own;
+//! each rank takes its share of the threads (the runner's `run`).
 //!
 //! Every rank's output comes through the launcher into the stage's log, the
 //! others' lines prefixed `[rank R]`. When a rank fails, the launcher kills
@@ -35,13 +35,12 @@ struct Rank {
     tail: Arc<Mutex<VecDeque<String>>>,
 }
 
-/// Runs `processes` ranks of this runner on the stage spec `spec` with
-/// `threads` threads among them; succeeds when every rank does.
-pub fn run(spec: &Path, processes: usize, threads: usize) -> Result<()> {
+/// Runs `processes` ranks of this runner on the stage spec `spec`;
+/// succeeds when every rank does.
+pub fn run(spec: &Path, processes: usize) -> Result<()> {
     let port = free_port("127.0.0.1")?;
-    let per_rank = (threads / processes).max(1).to_string();
     let exe = std::env::current_exe().context("the stage runner's own path")?;
-    eprintln!("launching {processes} ranks on this machine ({per_rank} thread(s) each), rendezvous at 127.0.0.1:{port}");
+    eprintln!("launching {processes} ranks on this machine, rendezvous at 127.0.0.1:{port}");
     let mut ranks: Vec<Rank> = Vec::with_capacity(processes);
     for rank in 0..processes {
         let (reader, writer) = std::io::pipe()?;
@@ -55,8 +54,6 @@ pub fn run(spec: &Path, processes: usize, threads: usize) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", processes.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
-            .env("RAYON_NUM_THREADS", &per_rank)
-            .env("OMP_NUM_THREADS", &per_rank)
             .stdin(Stdio::null())
             .stdout(writer.try_clone()?)
             .stderr(writer);

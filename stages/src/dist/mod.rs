@@ -32,9 +32,6 @@ use torch_sys::C_tensor;
 pub struct World {
     pub rank: usize,
     pub size: usize,
-    /// Rank and rank count on this machine.
-    pub local_rank: usize,
-    pub local_size: usize,
     /// `None` in a single process.
     group: Option<Group>,
 }
@@ -59,7 +56,7 @@ pub fn placement() -> Result<Option<(usize, usize, usize, usize)>> {
     if let (Some(rank), Some(size)) = (var("RANK")?, var("WORLD_SIZE")?) {
         let local_rank = var("LOCAL_RANK")?.unwrap_or(rank);
         let local_size = var("LOCAL_WORLD_SIZE")?.unwrap_or(size);
-        return Ok(Some((rank, size, local_rank, local_size)));
+        return checked(rank, size, local_rank, local_size);
     }
     // The batch script of a job has SLURM_PROCID too; only a step's tasks are ranks.
     if std::env::var_os("SLURM_STEP_ID").is_some() && std::env::var_os("SLURM_JOB_ID").is_some() {
@@ -68,10 +65,15 @@ pub fn placement() -> Result<Option<(usize, usize, usize, usize)>> {
             // SLURM_NTASKS_PER_NODE reads like "2" or "2(x3)"; the step's local count is SLURM_STEP_TASKS_PER_NODE.
             let per_node = std::env::var("SLURM_STEP_TASKS_PER_NODE").or_else(|_| std::env::var("SLURM_NTASKS_PER_NODE")).ok();
             let local_size = per_node.and_then(|v| v.split(['(', ',']).next()?.parse().ok()).unwrap_or(size);
-            return Ok(Some((rank, size, local_rank, local_size)));
+            return checked(rank, size, local_rank, local_size);
         }
     }
     Ok(None)
+}
+
+fn checked(rank: usize, size: usize, local_rank: usize, local_size: usize) -> Result<Option<(usize, usize, usize, usize)>> {
+    ensure!(rank < size && local_rank < local_size, "rank {rank} of {size} (local {local_rank} of {local_size}) is out of range");
+    Ok(Some((rank, size, local_rank, local_size)))
 }
 
 /// Joins the stage's `processes` ranks, as the environment places this
@@ -85,12 +87,8 @@ pub fn init(processes: usize, timeout: Duration) -> Result<&'static World> {
     let world = match placement()? {
         None if processes > 1 => bail!("the stage asks for {processes} processes, but this process was started as no rank of them"),
         None => World::single(),
+        // The runner has checked `size` against `processes` for every kind.
         Some((rank, size, local_rank, local_size)) => {
-            ensure!(
-                size == processes,
-                "the environment starts {size} ranks (WORLD_SIZE or SLURM_NTASKS), but the stage's `processes` is {processes}"
-            );
-            ensure!(rank < size && local_rank < local_size, "rank {rank} of {size} (local {local_rank} of {local_size}) is out of range");
             let group = if size > 1 {
                 let host = std::env::var("MASTER_ADDR").context("MASTER_ADDR is not set: where rank 0 serves the rendezvous")?;
                 let port: u16 = std::env::var("MASTER_PORT")
@@ -105,7 +103,7 @@ pub fn init(processes: usize, timeout: Duration) -> Result<&'static World> {
             } else {
                 None
             };
-            World { rank, size, local_rank, local_size, group }
+            World { rank, size, group }
         }
     };
     Ok(WORLD.get_or_init(|| world))
@@ -113,7 +111,7 @@ pub fn init(processes: usize, timeout: Duration) -> Result<&'static World> {
 
 impl World {
     fn single() -> World {
-        World { rank: 0, size: 1, local_rank: 0, local_size: 1, group: None }
+        World { rank: 0, size: 1, group: None }
     }
 
     /// Whether this rank writes what the stage publishes and logs.

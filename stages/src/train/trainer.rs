@@ -298,6 +298,7 @@ impl Trainer<'_> {
         };
         std::fs::create_dir_all(log_path.parent().expect("in the work dir"))?;
         let mut log = MetricsLog::open(&log_path, state.step)?;
+        let kill = kill_after_env()?.filter(|&(rank, ..)| rank == world.rank);
         let (mut timed_tokens, mut timed_seconds) = (0u64, 0.0);
         let mut last_eval = Map::new();
         if self.evaluate_first && state.step == 0 {
@@ -353,7 +354,7 @@ impl Trainer<'_> {
             if self.stop_after == Some(state.step) && !last {
                 return Ok(Outcome::Stopped(state.step));
             }
-            if let Some((_, _, signal)) = kill_after_env()?.filter(|&(rank, step, _)| (rank, step) == (world.rank, state.step)) {
+            if let Some((_, _, signal)) = kill.filter(|&(_, step, _)| step == state.step) {
                 // SAFETY: kill on this very process.
                 unsafe { libc::kill(libc::getpid(), signal) };
             }
