@@ -282,6 +282,8 @@ fn ranks_started_by_torchrun_train_what_the_runner_launches() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("rank 1 of 2 (local 1 of 2) joined the process group") && !stderr.contains("launching"), "{stderr}");
+    // The ranks connect to the agent's store rather than serve a second one on its port.
+    assert!(!stderr.contains("failed to bind"), "{stderr}");
     let weights = fs::read(dir.join("out/model.safetensors")).unwrap();
     assert!(weights == weights_file(&launched), "torchrun's ranks trained other weights");
 }

@@ -35,18 +35,19 @@ const char* kNoGloo =
 #endif
 }  // namespace
 
-// Joins the group: rank 0 serves the TCPStore at host:port, the others
-// connect to it. `iface`, if not empty, is the network interface Gloo binds
+// Joins the group: the rank that `serve`s (rank 0, unless a launcher's agent
+// already serves it) serves the TCPStore at host:port, the others connect
+// to it. `iface`, if not empty, is the network interface Gloo binds
 // (GLOO_SOCKET_IFNAME); else `bind_host`'s address, or if that is empty the
 // address this machine's hostname resolves to. Null on failure.
 extern "C" LlmflowGroup* llmflow_c10d_gloo(const char* host, int port, int rank, int world, long long timeout_ms,
-                                           const char* iface, const char* bind_host, char* error, size_t error_len) {
+                                           bool serve, const char* iface, const char* bind_host, char* error, size_t error_len) {
 #ifdef USE_C10D_GLOO
   try {
     std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions store_options;
     store_options.port = static_cast<std::uint16_t>(port);
-    store_options.isServer = rank == 0;
+    store_options.isServer = serve;
     store_options.numWorkers = world;
     store_options.timeout = timeout;
     auto group = new LlmflowGroup();

@@ -53,7 +53,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One write, so ranks sharing a stderr (under torchrun) keep their lines whole.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("error: {e:#}\n").as_bytes());
             ExitCode::FAILURE
         }
     }

@@ -98,7 +98,10 @@ pub fn init(processes: usize, timeout: Duration) -> Result<&'static World> {
                 let group = Group::join(&host, port, rank, size, timeout).with_context(|| {
                     format!("rank {rank} of {size} cannot join the process group at {host}:{port} (c10d TCPStore and Gloo)")
                 })?;
-                eprintln!("rank {rank} of {size} (local {local_rank} of {local_size}) joined the process group at {host}:{port}");
+                // One write, so ranks sharing a stderr (under torchrun) keep their lines whole.
+                let line =
+                    format!("rank {rank} of {size} (local {local_rank} of {local_size}) joined the process group at {host}:{port}\n");
+                std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes())?;
                 Some(group)
             } else {
                 None
@@ -169,6 +172,7 @@ extern "C" {
         rank: c_int,
         world: c_int,
         timeout_ms: i64,
+        serve: bool,
         iface: *const c_char,
         bind_host: *const c_char,
         error: *mut c_char,
@@ -210,11 +214,14 @@ impl Group {
     /// Joins the group of `size` ranks whose rendezvous rank 0 serves at
     /// `host:port`. Gloo binds the interface `GLOO_SOCKET_IFNAME` names, as
     /// in PyTorch; else the loopback for a loopback master, or the address
-    /// this machine's hostname resolves to.
+    /// this machine's hostname resolves to. Under torchrun, whose agent
+    /// serves the store (a new one for each restart), every rank connects
+    /// to it, as PyTorch's `_create_c10d_store` does.
     pub fn join(host: &str, port: u16, rank: usize, size: usize, timeout: Duration) -> Result<Group> {
         let iface = std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default();
         let loopback = matches!(host, "127.0.0.1" | "localhost" | "::1");
         let bind = if loopback { "127.0.0.1" } else { "" };
+        let serve = rank == 0 && std::env::var("TORCHELASTIC_USE_AGENT_STORE").as_deref() != Ok("True");
         let (host_c, iface_c, bind_c) = (CString::new(host)?, CString::new(iface)?, CString::new(bind)?);
         let mut error = [0 as c_char; 1024];
         // SAFETY: NUL-terminated strings and an error buffer of the given length.
@@ -225,6 +232,7 @@ impl Group {
                 rank as c_int,
                 size as c_int,
                 timeout.as_millis() as i64,
+                serve,
                 iface_c.as_ptr(),
                 bind_c.as_ptr(),
                 error.as_mut_ptr(),
