@@ -213,6 +213,101 @@ fn preference_and_classification_stages_on_two_ranks_train_what_one_process_trai
     }
 }
 
+/// `ppo` and `grpo` on 2 ranks against 1 process: each rank samples, scores
+/// and evaluates its rows of every batch with the seeds those rows have in
+/// one process, every rank assembles the whole rollout, and each trains on
+/// its share of every micro-batch. The reward model is trained in one
+/// process on both sides. See [`FINE_TUNING_TOLERANCE`].
+#[test]
+fn rl_stages_on_two_ranks_train_what_one_process_trains() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+    let stages = |extra: &str| {
+        let p = pipeline("");
+        let preferences = data.join("instruct/preference-data.json");
+        let mut added = format!(
+            r#"
+[stages.reward]
+kind = "reward_model"
+inputs = {{ model = "pretrain" }}
+data = "{preferences}"
+template = "Q: {{instruction}} {{input}}\nA: "
+train = {{ steps = 2, batch_size = 4 }}
+
+[stages.ppo]
+kind = "ppo"
+inputs = {{ policy = "pretrain", reward = "reward" }}
+data = "{preferences}"
+template = "Q: {{instruction}} {{input}}\nA: "
+eval_prompts = 6
+max_new_tokens = 6
+train = {{ steps = 2, batch_size = 4, lr = 1e-3 }}
+{extra}
+"#,
+            preferences = preferences.display()
+        );
+        // DAPO's loss divides by the tokens of all ranks; GRPO's mean over
+        // each completion weighs a rank's loss by its share of the rows. The
+        // tiny model gets no sum right: a completion with an "e" earns the
+        // reward that varies within a group.
+        for (name, loss_type) in [("grpo", "dapo"), ("grpo_mean", "grpo")] {
+            added += &format!(
+                r#"
+[stages.{name}]
+kind = "grpo"
+inputs = {{ policy = "pretrain" }}
+data = "{arithmetic}_train.jsonl"
+eval_data = "{arithmetic}_test.jsonl"
+template = "{{instruction}}="
+eval_prompts = 7
+eval_samples = 2
+eval_temperature = 1.0
+max_new_tokens = 4
+group = 4
+loss_type = "{loss_type}"
+rewards = [{{ type = "exact_match" }}, {{ type = "format", pattern = "(?s).*e.*" }}]
+train = {{ steps = 2, batch_size = 3, grad_accum = 2, lr = 1e-3 }}
+{extra}
+"#,
+                arithmetic = data.join("rl/arithmetic").display(),
+            );
+        }
+        p.set_pipeline(&(p.read("pipeline.toml") + &added));
+        let run = p.llmflow(&["run"]);
+        assert_eq!(run.code, 0, "{extra}: {}", run.all());
+        p
+    };
+    let (one, two) = (stages(""), stages("processes = 2"));
+    assert!(weights_of(&one, "reward") == weights_of(&two, "reward"));
+    for stage in ["ppo", "grpo", "grpo_mean"] {
+        assert!(log_of_stage(&two, stage).contains("launching 2 ranks"), "{stage}");
+        let diff = max_relative_difference(&two, &one, stage);
+        assert!(diff <= FINE_TUNING_TOLERANCE, "{stage}: the weights differ from one process's by {diff:e} (relative)");
+        // A uniform factor on the loss barely moves AdamW's steps; the
+        // logged gradient norm (GRPO's loss is about 0) shows it.
+        let loss = if stage == "ppo" { "policy_loss" } else { "grad_norm" };
+        let losses = |p: &Project| -> Vec<f64> {
+            let rows = fs::read_to_string(p.out_dir(stage).join("metrics.jsonl")).unwrap();
+            rows.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[loss].as_f64()).collect()
+        };
+        let (x, y) = (losses(&one), losses(&two));
+        assert!(
+            x.len() == 2
+                && x.iter().all(|&x| x != 0.0)
+                && x.iter().zip(&y).all(|(x, y)| (x - y).abs() <= 1e-4 * x.abs().max(y.abs()) + 1e-7),
+            "{stage}: losses {x:?} vs {y:?}"
+        );
+        // The same completions sampled and scored: the metrics agree to rounding.
+        let (a, b) = (one.manifest(stage), two.manifest(stage));
+        for key in ["reward_before", "accuracy_before", "reward_after", "accuracy_after"] {
+            let (x, y) = (&a["metrics"][key], &b["metrics"][key]);
+            assert!(x.is_null() == y.is_null(), "{stage}: {key}: {x} vs {y}");
+            if let (Some(x), Some(y)) = (x.as_f64(), y.as_f64()) {
+                assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{stage}: {key}: {x} vs {y}");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_stopped_two_rank_run_resumes_to_bitwise_equal_weights() {
     let whole = built("processes = 2");

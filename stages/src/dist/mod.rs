@@ -135,6 +135,38 @@ impl World {
         Ok(Vec::<f64>::try_from(&t)?)
     }
 
+    /// Makes whole on every rank a tensor whose rows each rank filled for
+    /// itself, leaving zeros in the others': the sum over the ranks, in
+    /// place (adding zeros is exact).
+    pub fn merge(&self, t: &Tensor) -> Result<()> {
+        match &self.group {
+            Some(group) => group.all_reduce(t),
+            None => Ok(()),
+        }
+    }
+
+    /// [`World::merge`] for token lists: each rank filled its own and left
+    /// the others' empty.
+    pub fn merge_lists(&self, lists: Vec<Vec<i64>>) -> Result<Vec<Vec<i64>>> {
+        if self.group.is_none() {
+            return Ok(lists);
+        }
+        let lengths: Vec<usize> =
+            self.sum(&lists.iter().map(|l| l.len() as f64).collect::<Vec<_>>())?.iter().map(|&n| n as usize).collect();
+        let width = lengths.iter().copied().max().unwrap_or(0);
+        if width == 0 {
+            return Ok(lists);
+        }
+        let mut flat = vec![0i64; lists.len() * width];
+        for (row, list) in flat.chunks_mut(width).zip(&lists) {
+            row[..list.len()].copy_from_slice(list);
+        }
+        let t = Tensor::from_slice(&flat);
+        self.merge(&t)?;
+        let flat = Vec::<i64>::try_from(&t)?;
+        Ok(flat.chunks(width).zip(lengths).map(|(row, n)| row[..n].to_vec()).collect())
+    }
+
     /// Waits until every rank has come here.
     pub fn barrier(&self) -> Result<()> {
         self.sum(&[0.0]).map(drop)
@@ -359,6 +391,34 @@ mod tests {
                             ensure!(t.equal(&data(1, n)), "broadcast of {n} {kind:?}");
                         }
                     }
+                    Ok(())
+                })
+            })
+            .collect();
+        for (rank, r) in ranks.into_iter().enumerate() {
+            r.join().unwrap().unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
+        }
+    }
+
+    /// Two ranks fill their rows of five token lists (one of them empty)
+    /// and of a tensor; both end with all of them.
+    #[test]
+    fn merged_rows_are_whole_on_every_rank() {
+        let port = launch::free_port("127.0.0.1").unwrap();
+        let lists: Vec<Vec<i64>> = vec![vec![3, 1, 4], vec![], vec![1, 5], vec![9, 2, 6, 5], vec![-3]];
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let lists = lists.clone();
+                std::thread::spawn(move || -> Result<()> {
+                    let world = World { rank, size: 2, group: Some(Group::join("127.0.0.1", port, rank, 2, Duration::from_secs(60))?) };
+                    let (start, end) = world.rows(lists.len());
+                    let mine = lists.iter().enumerate().map(|(i, l)| if (start..end).contains(&i) { l.clone() } else { vec![] }).collect();
+                    ensure!(world.merge_lists(mine)? == lists, "rank {rank}: the merged lists differ");
+                    let t = Tensor::zeros([5, 2], (Kind::Float, Device::Cpu));
+                    let _ = t.narrow(0, start as i64, (end - start) as i64).fill_(rank as f64 + 0.5);
+                    world.merge(&t)?;
+                    let want = Tensor::from_slice(&[0.5f32, 0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5]).view([5, 2]);
+                    ensure!(t.equal(&want), "rank {rank}: the merged tensor differs");
                     Ok(())
                 })
             })

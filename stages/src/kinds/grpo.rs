@@ -55,7 +55,8 @@
 //! Output: the policy as a model artifact (`model.safetensors`,
 //! `config.json`, `tokenizer.json`); `metrics.jsonl`, a row per iteration:
 //! `reward`, `reward_std` (within groups), `accuracy` (of the sampled
-//! completions), `kl` (per token, to the reference), `clip_fraction`,
+//! completions), `kl` (per token, to the reference), `clip_fraction` (of
+//! the iteration's completion tokens, where the clipped term won),
 //! `entropy` (of the policy that sampled them), `completion_length`,
 //! `loss`, `grad_norm`, `lr`, `generation_seconds` (sampling),
 //! `training_seconds` (log-probabilities, then the updates); rows `val_accuracy` (and its
@@ -69,7 +70,11 @@
 //! Runs on the shared training loop ([`Trainer`]): checkpoints every
 //! `checkpoint_every` iterations, exact resume (prompts and sampling seeds
 //! are functions of (`train.seed`, iteration)), metrics and plots.
-//! `LLMFLOW_STOP_AFTER_STEP=N` stops after iteration `N`.
+//! `LLMFLOW_STOP_AFTER_STEP=N` stops after iteration `N`. With `processes =
+//! N` ([`Distributed`]) each rank samples, scores and evaluates its prompts
+//! of every micro-batch with their single-process seeds ([`generate`],
+//! [`Scorer::score`]), every rank assembles the whole batch, and each trains
+//! on its rows of every micro-batch.
 
 mod objective;
 pub mod rewards;
@@ -89,15 +94,17 @@ use self::rewards::Reward;
 use crate::data::instruct::{Encoder, Record, Template};
 use crate::data::sequences::{pad, token_logprobs, Padded, Sequence};
 use crate::data::{mean_stderr, records};
+use crate::dist;
 use crate::formats::model::ModelArtifact;
 use crate::model::Gpt;
 use crate::sample::{generate_groups, Sampling};
 use crate::sandbox::{self, Limits, Outcome, Sandbox};
+use crate::train::distributed::Distributed;
 use crate::train::finetune::{Trainable, Tuning};
 use crate::train::head::HeadModel;
 use crate::train::rl::{clipped_surrogate, entropy, masked_mean};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer, Update, METRICS_FILE};
-use crate::train::{plot, step_seed, Hyper};
+use crate::train::{self, plot, step_seed, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Grpo;
@@ -157,6 +164,8 @@ pub struct Params {
     pub trainable: Trainable,
     #[serde(flatten)]
     pub every: Every,
+    #[serde(flatten)]
+    pub distributed: Distributed,
 }
 
 impl Default for Params {
@@ -193,6 +202,7 @@ impl Default for Params {
             samples: 4,
             trainable: Trainable::All,
             every: Every { eval_every: 60, spike_factor: 0.0, checkpoint_every: 10, keep_checkpoints: 2, log_every: 5 },
+            distributed: Distributed::default(),
         }
     }
 }
@@ -202,7 +212,7 @@ impl Stage for Grpo {
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "RL with verifiable rewards: GRPO (and Dr. GRPO, DAPO) on groups of sampled completions";
     const INPUTS: Inputs = Inputs::Any;
-    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
+    const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const SHOW: &'static [&'static str] = &["metrics.png", "samples.jsonl", "metrics.jsonl"];
     type Params = Params;
@@ -213,6 +223,7 @@ impl Stage for Grpo {
         p.every.check()?;
         p.trainable.check()?;
         p.template.check("template")?;
+        p.distributed.check(p.train.batch_size)?;
         if !inputs.iter().any(|i| i == "policy") || inputs.iter().any(|i| i != "policy" && i != "reward") {
             return err(&[], format!("inputs are `policy` (a model) and optionally `reward` (a reward_model), not {inputs:?}"));
         }
@@ -255,8 +266,8 @@ impl Stage for Grpo {
         vec![p.data.clone(), p.eval_data.clone()]
     }
 
-    fn resources(_p: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, ..Default::default() }
+    fn resources(p: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true, processes: p.distributed.processes }
     }
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -320,8 +331,22 @@ struct Scorer<'a> {
 
 impl Scorer<'_> {
     /// The total reward of each completion of `prompts` (row `i` answers
-    /// problem `of[i]`), and whether it is correct.
+    /// problem `of[i]`), and whether it is correct. Across ranks, each
+    /// scores its rows and every rank gets all.
     fn score(&self, prompts: &Prompts, of: &[usize], ids: &[Vec<i64>], texts: &[String]) -> Result<(Vec<f64>, Vec<bool>)> {
+        let world = dist::world();
+        let (n, (start, end)) = (ids.len(), world.rows(ids.len()));
+        let (rewards, correct) = self.score_rows(prompts, &of[start..end], &ids[start..end], &texts[start..end])?;
+        // Rewards, then 1 for each correct completion.
+        let mut sums = vec![0.0; 2 * n];
+        for (k, (reward, ok)) in rewards.into_iter().zip(correct).enumerate() {
+            (sums[start + k], sums[n + start + k]) = (reward, f64::from(u8::from(ok)));
+        }
+        let sums = world.sum(&sums)?;
+        Ok((sums[..n].to_vec(), sums[n..].iter().map(|&ok| ok == 1.0).collect()))
+    }
+
+    fn score_rows(&self, prompts: &Prompts, of: &[usize], ids: &[Vec<i64>], texts: &[String]) -> Result<(Vec<f64>, Vec<bool>)> {
         let mut totals = vec![0.0; texts.len()];
         let mut correct = vec![self.rewards.iter().any(Reward::verifiable); texts.len()];
         for (reward, format) in self.rewards.iter().zip(&self.formats) {
@@ -379,6 +404,7 @@ impl Scorer<'_> {
 fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option<u64>> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
+    let world = p.distributed.init(device)?;
     let hyper = &p.train;
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let mut tuning = Tuning::open(&policy_dir, &p.trainable, device, hyper.seed)?;
@@ -444,11 +470,14 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Optio
     // The starting point: the reference is the policy before any update.
     let before = HeldOut::measure(m.reference, &m, &held_out, &scorer, p)?;
     let mut task = Rl { m: &m, p, train: &train, held_out: &held_out, scorer: &scorer, before, after: None, timing: [0.0; 4] };
-    let trainer = Trainer { evaluate_first: true, ..Trainer::new("grpo", hyper, &p.every, stop_after) };
+    let trainer = Trainer { evaluate_first: true, zero: p.distributed.zero(), ..Trainer::new("grpo", hyper, &p.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         trainer::Outcome::Finished(trained) => trained,
         trainer::Outcome::Stopped(step) => return Ok(Some(step)),
     };
+    if !world.is_first() {
+        return Ok(None);
+    }
     let Rl { before, after, timing: [generation_s, training_s, completions, generated], .. } = task;
     let after = after.expect("evaluated after the last iteration");
     let (acc_before, se_before) = mean_stderr(&before.correct);
@@ -517,19 +546,14 @@ impl HeldOut {
     fn measure(gpt: &Gpt, m: &Models, prompts: &Prompts, scorer: &Scorer, p: &Params) -> Result<HeldOut> {
         let n = if p.eval_temperature > 0.0 { p.eval_samples } else { 1 };
         let eot = m.encoder.eot;
-        let ids: Vec<Vec<i64>> = tch::no_grad(|| {
-            let per_chunk = (256 / n).max(1);
-            prompts
-                .ids
-                .chunks(per_chunk)
-                .enumerate()
-                .flat_map(|(c, chunk)| {
-                    let seed = step_seed(p.train.seed, u64::MAX, c) as u64;
-                    let s = Sampling { max_tokens: p.max_new_tokens, temperature: p.eval_temperature, top_k: None, top_p: None, seed };
-                    generate_groups(gpt, chunk, n, &s, Some(eot))
-                })
-                .collect()
-        });
+        let sampling = |c: usize| Sampling {
+            max_tokens: p.max_new_tokens,
+            temperature: p.eval_temperature,
+            top_k: None,
+            top_p: None,
+            seed: step_seed(p.train.seed, u64::MAX, c) as u64,
+        };
+        let ids = generate(gpt, &prompts.ids, (256 / n).max(1), n, sampling, eot)?;
         let texts = m.texts(&ids)?;
         let of: Vec<usize> = (0..ids.len()).map(|i| i / n).collect();
         let (_, correct) = scorer.score(prompts, &of, &ids, &texts)?;
@@ -593,13 +617,7 @@ impl Objective for Rl<'_> {
             seed: step_seed(p.train.seed, iteration, chunk) as u64,
         };
         // [prompt 0 × G, prompt 1 × G, …], a micro-batch's prompts at a time.
-        let completions: Vec<Vec<i64>> = tch::no_grad(|| {
-            prompt_ids
-                .chunks(micro)
-                .enumerate()
-                .flat_map(|(c, chunk)| generate_groups(m.policy, chunk, g, &sampling(c), Some(m.encoder.eot)))
-                .collect()
-        });
+        let completions = generate(m.policy, &prompt_ids, micro, g, sampling, m.encoder.eot)?;
         let generation_seconds = started.elapsed().as_secs_f64();
         let texts = m.texts(&completions)?;
         let of: Vec<usize> = (0..completions.len()).map(|i| chosen[i / g]).collect();
@@ -608,16 +626,17 @@ impl Objective for Rl<'_> {
         let training = Instant::now();
         let generation = self.grid(&prompt_ids, &completions, &advantages)?;
         let rows = micro * g;
-        let mut sums = [0.0; 2]; // clipped fraction, micro-batches
+        let mut sums = [0.0; 2]; // clipped tokens, tokens
         let mut row = Map::new();
         for _ in 0..p.iterations {
             row = update.apply(p.train.grad_accum, |k, scale| {
-                let (loss, clipped) = self.micro_step(&generation, k * rows, rows, scale);
+                let (loss, clipped, tokens) = self.micro_step(&generation, k * rows, rows, scale);
                 sums[0] += clipped;
-                sums[1] += 1.0;
+                sums[1] += tokens;
                 Ok(loss)
             })?;
         }
+        let sums = dist::world().sum(&sums)?;
         let training_seconds = training.elapsed().as_secs_f64();
         let kl = tch::no_grad(|| masked_mean(&kl_k3(&generation.logp, &generation.ref_logp), &generation.mask).double_value(&[]));
         let generated: usize = completions.iter().map(Vec::len).sum();
@@ -661,33 +680,45 @@ impl Rl<'_> {
         let batch = pad(&sequences, m.encoder.eot, m.policy.device());
         let mask = batch.mask();
         let advantages = Tensor::from_slice(advantages).to_kind(Kind::Float).to_device(mask.device()).view([-1, 1]) * &mask;
-        let (mut logp, mut ref_logp, mut entropy_sum) = (Vec::new(), Vec::new(), 0.0);
+        let (logp, ref_logp, mut entropy_sum) = (mask.zeros_like(), mask.zeros_like(), 0.0);
+        let world = dist::world();
         tch::no_grad(|| {
-            let rows = (p.train.batch_size * p.group) as i64;
-            for start in (0..sequences.len() as i64).step_by(rows as usize) {
-                let n = rows.min(sequences.len() as i64 - start);
-                let (x, y, chunk_mask) = (batch.x.narrow(0, start, n), batch.y.narrow(0, start, n), mask.narrow(0, start, n));
+            let rows = p.train.batch_size * p.group;
+            // Across ranks, each computes its rows of every micro-batch.
+            for chunk in (0..sequences.len()).step_by(rows) {
+                let (start, end) = world.rows(rows.min(sequences.len() - chunk));
+                if start == end {
+                    continue;
+                }
+                let take = |t: &Tensor| t.narrow(0, (chunk + start) as i64, (end - start) as i64);
+                let (x, y, chunk_mask) = (take(&batch.x), take(&batch.y), take(&mask));
                 let logits = m.policy.forward(&x, false) / p.temperature;
-                logp.push(token_logprobs(&logits, &y));
+                take(&logp).copy_(&token_logprobs(&logits, &y));
                 entropy_sum += (entropy(&logits, &chunk_mask) * chunk_mask.sum(Kind::Float)).double_value(&[]);
-                ref_logp.push(token_logprobs(&(m.reference.forward(&x, false) / p.temperature), &y));
+                take(&ref_logp).copy_(&token_logprobs(&(m.reference.forward(&x, false) / p.temperature), &y));
             }
         });
+        world.merge(&logp)?;
+        world.merge(&ref_logp)?;
+        let entropy_sum = world.sum(&[entropy_sum])?[0];
         let tokens = mask.sum(Kind::Double).double_value(&[]);
-        let (logp, ref_logp) = (Tensor::cat(&logp, 0), Tensor::cat(&ref_logp, 0));
         Ok(Generation { batch, mask, advantages, logp, ref_logp, tokens, entropy: entropy_sum / tokens.max(1.0) })
     }
 
     /// Forward and backward over rows `start..start + n` with the loss's
-    /// share × `scale`; returns that share and the fraction of clipped tokens.
-    fn micro_step(&self, gen: &Generation, start: usize, n: usize, scale: f64) -> (f64, f64) {
+    /// share × `scale`; returns that share and the clipped and all
+    /// completion tokens. Across ranks, each takes its slice of the rows,
+    /// its loss weighted by its share of them.
+    fn micro_step(&self, gen: &Generation, start: usize, n: usize, scale: f64) -> (f64, f64, f64) {
         let (m, p) = (self.m, self.p);
         let n = n.min(gen.batch.lengths.len() - start);
+        let (first, end) = dist::world().rows(n);
+        let (start, n, scale) = (start + first, end - first, scale * (end - first) as f64 / n as f64);
         // Only as wide as the longest of these rows.
         let width = gen.batch.lengths[start..start + n].iter().copied().max().expect("a micro-batch has rows");
         let take = |t: &Tensor| t.narrow(0, start as i64, n as i64).narrow(1, 0, width);
         let (x, y, mask) = (take(&gen.batch.x), take(&gen.batch.y), take(&gen.mask));
-        let mut clipped_fraction = 0.0;
+        let mut clipped_tokens = 0.0;
         let loss = m.policy.backward(&x, false, |hidden| {
             let logp = token_logprobs(&(m.policy.logits(hidden) / p.temperature), &y);
             // One update per generation: the ratio is 1 (TRL detaches, too).
@@ -697,11 +728,42 @@ impl Rl<'_> {
             if p.beta > 0.0 {
                 per_token += kl_k3(&logp, &take(&gen.ref_logp)) * p.beta;
             }
-            clipped_fraction = masked_mean(&clipped, &mask).double_value(&[]);
+            clipped_tokens = (clipped * &mask).sum(Kind::Double).double_value(&[]);
             reduce(&per_token, &mask, p.loss_type, scale, p.max_new_tokens, gen.tokens)
         });
-        (loss.double_value(&[]), clipped_fraction)
+        (loss.double_value(&[]), clipped_tokens, mask.sum(Kind::Double).double_value(&[]))
     }
+}
+
+/// `group` completions of each of `prompts` ([`generate_groups`]) in chunks
+/// of `per_chunk` prompts, chunk `c` with `sampling(c)`. Across ranks, each
+/// samples its prompts of every chunk with the seeds their rows have in the
+/// whole chunk, and every rank gets all.
+fn generate(
+    gpt: &Gpt,
+    prompts: &[Vec<i64>],
+    per_chunk: usize,
+    group: usize,
+    sampling: impl Fn(usize) -> Sampling,
+    eot: i64,
+) -> Result<Vec<Vec<i64>>> {
+    let world = dist::world();
+    let mut completions = vec![Vec::new(); prompts.len() * group];
+    tch::no_grad(|| {
+        for (c, chunk) in prompts.chunks(per_chunk).enumerate() {
+            let (start, end) = world.rows(chunk.len());
+            if start == end {
+                continue;
+            }
+            let s = sampling(c);
+            let s = Sampling { seed: s.seed.wrapping_add((start * group) as u64), ..s };
+            let first = (c * per_chunk + start) * group;
+            for (k, completion) in generate_groups(gpt, &chunk[start..end], group, &s, Some(eot)).into_iter().enumerate() {
+                completions[first + k] = completion;
+            }
+        }
+    });
+    world.merge_lists(completions)
 }
 
 fn mean(xs: &[f64]) -> f64 {

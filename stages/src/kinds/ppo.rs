@@ -92,7 +92,11 @@
 //! head included), AdamW moments and iteration go to the work dir; a run
 //! started again continues from the latest. Rollout prompts and seeds are functions
 //! of (`train.seed`, iteration), so the resumed run repeats the uninterrupted
-//! one. `LLMFLOW_STOP_AFTER_STEP=N` stops after iteration `N`.
+//! one. `LLMFLOW_STOP_AFTER_STEP=N` stops after iteration `N`. With
+//! `processes = N` ([`Distributed`]) each rank samples and scores its rows
+//! of every micro-batch with their single-process seeds
+//! ([`Rollout::collect`]), every rank assembles the whole rollout, and each
+//! trains on its share of every micro-batch, weighted by response tokens.
 
 mod objective;
 mod rollout;
@@ -112,12 +116,14 @@ use crate::data::instruct::{Encoder, Record, Template};
 use crate::data::records;
 use crate::data::rng::shuffled;
 use crate::data::sequences::token_logprobs;
+use crate::dist;
 use crate::formats::model::{save_model, ModelArtifact};
 use crate::model::Gpt;
+use crate::train::distributed::Distributed;
 use crate::train::finetune::{Trainable, Tuning};
 use crate::train::head::HeadModel;
 use crate::train::trainer::{self, batch_indices, Every, Objective, Outcome, Trainer, Update, METRICS_FILE};
-use crate::train::{plot, step_seed, Hyper};
+use crate::train::{self, plot, step_seed, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Ppo;
@@ -178,6 +184,8 @@ pub struct Params {
     pub trainable: Trainable,
     #[serde(flatten)]
     pub every: Every,
+    #[serde(flatten)]
+    pub distributed: Distributed,
 }
 
 impl Default for Params {
@@ -213,6 +221,7 @@ impl Default for Params {
             samples: 4,
             trainable: Trainable::All,
             every: Every { eval_every: 30, spike_factor: 0.0, checkpoint_every: 10, keep_checkpoints: 2, log_every: 5 },
+            distributed: Distributed::default(),
         }
     }
 }
@@ -229,7 +238,7 @@ impl Stage for Ppo {
     const VERSION: u32 = 4;
     const SUMMARY: &'static str = "RLHF: PPO against a reward model with a KL penalty to the starting policy";
     const INPUTS: Inputs = Inputs::Fixed(&["policy", "reward"]);
-    const VOLATILE: &'static [&'static str] = &trainer::VOLATILE;
+    const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &["train"];
     const SHOW: &'static [&'static str] = &["metrics.png", "samples.jsonl", "metrics.jsonl"];
     type Params = Params;
@@ -240,6 +249,7 @@ impl Stage for Ppo {
         p.every.check()?;
         p.trainable.check()?;
         p.template.check("template")?;
+        p.distributed.check(p.train.batch_size)?;
         if p.data.trim().is_empty() {
             return err("data", "`data` must name a JSON or JSON Lines file of instructions");
         }
@@ -250,8 +260,8 @@ impl Stage for Ppo {
         vec![p.data.clone()]
     }
 
-    fn resources(_p: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, ..Default::default() }
+    fn resources(p: &Params) -> crate::Resources {
+        crate::Resources { threads: None, accelerator: true, processes: p.distributed.processes }
     }
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
@@ -300,6 +310,7 @@ impl Prompts {
 fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option<u64>> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
+    let world = p.distributed.init(device)?;
     let hyper = &p.train;
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let mut tuning = Tuning::open(&policy_dir, &p.trainable, device, hyper.seed)?;
@@ -345,11 +356,14 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
     let eval_seed = step_seed(hyper.seed, u64::MAX, 0) as u64;
     let before = Rollout::collect(&m.reference, &m, &prompts.val, eval_seed, p)?;
     let mut task = Rlhf { m: &m, p, prompts: &prompts, before, after: None, eval_seed };
-    let trainer = Trainer { evaluate_first: true, ..Trainer::new("ppo", hyper, &p.every, stop_after) };
+    let trainer = Trainer { evaluate_first: true, zero: p.distributed.zero(), ..Trainer::new("ppo", hyper, &p.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
         Outcome::Stopped(step) => return Ok(Some(step)),
     };
+    if !world.is_first() {
+        return Ok(None);
+    }
     let Rlhf { before, after, .. } = task;
     let after = after.expect("evaluated after the last iteration");
     let (reward_before, reward_after, kl_after) = (mean(&before.scores), mean(&after.scores), mean(&after.kl()));
@@ -442,7 +456,7 @@ impl Objective for Rlhf<'_> {
 
 /// The optimization phase of an iteration: `ppo_epochs` passes over the
 /// rollout in `minibatches` updates each. Returns the mean losses and clip
-/// fractions over all micro-batches.
+/// fractions over all micro-batches (each rank's share of them, summed).
 fn optimize(m: &Models, update: &mut Update, rollout: &Rollout, p: &Params, iteration: u64) -> Result<Map<String, Value>> {
     let (advantages, returns) = rollout.advantages(p, m.eot);
     let n = rollout.responses.len();
@@ -461,14 +475,17 @@ fn optimize(m: &Models, update: &mut Update, rollout: &Rollout, p: &Params, iter
             })?;
         }
     }
+    let sums = dist::world().sum(&sums)?;
     let names = ["policy_loss", "value_loss", "clipfrac", "value_clipfrac"];
     Ok(names.iter().zip(sums).map(|(k, s)| (k.to_string(), json!(s / micro_batches as f64))).collect())
 }
 
 /// Forward and backward over `rows` of the rollout with the loss × `scale`;
 /// returns (policy loss, value loss, clip fraction, value clip fraction) and
-/// the scaled loss.
+/// the scaled loss. Across ranks, each takes its slice of `rows`, its values
+/// weighted by its share of the response tokens (all four are token means).
 fn micro_step(m: &Models, r: &Rollout, advantages: &Tensor, returns: &Tensor, rows: &[usize], p: &Params, scale: f64) -> ([f64; 4], f64) {
+    let (rows, share) = dist::world().share(rows.to_vec(), |&i| r.responses[i].len() as f64);
     let index = Tensor::from_slice(&rows.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(r.mask.device());
     // Only as wide as the longest of these rows.
     let width = rows.iter().map(|&i| r.batch.lengths[i]).max().expect("a micro-batch has rows");
@@ -479,8 +496,8 @@ fn micro_step(m: &Models, r: &Rollout, advantages: &Tensor, returns: &Tensor, ro
         let logp = token_logprobs(&(m.policy.logits(hidden) / p.temperature), &y);
         let (pg, clipfrac) = policy_loss(&logp, &take(&r.logp), &take(advantages), &mask, p.cliprange);
         let (vf, vf_clipfrac) = value_loss(&m.values(hidden), &take(&r.values), &take(returns), &mask, p.cliprange_value);
-        stats = [&pg, &vf, &clipfrac, &vf_clipfrac].map(|t| t.double_value(&[]));
-        (pg + vf * p.vf_coef) * scale
+        stats = [&pg, &vf, &clipfrac, &vf_clipfrac].map(|t| t.double_value(&[]) * share);
+        (pg + vf * p.vf_coef) * (scale * share)
     });
     (stats, loss.double_value(&[]))
 }

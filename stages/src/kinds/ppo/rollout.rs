@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 use super::objective::{self, gae, whiten};
 use super::Params;
 use crate::data::sequences::{pad, token_logprobs, Padded, Sequence};
+use crate::dist;
 use crate::model::Gpt;
 use crate::sample::{generate_batch, Sampling};
 use crate::train::head::HeadModel;
@@ -60,42 +61,48 @@ pub struct Rollout {
 impl Rollout {
     /// Samples a response to each prompt from `sampler` (the policy, or the
     /// reference to measure the starting point) with seeds from `seed`, and
-    /// scores them.
+    /// scores them. Across ranks, each samples and scores its rows of every
+    /// micro-batch, and every rank ends with the whole rollout.
     pub fn collect(sampler: &Gpt, m: &Models, prompts: &[Vec<i64>], seed: u64, p: &Params) -> Result<Rollout> {
+        let world = dist::world();
         let micro = p.train.batch_size;
         let responses = tch::no_grad(|| sample(sampler, prompts, seed, p.max_new_tokens, p.temperature, micro, m.eot));
+        let responses = world.merge_lists(responses)?;
         let sequences: Vec<Sequence> = prompts.iter().zip(&responses).map(|(q, r)| Sequence::new(q, r)).collect();
         let batch = pad(&sequences, m.eot, sampler.device());
         let mask = batch.mask();
         let reward_context = m.reward.model.gpt.config().context as usize;
-        let (mut logp, mut values, mut ref_logp, mut scores, mut entropies) = (vec![], vec![], vec![], vec![], vec![]);
+        let (logp, values, ref_logp) = (mask.zeros_like(), mask.zeros_like(), mask.zeros_like());
+        // Each score, then the entropy summed over the response tokens.
+        let mut sums = vec![0.0; sequences.len() + 1];
         tch::no_grad(|| {
             for (i, chunk) in sequences.chunks(micro).enumerate() {
-                let rows = |t: &Tensor| t.narrow(0, (i * micro) as i64, chunk.len() as i64);
+                let (start, end) = world.rows(chunk.len());
+                if start == end {
+                    continue;
+                }
+                let first = i * micro + start;
+                let rows = |t: &Tensor| t.narrow(0, first as i64, (end - start) as i64);
                 let (x, y) = (rows(&batch.x), rows(&batch.y));
                 let hidden = m.policy.hidden_states(&x, false);
                 let logits = m.policy.logits(&hidden) / p.temperature;
-                logp.push(token_logprobs(&logits, &y));
-                entropies.push(entropy(&logits, &rows(&mask)) * rows(&mask).sum(Kind::Float));
-                values.push(m.values(&hidden));
-                ref_logp.push(token_logprobs(&(m.reference.forward(&x, false) / p.temperature), &y));
-                let scored: Vec<Sequence> = chunk.iter().map(|s| s.clone().fit(reward_context)).collect();
+                rows(&logp).copy_(&token_logprobs(&logits, &y));
+                sums[sequences.len()] += (entropy(&logits, &rows(&mask)) * rows(&mask).sum(Kind::Float)).double_value(&[]);
+                rows(&values).copy_(&m.values(&hidden));
+                rows(&ref_logp).copy_(&token_logprobs(&(m.reference.forward(&x, false) / p.temperature), &y));
+                let scored: Vec<Sequence> = chunk[start..end].iter().map(|s| s.clone().fit(reward_context)).collect();
                 let score = m.reward.forward(&pad(&scored, m.eot, sampler.device()), false);
-                scores.extend(Vec::<f64>::try_from(score.select(1, 0).to_kind(Kind::Double).to_device(tch::Device::Cpu))?);
+                let score = Vec::<f64>::try_from(score.select(1, 0).to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
+                sums[first..first + score.len()].copy_from_slice(&score);
             }
             anyhow::Ok(())
         })?;
-        let entropy = Tensor::stack(&entropies, 0).sum(Kind::Float).double_value(&[]) / mask.sum(Kind::Float).double_value(&[]);
-        Ok(Rollout {
-            responses,
-            logp: Tensor::cat(&logp, 0),
-            values: Tensor::cat(&values, 0) * &mask,
-            ref_logp: Tensor::cat(&ref_logp, 0),
-            batch,
-            mask,
-            scores,
-            entropy,
-        })
+        for t in [&logp, &values, &ref_logp] {
+            world.merge(t)?;
+        }
+        let mut scores = world.sum(&sums)?;
+        let entropy = scores.pop().expect("the entropy's sum") / mask.sum(Kind::Float).double_value(&[]);
+        Ok(Rollout { responses, values: values * &mask, logp, ref_logp, batch, mask, scores, entropy })
     }
 
     /// Σ_t log π(y_t) − log π_ref(y_t) of each response: the KL estimate of
@@ -143,15 +150,21 @@ impl Rollout {
 }
 
 /// Responses to `prompts` drawn in batches of `micro` prompts of similar
-/// length (less lockstep feeding of prompt tokens); the prompt at rank `k`
-/// in length order draws with seed `seed + k`.
+/// length (less lockstep feeding of prompt tokens); the prompt at place `k`
+/// in length order draws with seed `seed + k`. Across ranks, each draws its
+/// rows of every batch and leaves the others' responses empty.
 fn sample(gpt: &Gpt, prompts: &[Vec<i64>], seed: u64, max_tokens: usize, temperature: f64, micro: usize, eot: i64) -> Vec<Vec<i64>> {
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let mut responses = vec![Vec::new(); prompts.len()];
     for (c, chunk) in order.chunks(micro).enumerate() {
+        let (start, end) = dist::world().rows(chunk.len());
+        if start == end {
+            continue;
+        }
+        let chunk = &chunk[start..end];
         let batch: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let s = Sampling { max_tokens, temperature, top_k: None, top_p: None, seed: seed.wrapping_add((c * micro) as u64) };
+        let s = Sampling { max_tokens, temperature, top_k: None, top_p: None, seed: seed.wrapping_add((c * micro + start) as u64) };
         for (&i, response) in chunk.iter().zip(generate_batch(gpt, &batch, &s, Some(eot))) {
             responses[i] = response;
         }
