@@ -35,6 +35,11 @@ const char* kNoGloo =
 #endif
 }  // namespace
 
+// Makes `grad` (a view of a flat bucket) the gradient `var` accumulates
+// into, as PyTorch's DDP does with gradient_as_bucket_view: the backward pass
+// adds into the bucket in place, and the bucket goes to the collective as is.
+extern "C" void llmflow_set_grad(at::Tensor* var, at::Tensor* grad) { var->mutable_grad() = *grad; }
+
 // Joins the group: the rank that `serve`s (rank 0, unless a launcher's agent
 // already serves it) serves the TCPStore at host:port, the others connect
 // to it. `iface`, if not empty, is the network interface Gloo binds

@@ -211,6 +211,7 @@ extern "C" {
         error_len: usize,
     ) -> *mut std::ffi::c_void;
     fn llmflow_c10d_free(group: *mut std::ffi::c_void);
+    fn llmflow_set_grad(var: *mut C_tensor, grad: *mut C_tensor);
     fn llmflow_c10d_collective(
         group: *mut std::ffi::c_void,
         op: c_int,
@@ -233,6 +234,14 @@ pub struct Group {
 // group from one thread at a time (`&self` methods wait for each collective).
 unsafe impl Send for Group {}
 unsafe impl Sync for Group {}
+
+/// Makes `grad`, a tensor of `var`'s shape (a view of a flat bucket), the
+/// gradient `var` accumulates into: backward passes add into it in place.
+pub fn set_grad(var: &Tensor, grad: &Tensor) {
+    assert_eq!(var.size(), grad.size(), "a gradient has its variable's shape");
+    // SAFETY: two live tensors; libtorch copies the handle of `grad`.
+    unsafe { llmflow_set_grad(var.as_ptr() as *mut C_tensor, grad.as_ptr() as *mut C_tensor) }
+}
 
 #[derive(Clone, Copy)]
 enum Op {

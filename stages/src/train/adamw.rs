@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use tch::{nn, Kind, Tensor};
 
-use crate::dist::{Group, World};
+use crate::dist::{self, Group, World};
 
 use super::Hyper;
 use crate::fast::floats::{self, cpu_floats, CHUNK};
@@ -37,8 +37,10 @@ struct Param {
 /// add up the same way on every run.
 ///
 /// Across ranks ([`crate::dist`]) each rank holds the gradients of its own
-/// slice of the batch. [`AdamW::reduce_gradients`] makes them the batch's:
-/// * plain data parallelism (DDP) all-reduces them in flat buckets, and
+/// slice of the batch, accumulated by the backward passes straight into one
+/// flat buffer (every variable's gradient is a view of it, in name order).
+/// [`AdamW::reduce_gradients`] makes them the batch's:
+/// * plain data parallelism (DDP) all-reduces the buffer in buckets, and
 ///   every rank then makes the same update with all the moments;
 /// * ZeRO-1 reduce-scatters them: each rank holds the summed gradients and
 ///   the moments of its 1/N of the elements only (the variables
@@ -56,6 +58,9 @@ pub struct AdamW {
     t: u64,
     /// The ranks that train together; `None` in one process.
     group: Option<&'static Group>,
+    /// Across ranks, the gradients of `vars`, concatenated (and under
+    /// ZeRO-1 padded to a multiple of the ranks).
+    grads: Option<Tensor>,
     zero: Option<Zero>,
 }
 
@@ -85,19 +90,25 @@ impl AdamW {
             shard_offset,
         };
         let group = world.group();
-        if group.is_some() && !zero && !vars.is_empty() {
-            // Every rank holds a gradient for every variable from the start: a
-            // rank whose slice reached none (no counted token) still takes part
-            // in the update the others make.
-            let nothing = vars.iter().fold(Tensor::zeros([], (Kind::Float, vs.device())), |sum, v| sum + v.sum(Kind::Float) * 0.0);
-            nothing.backward();
-        }
+        let total: i64 = vars.iter().map(Tensor::numel).sum::<usize>() as i64;
+        let ranks = world.size as i64;
+        let shard = (total + ranks - 1) / ranks;
+        // Every rank holds a gradient for every variable from the start: a
+        // rank whose slice reached none (no counted token) still takes part
+        // in the update the others make.
+        let grads = group.filter(|_| total > 0).map(|_| {
+            let flat = Tensor::zeros([if zero { shard * ranks } else { total }], (Kind::Float, vs.device()));
+            let mut at = 0;
+            for var in &vars {
+                let n = var.numel() as i64;
+                dist::set_grad(var, &flat.narrow(0, at, n).view_as(var));
+                at += n;
+            }
+            flat
+        });
         let (params, zero) = match group.filter(|_| zero) {
             None => (named.iter().map(|(name, t)| param(name, t.shallow_clone(), t, None)).collect(), None),
             Some(group) => {
-                let total: i64 = vars.iter().map(Tensor::numel).sum::<usize>() as i64;
-                let ranks = group.size() as i64;
-                let shard = (total + ranks - 1) / ranks;
                 let (lo, hi) = (group.rank() as i64 * shard, (group.rank() as i64 + 1) * shard);
                 let mut params = Vec::new();
                 let mut offset = 0;
@@ -114,7 +125,18 @@ impl AdamW {
                 (params, Some(Zero { shard, grads }))
             }
         };
-        AdamW { vars, params, beta1: hyper.beta1, beta2: hyper.beta2, eps: hyper.eps, weight_decay: hyper.weight_decay, t: 0, group, zero }
+        AdamW {
+            vars,
+            params,
+            beta1: hyper.beta1,
+            beta2: hyper.beta2,
+            eps: hyper.eps,
+            weight_decay: hyper.weight_decay,
+            t: 0,
+            group,
+            grads,
+            zero,
+        }
     }
 
     /// Updates applied so far.
@@ -126,7 +148,8 @@ impl AdamW {
         for var in &self.vars {
             let mut grad = var.grad();
             if grad.defined() {
-                let _ = grad.detach_().zero_();
+                // In place: across ranks it is a view of the flat gradients.
+                let _ = grad.zero_();
             }
         }
     }
@@ -176,52 +199,18 @@ impl AdamW {
 
     /// Makes each rank's gradients the sum over the ranks (see [`AdamW`]);
     /// nothing in one process.
-    pub fn reduce_gradients(&mut self) -> Result<()> {
-        let Some(group) = self.group else { return Ok(()) };
-        // A variable no pass reached has no gradient: it adds zeros.
-        let grad = |var: &Tensor| {
-            let g = var.grad();
-            if g.defined() {
-                g.view([-1])
-            } else {
-                var.zeros_like().view([-1])
-            }
-        };
-        match &mut self.zero {
-            Some(zero) => {
-                let mut flat: Vec<Tensor> = self.vars.iter().map(grad).collect();
-                let total: i64 = flat.iter().map(|t| t.numel() as i64).sum();
-                let padding = zero.shard * group.size() as i64 - total;
-                flat.push(Tensor::zeros([padding], (Kind::Float, zero.grads.device())));
-                group.reduce_scatter(&zero.grads, &Tensor::cat(&flat, 0))?;
-            }
+    pub fn reduce_gradients(&self) -> Result<()> {
+        let (Some(group), Some(grads)) = (self.group, &self.grads) else { return Ok(()) };
+        match &self.zero {
+            Some(zero) => group.reduce_scatter(&zero.grads, grads),
             None => {
-                let mut bucket: Vec<&Tensor> = Vec::new();
-                let mut size = 0;
-                for (i, var) in self.vars.iter().enumerate() {
-                    bucket.push(var);
-                    size += var.numel() as i64;
-                    if size >= BUCKET || i + 1 == self.vars.len() {
-                        let flat = Tensor::cat(&bucket.iter().map(|v| grad(v)).collect::<Vec<_>>(), 0);
-                        group.all_reduce(&flat)?;
-                        let mut at = 0;
-                        tch::no_grad(|| {
-                            for var in bucket.drain(..) {
-                                let n = var.numel() as i64;
-                                // A variable without a gradient got none on any rank: the step skips it.
-                                let mut g = var.grad();
-                                if g.defined() {
-                                    g.copy_(&flat.narrow(0, at, n).view_as(var));
-                                }
-                                at += n;
-                            }
-                        });
-                        size = 0;
-                    }
+                let total = grads.numel() as i64;
+                for at in (0..total).step_by(BUCKET as usize) {
+                    group.all_reduce(&grads.narrow(0, at, BUCKET.min(total - at)))?;
                 }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// Bytes of this rank's moments: under ZeRO-1 its share.
