@@ -76,6 +76,27 @@ fn max_relative_difference(a: &Project, b: &Project, stage: &str) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The stage's held-out metrics (`val_*`, `test_*`, `*_before`, `*_after`) agree
+/// between the two builds to rounding: the ranks evaluated their shares of
+/// the same rows.
+fn held_out_metrics_agree(a: &Project, b: &Project, stage: &str) {
+    let (a, b) = (a.manifest(stage)["metrics"].clone(), b.manifest(stage)["metrics"].clone());
+    let held_out: Vec<&String> = a
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| ["val_", "test_"].iter().any(|p| k.starts_with(p)) || k.ends_with("_before") || k.ends_with("_after"))
+        .collect();
+    assert!(!held_out.is_empty(), "{stage}: no held-out metric in {a}");
+    for key in held_out {
+        let (x, y) = (&a[key], &b[key]);
+        match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{stage}: {key}: {x} vs {y}"),
+            _ => assert_eq!(x, y, "{stage}: {key}"),
+        }
+    }
+}
+
 fn log_of(p: &Project) -> String {
     log_of_stage(p, "pretrain")
 }
@@ -179,6 +200,7 @@ fn sft_on_two_ranks_tunes_what_one_process_tunes() {
     assert!(log_of_stage(&two, "sft").contains("launching 2 ranks"));
     let diff = max_relative_difference(&two, &one, "sft");
     assert!(diff <= FINE_TUNING_TOLERANCE, "the tuned weights differ from one process's by {diff:e} (relative)");
+    held_out_metrics_agree(&one, &two, "sft");
 }
 
 /// `reward_model`, `dpo` and `classify` on 2 ranks against 1 process, each
@@ -210,6 +232,7 @@ fn preference_and_classification_stages_on_two_ranks_train_what_one_process_trai
         assert!(log_of_stage(&two, stage).contains("launching 2 ranks"), "{stage}");
         let diff = max_relative_difference(&two, &one, stage);
         assert!(diff <= FINE_TUNING_TOLERANCE, "{stage}: the weights differ from one process's by {diff:e} (relative)");
+        held_out_metrics_agree(&one, &two, stage);
     }
 }
 
@@ -296,15 +319,8 @@ train = {{ steps = 2, batch_size = 3, grad_accum = 2, lr = 1e-3 }}
                 && x.iter().zip(&y).all(|(x, y)| (x - y).abs() <= 1e-4 * x.abs().max(y.abs()) + 1e-7),
             "{stage}: losses {x:?} vs {y:?}"
         );
-        // The same completions sampled and scored: the metrics agree to rounding.
-        let (a, b) = (one.manifest(stage), two.manifest(stage));
-        for key in ["reward_before", "accuracy_before", "reward_after", "accuracy_after"] {
-            let (x, y) = (&a["metrics"][key], &b["metrics"][key]);
-            assert!(x.is_null() == y.is_null(), "{stage}: {key}: {x} vs {y}");
-            if let (Some(x), Some(y)) = (x.as_f64(), y.as_f64()) {
-                assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{stage}: {key}: {x} vs {y}");
-            }
-        }
+        // The same completions sampled and scored.
+        held_out_metrics_agree(&one, &two, stage);
     }
 }
 

@@ -167,6 +167,23 @@ impl World {
         Ok(flat.chunks(width).zip(lengths).map(|(row, n)| row[..n].to_vec()).collect())
     }
 
+    /// The `width` values of each of `n` rows, each rank computing its rows
+    /// ([`World::rows`]) with `of(start..end)`: every rank gets all of them
+    /// (merged as in [`World::merge`]).
+    pub fn rows_of(&self, n: usize, width: usize, of: impl FnOnce(std::ops::Range<usize>) -> Result<Vec<f64>>) -> Result<Vec<f64>> {
+        if self.group.is_none() {
+            return of(0..n);
+        }
+        let (start, end) = self.rows(n);
+        let mut all = vec![0.0; n * width];
+        if start < end {
+            let mine = of(start..end)?;
+            ensure!(mine.len() == (end - start) * width, "{} values for {} rows of {width}", mine.len(), end - start);
+            all[start * width..end * width].copy_from_slice(&mine);
+        }
+        self.sum(&all)
+    }
+
     /// Waits until every rank has come here.
     pub fn barrier(&self) -> Result<()> {
         self.sum(&[0.0]).map(drop)

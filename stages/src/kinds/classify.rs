@@ -325,12 +325,17 @@ impl Examples {
     }
 
     /// Predicted classes and the mean cross-entropy.
-    fn predict(&self, head: Head, batch_size: usize) -> (Vec<usize>, f64) {
-        let logits = head.scores(&self.sequences, batch_size);
+    /// Across ranks, each scores its share of the texts.
+    fn predict(&self, head: Head, batch_size: usize) -> Result<(Vec<usize>, f64)> {
+        let (n, classes) = (self.sequences.len(), head.score.size()[0] as usize);
+        let logits = dist::world().rows_of(n, classes, |rows| {
+            Ok(Vec::<f64>::try_from(head.scores(&self.sequences[rows], batch_size).to_kind(Kind::Double).view([-1]))?)
+        })?;
+        let logits = Tensor::from_slice(&logits).to_kind(Kind::Float).view([n as i64, classes as i64]);
         let targets = Tensor::from_slice(&self.classes.iter().map(|&c| c as i64).collect::<Vec<_>>());
         let loss = logits.cross_entropy_for_logits(&targets).double_value(&[]);
         let predicted = Vec::<i64>::try_from(logits.argmax(-1, false)).expect("1-D int64");
-        (predicted.into_iter().map(|c| c as usize).collect(), loss)
+        Ok((predicted.into_iter().map(|c| c as usize).collect(), loss))
     }
 }
 
@@ -389,10 +394,10 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let mut task = Classification { head, hyper: &params.train, train: train_set, val };
     let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("classify", &params.train, &params.every, stop_after) };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
+    let (predicted, _) = test.predict(task.head, params.train.batch_size * 2)?;
     if !world.is_first() {
         return Ok(());
     }
-    let (predicted, _) = test.predict(task.head, params.train.batch_size * 2);
     let confusion = Confusion::new(labels.len(), &test.classes, &predicted);
     let train_examples = task.train.classes.len();
 
@@ -437,7 +442,7 @@ impl Objective for Classification<'_> {
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<Map<String, Value>> {
-        let (predicted, loss) = self.val.predict(self.head, self.hyper.batch_size * 2);
+        let (predicted, loss) = self.val.predict(self.head, self.hyper.batch_size * 2)?;
         let right = predicted.iter().zip(&self.val.classes).filter(|(p, t)| p == t).count();
         Ok(Map::from_iter([("val_loss".into(), json!(loss)), ("val_accuracy".into(), json!(right as f64 / predicted.len() as f64))]))
     }

@@ -218,12 +218,12 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let context = tuning.gpt.config().context as usize;
     let objective = PreferenceLoss { loss: params.loss, beta: params.beta, pad_id: encoder.eot, batch_size: hyper.batch_size };
     let all = encoder.pairs(&records, context, &params.data)?;
-    let pairs = |part: &[usize]| -> Vec<Pair> {
+    let pairs = |part: &[usize]| -> Result<Vec<Pair>> {
         let sequences: Vec<Sequence> = part.iter().flat_map(|&i| [all[i].chosen.clone(), all[i].rejected.clone()]).collect();
-        let logps = objective.logps(&tuning.gpt, &sequences);
-        part.iter().zip(logps.chunks(2)).map(|(&i, l)| Pair { answers: all[i].clone(), ref_chosen: l[0], ref_rejected: l[1] }).collect()
+        let logps = objective.logps(&tuning.gpt, &sequences)?;
+        Ok(part.iter().zip(logps.chunks(2)).map(|(&i, l)| Pair { answers: all[i].clone(), ref_chosen: l[0], ref_rejected: l[1] }).collect())
     };
-    let (train, val) = (pairs(&parts[0]), pairs(&parts[1]));
+    let (train, val) = (pairs(&parts[0])?, pairs(&parts[1])?);
     ensure!(
         !train.is_empty() && !val.is_empty(),
         "{}: {} records leave {} pairs for training and {} for validation; `split` needs more data",
@@ -292,10 +292,14 @@ impl PreferenceLoss {
         }
     }
 
-    /// [`PreferenceLoss::per_loss`] log-probabilities under `gpt`, without a graph.
-    fn logps(&self, gpt: &Gpt, sequences: &[Sequence]) -> Vec<f64> {
-        let summed = Tensor::from_slice(&score(gpt, sequences, 2 * self.batch_size, self.pad_id));
-        Vec::<f64>::try_from(self.per_loss(summed, sequences)).expect("a 1-D tensor")
+    /// [`PreferenceLoss::per_loss`] log-probabilities under `gpt`, without a
+    /// graph; across ranks, each computes its share of the sequences.
+    fn logps(&self, gpt: &Gpt, sequences: &[Sequence]) -> Result<Vec<f64>> {
+        dist::world().rows_of(sequences.len(), 1, |rows| {
+            let sequences = &sequences[rows];
+            let summed = Tensor::from_slice(&score(gpt, sequences, 2 * self.batch_size, self.pad_id));
+            Ok(Vec::<f64>::try_from(self.per_loss(summed, sequences))?)
+        })
     }
 }
 
@@ -344,7 +348,7 @@ impl Objective for Preferences<'_> {
 
     fn evaluate(&mut self, _step: u64) -> Result<Map<String, Value>> {
         let sequences: Vec<Sequence> = self.val.iter().flat_map(|p| [p.answers.chosen.clone(), p.answers.rejected.clone()]).collect();
-        let logps = self.objective.logps(self.gpt, &sequences);
+        let logps = self.objective.logps(self.gpt, &sequences)?;
         let (chosen, rejected): (Vec<f64>, Vec<f64>) = logps.chunks(2).map(|l| (l[0], l[1])).unzip();
         let h: Vec<f64> =
             self.val.iter().zip(chosen.iter().zip(&rejected)).map(|(p, (c, r))| (c - p.ref_chosen) - (r - p.ref_rejected)).collect();

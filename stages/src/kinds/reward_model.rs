@@ -206,13 +206,13 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
 
     let (vs, head) = scorer.parts();
     let mut task = Preferences { head, params, train: train_pairs, val: val_pairs };
-    let before = task.judge();
+    let before = task.judge()?;
     let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("reward_model", &params.train, &params.every, stop_after) };
     let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
+    let after = task.judge()?;
     if !world.is_first() {
         return Ok(());
     }
-    let after = task.judge();
     let (train_len, val_len) = (task.train.len(), task.val.len());
 
     scorer.save(&ctx.out, &model_dir)?;
@@ -255,14 +255,18 @@ pub struct Judged {
 }
 
 impl Preferences<'_> {
-    fn judge(&self) -> Judged {
+    /// Across ranks, each scores its share of the pairs.
+    fn judge(&self) -> Result<Judged> {
         let batch_size = self.params.train.batch_size * 2;
-        let scores = |pick: fn(&Pair) -> &Sequence| {
+        let scores = |pick: fn(&Pair) -> &Sequence| -> Result<Tensor> {
             let seqs: Vec<Sequence> = self.val.iter().map(|p| pick(p).clone()).collect();
-            self.head.scores(&seqs, batch_size).view([-1])
+            let scores = dist::world().rows_of(seqs.len(), 1, |rows| {
+                Ok(Vec::<f64>::try_from(self.head.scores(&seqs[rows], batch_size).view([-1]).to_kind(Kind::Double))?)
+            })?;
+            Ok(Tensor::from_slice(&scores).to_kind(Kind::Float))
         };
-        let (chosen, rejected) = (scores(|p| &p.chosen), scores(|p| &p.rejected));
-        judge(&chosen, &rejected, self.params.margin, self.params.center_coef)
+        let (chosen, rejected) = (scores(|p| &p.chosen)?, scores(|p| &p.rejected)?);
+        Ok(judge(&chosen, &rejected, self.params.margin, self.params.center_coef))
     }
 }
 
@@ -298,7 +302,7 @@ impl Objective for Preferences<'_> {
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<Map<String, Value>> {
-        let j = self.judge();
+        let j = self.judge()?;
         Ok(Map::from_iter([
             ("val_loss".into(), json!(j.loss)),
             ("val_accuracy".into(), json!(j.accuracy)),

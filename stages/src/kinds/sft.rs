@@ -218,7 +218,7 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
 
     let (gpt, trainable) = tuning.parts();
     let mut task = Instructions { gpt, train, val, hyper, pad_id: encoder.eot };
-    let val_loss_before = task.val_loss();
+    let val_loss_before = task.val_loss()?;
     let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("sft", hyper, &params.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
@@ -286,9 +286,11 @@ struct Instructions<'a> {
 
 impl Instructions<'_> {
     /// Mean nats per response token of the validation records.
-    fn val_loss(&self) -> f64 {
-        let nats: f64 = -score(self.gpt, &self.val, self.hyper.batch_size, self.pad_id).iter().sum::<f64>();
-        nats / self.val.iter().map(Sequence::counted).sum::<usize>() as f64
+    /// Across ranks, each scores its share of the records.
+    fn val_loss(&self) -> Result<f64> {
+        let scores =
+            dist::world().rows_of(self.val.len(), 1, |rows| Ok(score(self.gpt, &self.val[rows], self.hyper.batch_size, self.pad_id)))?;
+        Ok(-scores.iter().sum::<f64>() / self.val.iter().map(Sequence::counted).sum::<usize>() as f64)
     }
 }
 
@@ -309,7 +311,7 @@ impl Objective for Instructions<'_> {
     }
 
     fn evaluate(&mut self, _step: u64) -> Result<serde_json::Map<String, serde_json::Value>> {
-        Ok(serde_json::Map::from_iter([("val_loss".into(), json!(self.val_loss()))]))
+        Ok(serde_json::Map::from_iter([("val_loss".into(), json!(self.val_loss()?))]))
     }
 }
 
