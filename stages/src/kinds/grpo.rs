@@ -334,16 +334,12 @@ impl Scorer<'_> {
     /// problem `of[i]`), and whether it is correct. Across ranks, each
     /// scores its rows and every rank gets all.
     fn score(&self, prompts: &Prompts, of: &[usize], ids: &[Vec<i64>], texts: &[String]) -> Result<(Vec<f64>, Vec<bool>)> {
-        let world = dist::world();
-        let (n, (start, end)) = (ids.len(), world.rows(ids.len()));
-        let (rewards, correct) = self.score_rows(prompts, &of[start..end], &ids[start..end], &texts[start..end])?;
-        // Rewards, then 1 for each correct completion.
-        let mut sums = vec![0.0; 2 * n];
-        for (k, (reward, ok)) in rewards.into_iter().zip(correct).enumerate() {
-            (sums[start + k], sums[n + start + k]) = (reward, f64::from(u8::from(ok)));
-        }
-        let sums = world.sum(&sums)?;
-        Ok((sums[..n].to_vec(), sums[n..].iter().map(|&ok| ok == 1.0).collect()))
+        // Each row's reward, then 1 if it is correct.
+        let values = dist::world().rows_of(ids.len(), 2, |rows| {
+            let (rewards, correct) = self.score_rows(prompts, &of[rows.clone()], &ids[rows.clone()], &texts[rows])?;
+            Ok(rewards.into_iter().zip(correct).flat_map(|(reward, ok)| [reward, f64::from(u8::from(ok))]).collect())
+        })?;
+        Ok(values.chunks(2).map(|v| (v[0], v[1] == 1.0)).unzip())
     }
 
     fn score_rows(&self, prompts: &Prompts, of: &[usize], ids: &[Vec<i64>], texts: &[String]) -> Result<(Vec<f64>, Vec<bool>)> {
