@@ -8,7 +8,9 @@
 # expects), installed once into $(LIBTORCH_DIR). The wheel is the CUDA build;
 # on a CPU machine it is installed with only the two NVIDIA libraries that
 # libtorch_cpu.so links (the CUDA runtime and CUPTI, 13 MB). `make setup
-# CUDA=1` installs all of them, for a GPU machine.
+# CUDA=1` installs all of them, for a GPU machine, with the CUDA headers the
+# wheels leave out (crt and CCCL) that the NCCL process group is compiled
+# against (stages/build.rs).
 #
 # The tests also check formats against the Python ecosystem (tokenizers,
 # numpy, and transformers loading an exported model), installed into a
@@ -26,7 +28,8 @@ PY_DEPS_STAMP := $(VENV)/.test-deps-$(shell echo '$(PY_TEST_DEPS)' | cksum | cut
 TARGET_DIR    := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BIN           := $(TARGET_DIR)/release/llmflow
 CPU_CUDA_LIBS := nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
-STAMP         := $(LIBTORCH_DIR)/.torch-$(TORCH_VERSION)$(if $(filter 1,$(CUDA)),-cuda,)
+CUDA_HEADERS  := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
+STAMP         := $(LIBTORCH_DIR)/.torch-$(TORCH_VERSION)$(if $(filter 1,$(CUDA)),-cuda-$(shell echo '$(CUDA_HEADERS)' | cksum | cut -d' ' -f1),)
 
 export LIBTORCH := $(LIBTORCH_DIR)/torch
 
@@ -59,7 +62,7 @@ gloo:
 $(STAMP):
 	@echo "installing libtorch (torch==$(TORCH_VERSION) wheel) into $(LIBTORCH_DIR)"
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile --target $(LIBTORCH_DIR) \
-		--upgrade torch==$(TORCH_VERSION) $(if $(filter 1,$(CUDA)),,--no-deps $(CPU_CUDA_LIBS))
+		--upgrade torch==$(TORCH_VERSION) $(if $(filter 1,$(CUDA)),$(CUDA_HEADERS),--no-deps $(CPU_CUDA_LIBS))
 	@test -f $(LIBTORCH)/lib/libtorch_cpu.so || { echo "libtorch not found under $(LIBTORCH)"; exit 1; }
 	@touch $@
 

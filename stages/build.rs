@@ -53,8 +53,38 @@ fn compile_cpp(lib: &std::path::Path) {
     } else {
         println!("cargo:warning=Gloo's headers are not installed ({} is missing): a stage with `processes` above 1 will fail; `make setup` as root installs libgloo-dev", gloo_config.display());
     }
+    println!("cargo::rustc-check-cfg=cfg(llmflow_nccl)");
+    let nccl = gloo_config.is_file() && nccl(lib, &mut build);
     build.compile("llmflow_cpp");
+    if nccl {
+        // After the static library, which needs them: c10d's NCCL group is in libtorch_cuda.
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-cfg=llmflow_nccl");
+    }
     println!("cargo:rerun-if-changed=cpp");
     println!("cargo:rerun-if-changed={}", gloo_config.display());
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
+}
+
+/// Adds NCCL's process group to the c10d shim where `make setup CUDA=1`
+/// installed the headers it is compiled against beside libtorch: NCCL's
+/// (`nvidia/nccl`) and CUDA's with crt and CCCL (`nvidia/cu*`). Without
+/// them, the build trains across processes on the CPU only.
+fn nccl(lib: &std::path::Path, build: &mut cc::Build) -> bool {
+    let nvidia = lib.join("../../nvidia");
+    let nccl = nvidia.join("nccl/include");
+    let cuda = std::fs::read_dir(&nvidia)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("include"))
+        .find(|dir| dir.join("cuda_runtime.h").is_file());
+    let Some(cuda) = cuda.filter(|_| nccl.join("nccl.h").is_file()) else { return false };
+    if !cuda.join("crt/host_config.h").is_file() || !cuda.join("nv/target").is_file() {
+        println!("cargo:warning=NCCL is installed but CUDA's crt and CCCL headers are not ({}): no NCCL process group in this build; `make setup CUDA=1` installs them", cuda.display());
+        return false;
+    }
+    build.include(&cuda).include(&nccl).define("USE_C10D_NCCL", None).define("USE_CUDA", None);
+    true
 }

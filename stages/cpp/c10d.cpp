@@ -1,22 +1,36 @@
 // PyTorch's distributed engine (c10d) for the training ranks: a TCPStore
-// rendezvous and a Gloo process group, with the collectives data-parallel
-// training uses. libtorch_cpu has Gloo compiled in, but the wheel ships no
-// Gloo headers: `build.rs` compiles this file with USE_C10D_GLOO against
-// Debian's libgloo-dev headers when they are installed, and without them
-// every call fails saying so. See `stages/src/dist/`.
+// rendezvous, a Gloo process group for CPU tensors and an NCCL one for CUDA
+// tensors (as PyTorch's default "cpu:gloo,cuda:nccl"), with the collectives
+// data-parallel training uses. libtorch_cpu has Gloo compiled in, but the
+// wheel ships no Gloo headers: `build.rs` compiles this file with
+// USE_C10D_GLOO against Debian's libgloo-dev headers when they are
+// installed, and without them every call fails saying so. NCCL's group is in
+// libtorch_cuda; it is compiled in (USE_C10D_NCCL) where `make setup CUDA=1`
+// installed NCCL's and CUDA's headers. See `stages/src/dist/`.
 #include <ATen/ATen.h>
 
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 
 #ifdef USE_C10D_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 struct LlmflowGroup {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  int rank;
+  int world;
+  std::chrono::milliseconds timeout;
+  c10::intrusive_ptr<c10d::Backend> gloo;
+  // Made at the first collective on a CUDA tensor, which every rank reaches
+  // at the same point, since collectives pair up in order.
+  c10::intrusive_ptr<c10d::Backend> nccl;
 };
 #else
 struct LlmflowGroup {};
@@ -32,6 +46,25 @@ void set_error(char* error, size_t error_len, const char* message) {
 const char* kNoGloo =
     "llmflow-stage was built without Gloo's headers, so it cannot train across processes: "
     "install them (`make setup` as root installs Debian's libgloo-dev) and rebuild";
+#else
+// The group for `t`'s device: Gloo's for the CPU, NCCL's for CUDA.
+c10d::Backend& backend_for(LlmflowGroup& group, const at::Tensor& t) {
+  if (!t.is_cuda()) return *group.gloo;
+#ifdef USE_C10D_NCCL
+  if (!group.nccl) {
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = group.timeout;
+    // Its own keys in the store, beside Gloo's.
+    auto store = c10::make_intrusive<c10d::PrefixStore>("nccl", group.store);
+    group.nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, group.rank, group.world, options);
+  }
+  return *group.nccl;
+#else
+  throw std::runtime_error(
+      "llmflow-stage was built without NCCL, so it cannot train across processes on CUDA: "
+      "`make setup CUDA=1` installs NCCL's and CUDA's headers; rebuild");
+#endif
+}
 #endif
 }  // namespace
 
@@ -56,13 +89,16 @@ extern "C" LlmflowGroup* llmflow_c10d_gloo(const char* host, int port, int rank,
     store_options.numWorkers = world;
     store_options.timeout = timeout;
     auto group = new LlmflowGroup();
+    group->rank = rank;
+    group->world = world;
+    group->timeout = timeout;
     group->store = c10::make_intrusive<c10d::TCPStore>(std::string(host), store_options);
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(*iface       ? c10d::ProcessGroupGloo::createDeviceForInterface(iface)
                                : *bind_host ? c10d::ProcessGroupGloo::createDeviceForHostname(bind_host)
                                             : c10d::ProcessGroupGloo::createDefaultDevice());
     options->threads = 1;
-    group->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(group->store, rank, world, options);
+    group->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(group->store, rank, world, options);
     return group;
   } catch (const std::exception& e) {
     set_error(error, error_len, e.what());
@@ -78,28 +114,30 @@ extern "C" void llmflow_c10d_free(LlmflowGroup* group) { delete group; }
 
 // op: 0 all-reduce (sum, in place on `a`), 1 reduce-scatter (sum of `b`,
 // world × n elements, into `a`, n), 2 all-gather (`b` into `a`, world × n),
-// 3 broadcast (`a` from rank `root`). Waits for the collective; 0 on
-// success, else -1 with the message in `error`.
+// 3 broadcast (`a` from rank `root`). Waits for the collective (on CUDA,
+// makes the current stream wait for it); 0 on success, else -1 with the
+// message in `error`.
 extern "C" int llmflow_c10d_collective(LlmflowGroup* group, int op, at::Tensor* a, at::Tensor* b, int root, char* error,
                                        size_t error_len) {
 #ifdef USE_C10D_GLOO
   try {
+    c10d::Backend& pg = backend_for(*group, *a);
     c10::intrusive_ptr<c10d::Work> work;
     std::vector<at::Tensor> tensors{*a};
     switch (op) {
       case 0:
-        work = group->pg->allreduce(tensors);
+        work = pg.allreduce(tensors);
         break;
       case 1:
-        work = group->pg->_reduce_scatter_base(*a, *b);
+        work = pg._reduce_scatter_base(*a, *b);
         break;
       case 2:
-        work = group->pg->_allgather_base(*a, *b);
+        work = pg._allgather_base(*a, *b);
         break;
       case 3: {
         c10d::BroadcastOptions options;
         options.rootRank = root;
-        work = group->pg->broadcast(tensors, options);
+        work = pg.broadcast(tensors, options);
         break;
       }
       default:

@@ -14,9 +14,13 @@
 //!   `MASTER_PORT` set by the job script (the allocation's first node).
 //!
 //! Rank 0 serves a c10d `TCPStore` at the master address; every rank then
-//! joins a `ProcessGroupGloo` through it. Gloo runs on the CPU; a collective
-//! that waits longer than the group's timeout fails, so a rank that dies or
-//! hangs fails the others instead of stalling them.
+//! joins a `ProcessGroupGloo` through it, and collectives on CPU tensors go
+//! through Gloo. Collectives on CUDA tensors go through a `ProcessGroupNCCL`
+//! on the same store, made at the first of them, in a build with NCCL's
+//! headers (`make setup CUDA=1`); each rank then uses the GPU of its local
+//! rank ([`crate::device::resolve`]). A collective that waits longer than
+//! the group's timeout fails, so a rank that dies or hangs fails the others
+//! instead of stalling them.
 
 pub mod launch;
 
@@ -25,7 +29,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use tch::{Device, Tensor};
+use tch::Tensor;
 use torch_sys::C_tensor;
 
 /// Where this process stands among the ranks of its stage.
@@ -313,7 +317,6 @@ impl Group {
     }
 
     fn collective(&self, op: Op, a: &Tensor, b: Option<&Tensor>, root: usize) -> Result<()> {
-        ensure!(a.device() == Device::Cpu, "Gloo's collectives take CPU tensors");
         ensure!(a.is_contiguous() && b.is_none_or(Tensor::is_contiguous), "collectives take contiguous tensors");
         let mut error = [0 as c_char; 1024];
         let b_ptr = b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut C_tensor);
@@ -370,51 +373,52 @@ impl Drop for Group {
 
 #[cfg(test)]
 mod tests {
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     use super::*;
 
-    /// Each collective of a 3-rank group (three threads of this process, on
-    /// loopback) against the same sums computed here, over sizes that do and
-    /// do not divide evenly among Gloo's chunks, and over dtypes.
-    #[test]
-    fn collectives_agree_with_a_reference() {
+    /// Each collective of a `size`-rank group (threads of this process, on
+    /// loopback), rank r's tensors on `device(r)`, against the same sums
+    /// computed here, over sizes that do and do not divide evenly among the
+    /// backend's chunks, and over dtypes.
+    fn collectives_agree(size: usize, device: fn(usize) -> Device) {
         let port = launch::free_port("127.0.0.1").unwrap();
-        let size = 3;
         let ranks: Vec<_> = (0..size)
             .map(|rank| {
                 std::thread::spawn(move || -> Result<()> {
                     let group = Group::join("127.0.0.1", port, rank, size, Duration::from_secs(60))?;
+                    let on = device(rank);
                     for kind in [Kind::Float, Kind::Double, Kind::Int64, Kind::BFloat16] {
                         for n in [1i64, 7, 1000, 65_537] {
                             // Rank r's data: (i mod 8 + 1) · (r + 1), whose sums are exact even in bf16.
                             let data = |r: usize, n: i64| {
                                 let i = Tensor::arange(n, (Kind::Double, Device::Cpu)).remainder(8) + 1;
-                                (i * (r as f64 + 1.0)).to_kind(kind)
+                                (i * (r as f64 + 1.0)).to_kind(kind).to_device(on)
                             };
                             let sum_over_ranks = |n: i64| {
                                 (0..size)
                                     .map(|r| data(r, n).to_kind(Kind::Double))
-                                    .fold(Tensor::zeros([n], (Kind::Double, Device::Cpu)), |a, b| a + b)
+                                    .fold(Tensor::zeros([n], (Kind::Double, on)), |a, b| a + b)
                             };
                             let mine = data(rank, n);
                             group.all_reduce(&mine)?;
                             ensure!(mine.to_kind(Kind::Double).equal(&sum_over_ranks(n)), "all-reduce of {n} {kind:?}");
 
                             let input = data(rank, n * size as i64);
-                            let out = Tensor::zeros([n], (kind, Device::Cpu));
+                            let out = Tensor::zeros([n], (kind, on));
                             group.reduce_scatter(&out, &input)?;
                             let want = sum_over_ranks(n * size as i64).narrow(0, rank as i64 * n, n);
                             ensure!(out.to_kind(Kind::Double).equal(&want), "reduce-scatter of {n} {kind:?}");
 
-                            let out = Tensor::zeros([n * size as i64], (kind, Device::Cpu));
+                            let out = Tensor::zeros([n * size as i64], (kind, on));
                             group.all_gather(&out, &data(rank, n))?;
                             let want = Tensor::cat(&(0..size).map(|r| data(r, n)).collect::<Vec<_>>(), 0);
                             ensure!(out.equal(&want), "all-gather of {n} {kind:?}");
 
+                            let root = size - 1;
                             let t = data(rank, n);
-                            group.broadcast(&t, 1)?;
-                            ensure!(t.equal(&data(1, n)), "broadcast of {n} {kind:?}");
+                            group.broadcast(&t, root)?;
+                            ensure!(t.equal(&data(root, n)), "broadcast of {n} {kind:?}");
                         }
                     }
                     Ok(())
@@ -424,6 +428,25 @@ mod tests {
         for (rank, r) in ranks.into_iter().enumerate() {
             r.join().unwrap().unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
         }
+    }
+
+    /// Gloo's collectives on 3 ranks.
+    #[test]
+    fn collectives_agree_with_a_reference() {
+        collectives_agree(3, |_| Device::Cpu);
+    }
+
+    /// NCCL's collectives, one rank on each visible GPU (up to 3), in a
+    /// build with NCCL; on a machine without a GPU there is nothing to run.
+    #[cfg(llmflow_nccl)]
+    #[test]
+    fn nccl_collectives_agree_with_a_reference() {
+        let gpus = tch::Cuda::device_count() as usize;
+        if gpus == 0 {
+            eprintln!("no CUDA device: NCCL's collectives not run");
+            return;
+        }
+        collectives_agree(gpus.min(3), Device::Cuda);
     }
 
     /// Two ranks fill their rows of five token lists (one of them empty)

@@ -49,10 +49,10 @@ impl Distributed {
 
     /// Joins the stage's ranks (see [`dist::init`]); training on `device`.
     pub fn init(&self, device: tch::Device) -> Result<&'static World> {
-        if self.processes > 1 && device != tch::Device::Cpu {
+        if self.processes > 1 && device != tch::Device::Cpu && !cfg!(llmflow_nccl) {
             bail!(
-                "processes = {} trains through Gloo on the CPU; this build has no NCCL process group for {device:?}: \
-                 set processes = 1 (one GPU) or device = \"cpu\"",
+                "processes = {} on {device:?} needs NCCL, and this build has none (its headers were not installed): \
+                 `make setup CUDA=1` and rebuild, or set processes = 1 (one GPU) or device = \"cpu\"",
                 self.processes
             );
         }
