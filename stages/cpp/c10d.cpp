@@ -110,7 +110,13 @@ extern "C" LlmflowGroup* llmflow_c10d_gloo(const char* host, int port, int rank,
 #endif
 }
 
-extern "C" void llmflow_c10d_free(LlmflowGroup* group) { delete group; }
+extern "C" void llmflow_c10d_free(LlmflowGroup* group) {
+#ifdef USE_C10D_GLOO
+  // As destroy_process_group does: NCCL's communicators end before the group.
+  if (group->nccl) group->nccl->shutdown();
+#endif
+  delete group;
+}
 
 // op: 0 all-reduce (sum, in place on `a`), 1 reduce-scatter (sum of `b`,
 // world × n elements, into `a`, n), 2 all-gather (`b` into `a`, world × n),
