@@ -33,7 +33,7 @@ STAMP         := $(LIBTORCH_DIR)/.torch-$(TORCH_VERSION)$(if $(filter 1,$(CUDA))
 
 export LIBTORCH := $(LIBTORCH_DIR)/torch
 
-.PHONY: setup sandbox gloo build run lint test clean
+.PHONY: setup sandbox gloo build run venv lint test clean
 
 setup: $(STAMP) sandbox gloo
 
@@ -71,6 +71,9 @@ build: setup
 
 run: build
 	$(BIN) run
+
+# The Python side of the tests and benchmarks.
+venv: $(PY_DEPS_STAMP)
 
 $(PY_DEPS_STAMP):
 	$(PYTHON) -m venv $(VENV)

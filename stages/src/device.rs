@@ -73,7 +73,7 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// One line about the compute this machine offers, for `llmflow doctor`.
+/// One line about the compute this machine offers (`llmflow-stage device`).
 pub fn describe() -> String {
     let cuda = match load_cuda() {
         Ok(()) if tch::Cuda::is_available() => format!("{} CUDA device(s)", tch::Cuda::device_count()),

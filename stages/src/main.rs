@@ -20,6 +20,8 @@
 //!   samples from the model artifact it names (what `llmflow generate` runs).
 //! * `llmflow-stage describe KIND` prints the kind's params with their
 //!   defaults as TOML, one comment line each (`llmflow kinds KIND`).
+//! * `llmflow-stage device` prints the compute libtorch sees: its CPU
+//!   threads, and whether CUDA loads and how many devices it finds.
 
 use std::fs;
 use std::path::Path;
@@ -44,9 +46,13 @@ fn main() -> ExitCode {
         ["estimate"] => estimate(),
         ["describe", kind] => llmflow_stages::describe(kind).map(|toml| print!("{toml}")),
         ["generate"] => generate(),
+        ["device"] => {
+            println!("{}", llmflow_stages::device::describe());
+            Ok(())
+        }
         ["export", dir, out] => llmflow_stages::formats::hf::hugging_face(Path::new(dir), Path::new(out)),
         _ => {
-            eprintln!("usage: llmflow-stage kinds | describe KIND | resolve | run SPEC | estimate | generate | export DIR OUT  (started by `llmflow`)");
+            eprintln!("usage: llmflow-stage kinds | describe KIND | resolve | run SPEC | estimate | generate | export DIR OUT | device  (started by `llmflow`)");
             return ExitCode::from(2);
         }
     };
