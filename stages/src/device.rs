@@ -27,18 +27,10 @@ pub fn prepare(ctx: &StageCtx) -> Result<Device> {
 /// torchrun's users set it: NCCL wants one GPU per rank.
 pub fn resolve(spec: &str) -> Result<Device> {
     let (local_rank, local_size) = crate::dist::placement()?.map_or((0, 1), |(_, _, rank, size)| (rank, size));
-    let gpu = |spec: &str| -> Result<Device> {
-        let count = tch::Cuda::device_count() as usize;
-        if local_rank >= count {
-            let by = if local_size > 1 { format!(" by {local_size} ranks on this machine, one GPU each") } else { String::new() };
-            bail!("device `{spec}` asked for{by}, but {count} CUDA device(s) are visible");
-        }
-        Ok(Device::Cuda(local_rank))
-    };
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" if load_cuda().is_ok() && tch::Cuda::is_available() => gpu(spec),
-        "auto" => Ok(Device::Cpu),
+    let index = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" if load_cuda().is_ok() && tch::Cuda::is_available() => None,
+        "auto" => return Ok(Device::Cpu),
         _ => {
             let index = match spec.strip_prefix("cuda") {
                 Some("") => None,
@@ -51,17 +43,19 @@ pub fn resolve(spec: &str) -> Result<Device> {
             if let Err(why) = load_cuda() {
                 bail!("device `{spec}` asked for, but CUDA cannot be loaded: {why}\n  install libtorch with its CUDA libraries: `make setup CUDA=1`");
             }
-            let Some(index) = index else { return gpu(spec) };
-            if local_size > 1 {
+            if index.is_some() && local_size > 1 {
                 bail!("device `{spec}` names one GPU for the {local_size} ranks on this machine: use `cuda`, and each rank takes the GPU of its local rank");
             }
-            let count = tch::Cuda::device_count() as usize;
-            if index >= count {
-                bail!("device `{spec}` asked for, but {count} CUDA device(s) are visible");
-            }
-            Ok(Device::Cuda(index))
+            index
         }
+    };
+    let index = index.unwrap_or(local_rank);
+    let count = tch::Cuda::device_count() as usize;
+    if index >= count {
+        let by = if local_size > 1 { format!(" by {local_size} ranks on this machine, one GPU each") } else { String::new() };
+        bail!("device `{spec}` asked for{by}, but {count} CUDA device(s) are visible");
     }
+    Ok(Device::Cuda(index))
 }
 
 /// Bytes of memory free for a new process (the kernel's `MemAvailable`),
