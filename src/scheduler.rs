@@ -1,62 +1,35 @@
-//! Running stages: the scheduler, the stage processes, and what the user sees.
+//! The scheduler: which stage runs when, building one, and publishing what
+//! it made.
 //!
-//! Every stage runs as a child process, `llmflow-stage SPEC` (installed beside
-//! `llmflow`), so a crash in native code cannot take the scheduler down and
-//! accelerator memory is freed when the stage ends. Only that binary links
-//! libtorch; the scheduler starts in milliseconds. The
-//! child is put in its own process group; on Ctrl-C the scheduler kills the
-//! groups it started and publishes nothing partial. A stage with `executor =
-//! "slurm"` runs the same command as a batch job instead ([`crate::slurm`]);
-//! its output is published the same way.
+//! Every stage runs as a process of its own, `llmflow-stage run SPEC`
+//! (installed beside `llmflow`), started by the stage's executor
+//! ([`crate::executor`]): a crash in native code cannot take the scheduler
+//! down and accelerator memory is freed when the stage ends. Only that
+//! binary links libtorch; the scheduler starts in milliseconds. On Ctrl-C
+//! the executors stop what they started and nothing partial is published.
 //!
 //! Independent stages run in parallel, bounded by `--jobs`, by the CPU threads
 //! each local stage declares, and by one accelerator stage per device.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
+use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Resources, Spec, StageCtx};
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::config::{ConfigError, Pipeline};
+use crate::config::Pipeline;
+use crate::error::{ConfigError, Interrupted, StageFailed, INTERRUPTED};
+use crate::executor::{self, Ended, Launch, Started, Threads};
+use crate::files::{hostname, now_rfc3339, remove_tree, seal};
 use crate::graph::Dag;
 use crate::hash::{self, StatCache};
 use crate::plan::{self, State};
-use crate::slurm::{self, Ended, Refused};
-use crate::store::{self, Access, Head, InputRef, Integrity, Manifest, Store};
+use crate::protocol::{Resources, Spec, StageCtx};
+use crate::store::{Access, Failure, Head, InputRef, Integrity, Manifest, Store};
 use crate::ui::Ui;
-
-/// Set by the Ctrl-C handler; every running build watches it.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// A stage failed; exit code 1.
-#[derive(Debug)]
-pub struct StageFailed(pub String);
-
-impl std::fmt::Display for StageFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for StageFailed {}
-
-/// The run was interrupted; exit code 130.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted; nothing partial was published")
-    }
-}
-impl std::error::Error for Interrupted {}
 
 pub struct RunOptions {
     pub targets: Vec<String>,
@@ -69,7 +42,7 @@ enum Outcome {
     Built(Arc<Head>),
     Fresh(Arc<Head>),
     Failed,
-    /// Slurm refused the job at submission: a mistake in its settings.
+    /// The executor refused the stage at once: a mistake in its settings.
     Refused,
     /// Not run because an input failed.
     Skipped,
@@ -102,11 +75,10 @@ struct Job {
     input_heads: BTreeMap<String, Arc<Head>>,
     deps: BTreeMap<String, String>,
     force: bool,
-    /// A node's threads, shared by the stage's ranks on it.
-    threads: usize,
+    threads: Threads,
     processes: usize,
-    tasks_per_node: usize,
-    slurm: Option<slurm::Request>,
+    executor: executor::Settings,
+    log_limit: u64,
 }
 
 pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
@@ -135,18 +107,16 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     // What is fresh now, checked in parallel; a stage whose inputs are still
     // the ones the plan saw is not looked at again.
     let planned = plan::statuses(p, dag, &store)?;
-    // A stage to build on Slurm needs `sbatch` here: say so before anything runs.
-    for &i in &wanted {
-        if let (Some(req), true) = (&p.stages[i].slurm, planned[i].state != State::Fresh || forced.contains(&i)) {
-            slurm::sbatch(&p.stages[i].name, req)?;
-            req.tasks_per_node(&p.stages[i].name, p.stages[i].resolved.resources.processes)?;
-        }
+    // What an executor cannot run here (no `sbatch`, settings at odds) is said before anything runs.
+    for &i in wanted.iter().filter(|&&i| planned[i].state != State::Fresh || forced.contains(&i)) {
+        let s = &p.stages[i];
+        s.executor.executor().check(&s.name, &s.executor, s.resolved.resources.processes)?;
     }
     let mut cache = StatCache::open(store.stat_cache_path());
 
     let started = Instant::now();
     let mut outcomes: HashMap<usize, Outcome> = HashMap::new();
-    // What each running stage holds of this machine; `None` for a Slurm job.
+    // What each running stage holds of this machine; `None` for one that runs elsewhere.
     let mut running: HashMap<usize, Option<Resources>> = HashMap::new();
     let mut failed_any = false;
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
@@ -196,21 +166,12 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     }
                 }
                 let res = s.resolved.resources;
-                // The same threads wherever it runs, unless its Slurm request sets them: a
-                // stage's output may depend on how it splits its work.
-                // A node's threads are shared by the stage's ranks on it (checked before the run).
-                let tasks_per_node = match &s.slurm {
-                    Some(req) => req.tasks_per_node(&s.name, res.processes)?,
-                    None => 1,
-                };
-                let threads = match s.slurm.as_ref().and_then(|r| r.cpus_per_task) {
-                    Some(cpus) => cpus * tasks_per_node,
-                    None => res.threads.unwrap_or(cores).clamp(1, cores),
-                };
-                let held = s.slurm.is_none().then_some(res);
+                let threads = s.executor.executor().threads(&s.name, &s.executor, res.threads, res.processes, cores)?;
+                let held = threads.local.then_some(res);
                 let busy: usize = running.values().flatten().map(|r| r.threads.unwrap_or(cores).min(cores)).sum();
                 let gpu_busy = running.values().flatten().any(|r| r.accelerator) && res.accelerator && p.device != "cpu";
-                if !running.is_empty() && (running.len() >= opts.jobs || (held.is_some() && (busy + threads > cores || gpu_busy))) {
+                if !running.is_empty() && (running.len() >= opts.jobs || (held.is_some() && (busy + threads.per_node > cores || gpu_busy)))
+                {
                     continue;
                 }
                 let job = Job {
@@ -227,8 +188,8 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                     force,
                     threads,
                     processes: res.processes,
-                    tasks_per_node,
-                    slurm: s.slurm.clone(),
+                    executor: s.executor.clone(),
+                    log_limit: s.log_limit_mb << 20,
                 };
                 running.insert(i, held);
                 let (tx, store, ui, root, device) = (tx.clone(), store.clone(), ui.clone(), p.root.clone(), p.device.clone());
@@ -264,9 +225,9 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
         return Err(StageFailed(format!("{} stage(s) failed; {built} built, {fresh} fresh, {not_run} not run", failed + refused)).into());
     }
     if refused > 0 {
-        // Only mistakes in the pipeline file's Slurm settings: exit code 2.
+        // Only mistakes in the pipeline file's executor settings: exit code 2.
         return Err(ConfigError(format!(
-            "Slurm refused {refused} stage(s) for their `slurm` settings; {built} built, {fresh} fresh, {not_run} not run"
+            "{refused} stage(s) refused for their executor's settings; {built} built, {fresh} fresh, {not_run} not run"
         ))
         .into());
     }
@@ -304,7 +265,9 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
         let who = pid.map_or("another process".to_string(), |p| format!("process {p}"));
         ui.status("Waiting", &format!("for {}: {who} is building it", job.stage));
     })?;
-    slurm::cancel_leftover(store, &job.stage);
+    for e in executor::all() {
+        e.cancel_leftover(store, &job.stage);
+    }
     // Another run may have built it while we waited.
     if !job.force {
         if let Some(m) = fresh_artifact(store, &job.stage, &job.key) {
@@ -320,48 +283,47 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     fs::create_dir_all(&work)?;
     let log_path = store.log_path(&job.stage, &job.key);
     fs::create_dir_all(log_path.parent().expect("has parent"))?;
-    let log = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
 
     let mut ctx = StageCtx::new(&job.stage, root, &dir.join("out"), &work);
     ctx.inputs = job.input_heads.iter().map(|(slot, m)| (slot.clone(), store.out_dir(&m.stage, &m.key))).collect();
     ctx.cache = store.cache_dir(&job.kind);
     fs::create_dir_all(&ctx.cache)?;
     ctx.device = device.to_string();
-    ctx.threads = job.threads;
+    ctx.threads = job.threads.per_node;
     ctx.progress_file = Some(dir.join("progress"));
     let spec_path = dir.join("spec.json");
     let spec = Spec { kind: job.kind.clone(), params: job.params.clone(), ctx };
     fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
 
-    let start_time = store::now_rfc3339();
+    let start_time = now_rfc3339();
     let started = Instant::now();
     let bar = ui.stage_bar(&job.stage, &job.kind);
-    let runner = runner_command(&spec_path, job.threads)?;
-    let ended = match &job.slurm {
-        None => run_local(runner, log, &dir, ui, &bar)?,
-        Some(req) => match slurm::submit(
-            store,
-            &job.stage,
-            &job.key,
-            req,
-            &runner,
-            job.threads / job.tasks_per_node,
-            job.processes,
-            &dir,
-            &log_path,
-            root,
-        )? {
-            Ok(submitted) => {
-                ui.status("Submitted", &format!("{} as Slurm job {}", job.stage, submitted.id));
-                slurm::follow(submitted, &dir, ui, &bar)?
+    let launch = Launch {
+        store,
+        stage: &job.stage,
+        key: &job.key,
+        settings: &job.executor,
+        runner: crate::runner::command(&spec_path, job.threads.per_node)?,
+        threads: job.threads,
+        processes: job.processes,
+        dir: &dir,
+        log: &log_path,
+        log_limit: job.log_limit,
+        root,
+    };
+    let ended = match job.executor.executor().start(launch)? {
+        Started::Running { run, said } => {
+            if let Some(said) = said {
+                ui.status("Submitted", &format!("{} {said}", job.stage));
             }
-            Err(Refused(message)) => {
-                bar.finish_and_clear();
-                record_failure(store, job, &log_path, &message)?;
-                ui.error(&message);
-                return Ok(Outcome::Refused);
-            }
-        },
+            run.wait(&mut |report| ui.progress(&bar, report))?
+        }
+        Started::Refused(message) => {
+            bar.finish_and_clear();
+            record_failure(store, job, &log_path, &message)?;
+            ui.error(&message);
+            return Ok(Outcome::Refused);
+        }
     };
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
@@ -369,7 +331,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     match ended {
         None => Ok(Outcome::Failed),
         Some(Ended { success: false, why }) => {
-            let message = last_error_line(&log_path).unwrap_or_else(|| why.clone());
+            let message = crate::log::last_error_line(&log_path).unwrap_or_else(|| why.clone());
             record_failure(store, job, &log_path, &message)?;
             ui.failure(&job.stage, &why, &log_path);
             Ok(Outcome::Failed)
@@ -387,7 +349,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
                 ui.error(&format!("stage `{}`: {message}", job.stage));
                 return Ok(Outcome::Failed);
             }
-            store::seal(&dir.join("out"))?;
+            seal(&dir.join("out"))?;
             let files = hash::manifest_files(&dir.join("out"))?;
             let manifest = Manifest {
                 stage: job.stage.clone(),
@@ -402,9 +364,9 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
                 files,
                 metrics,
                 started: start_time,
-                finished: store::now_rfc3339(),
+                finished: now_rfc3339(),
                 duration_s: secs,
-                host: store::hostname(),
+                host: hostname(),
                 llmflow_version: env!("CARGO_PKG_VERSION").to_string(),
             };
             let dest = store.publish(tmp, &manifest)?;
@@ -412,7 +374,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
                 s.latest = Some(job.key.clone());
                 s.last_failure = None;
             })?;
-            let _ = store::remove_tree(&work);
+            let _ = remove_tree(&work);
             let shown = dest.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(&dest);
             ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown.display()));
             Ok(Outcome::Built(Arc::new(manifest.head())))
@@ -420,111 +382,10 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     }
 }
 
-/// The command that runs a stage from its spec, wherever it runs: the local
-/// executor starts it, the Slurm executor's job script runs it.
-pub fn runner_command(spec: &Path, threads: usize) -> Result<Command> {
-    let threads = threads.to_string();
-    let mut runner = Command::new(crate::kinds::runner()?);
-    runner.arg("run").arg(spec).env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads).env("POLARS_MAX_THREADS", &threads);
-    Ok(runner)
-}
-
-/// Runs the stage as a child of this process, its output into `log`, until
-/// it exits; `None` when the run was interrupted (the stage is then killed).
-fn run_local(mut child: Command, log: File, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -> Result<Option<Ended>> {
-    child.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
-    // SAFETY: prctl and getppid are async-signal-safe. If we die, the runner
-    // gets SIGTERM and kills its whole process group (llmflow-stage's
-    // `die_with_group`); if we died before the prctl, it does not start.
-    let engine = std::process::id() as libc::pid_t;
-    unsafe {
-        child.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if libc::getppid() != engine {
-                // No allocation between fork and exec: a bare OS error.
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    let mut child = child.spawn().context("cannot start the stage process")?;
-    loop {
-        if exited(&child) {
-            // Whatever the stage left running dies before its output is hashed.
-            let status = end_group(&mut child)?;
-            let why = match status.code() {
-                Some(c) => format!("exit status {c}"),
-                None => "killed by a signal".to_string(),
-            };
-            return Ok(Some(Ended { success: status.success(), why }));
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            let _ = end_group(&mut child);
-            return Ok(None);
-        }
-        if let Ok(text) = fs::read_to_string(dir.join("progress")) {
-            ui.progress(bar, &text);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn record_failure(store: &Store, job: &Job, log: &Path, message: &str) -> Result<()> {
     store.update_state(&job.stage, |s| {
-        s.last_failure =
-            Some(store::Failure { key: job.key.clone(), log: log.to_path_buf(), at: store::now_rfc3339(), message: message.to_string() })
+        s.last_failure = Some(Failure { key: job.key.clone(), log: log.to_path_buf(), at: now_rfc3339(), message: message.to_string() })
     })
-}
-
-/// The last line of the log that looks like an error, for `status`.
-fn last_error_line(log: &Path) -> Option<String> {
-    let lines = tail(log, usize::MAX);
-    lines.iter().rev().find(|l| l.starts_with("error")).or(lines.last()).map(|l| l.trim().to_string())
-}
-
-/// Whether the stage process has exited, without reaping it: until it is
-/// reaped its pid, which is also its process group's id, cannot be reused.
-fn exited(child: &std::process::Child) -> bool {
-    let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
-    // SAFETY: waitid writes into `info`; WNOWAIT leaves the child waitable.
-    let rc = unsafe { libc::waitid(libc::P_PID, child.id(), info.as_mut_ptr(), libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
-    // SAFETY: zeroed above and filled by waitid when a child has exited.
-    rc == 0 && unsafe { info.assume_init().si_pid() } != 0
-}
-
-/// Kills every process in the stage's group, reaps the stage process, and
-/// waits until no member is left: as their subreaper we reap those whose
-/// parents died before them.
-fn end_group(child: &mut std::process::Child) -> std::io::Result<std::process::ExitStatus> {
-    let group = child.id() as i32;
-    // SAFETY: the group is the stage's own; its leader is not reaped yet, so the id is still ours.
-    unsafe { libc::kill(-group, libc::SIGKILL) };
-    let status = child.wait()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        // SAFETY: reaps exited members of the stage's group, which the leader's
-        // remaining members keep reserved.
-        while unsafe { libc::waitpid(-group, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
-        let members = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter(|e| {
-            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { return false };
-            process_group(pid) == Some(group)
-        });
-        if members.count() == 0 || Instant::now() > deadline {
-            return Ok(status);
-        }
-        // SAFETY: as above.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The process group of `pid`, from `/proc/PID/stat`, if it is still running.
-fn process_group(pid: i32) -> Option<i32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?;
-    (state != "Z").then(|| fields.nth(1)?.parse().ok()).flatten()
 }
 
 /// An input artifact the stage changed, described for the error.
@@ -537,11 +398,4 @@ fn changed_inputs(job: &Job, store: &Store) -> Option<String> {
         changed.extend(store.extra_files(head));
         (!changed.is_empty()).then(|| format!("`{slot}` ({}: {})", head.stage, changed.join(", ")))
     })
-}
-
-/// The tail of a log, for failure messages.
-pub fn tail(log: &Path, n: usize) -> Vec<String> {
-    let Ok(file) = File::open(log) else { return Vec::new() };
-    let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
-    lines[lines.len().saturating_sub(n)..].to_vec()
 }
