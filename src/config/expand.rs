@@ -89,7 +89,7 @@ pub(super) fn expand(src: &Source, spans: &DeTable, raw: &[RawStage], max_stages
             return Err(src.error(
                 at,
                 format!(
-                    "stage `{}` makes up to {most} variants, and the pipeline {} stages with them: more than `pipeline.max_stages` = {max_stages}; set `max_stages` in [pipeline] to allow more",
+                    "stage `{}` makes up to {most} variants, {} stages with the {total} before it: more than `pipeline.max_stages` = {max_stages} allows; set `max_stages` in [pipeline] to allow more",
                     r.name,
                     total.saturating_add(most)
                 ),
