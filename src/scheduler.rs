@@ -38,7 +38,8 @@ pub struct RunOptions {
     pub keep_going: bool,
 }
 
-enum Outcome {
+/// What became of a stage in this run.
+enum Fate {
     Built(Arc<Head>),
     Fresh(Arc<Head>),
     Failed,
@@ -48,14 +49,14 @@ enum Outcome {
     Skipped,
 }
 
-impl Outcome {
+impl Fate {
     fn head(&self) -> Option<&Head> {
         self.shared_head().map(|m| &**m)
     }
 
     fn shared_head(&self) -> Option<&Arc<Head>> {
         match self {
-            Outcome::Built(m) | Outcome::Fresh(m) => Some(m),
+            Fate::Built(m) | Fate::Fresh(m) => Some(m),
             _ => None,
         }
     }
@@ -115,45 +116,45 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     let mut cache = StatCache::open(store.stat_cache_path());
 
     let started = Instant::now();
-    let mut outcomes: HashMap<usize, Outcome> = HashMap::new();
+    let mut fates: HashMap<usize, Fate> = HashMap::new();
     // What each running stage holds of this machine; `None` for one that runs elsewhere.
     let mut running: HashMap<usize, Option<Resources>> = HashMap::new();
     let mut failed_any = false;
-    let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
+    let (tx, rx) = mpsc::channel::<(usize, Fate)>();
 
     loop {
         let stop_starting = INTERRUPTED.load(Ordering::SeqCst) || (failed_any && !opts.keep_going);
         if !stop_starting {
             for &i in &wanted {
-                if outcomes.contains_key(&i) || running.contains_key(&i) {
+                if fates.contains_key(&i) || running.contains_key(&i) {
                     continue;
                 }
                 let ups = dag.upstream(i);
-                if ups.iter().any(|u| matches!(outcomes.get(u), Some(Outcome::Failed | Outcome::Refused | Outcome::Skipped))) {
+                if ups.iter().any(|u| matches!(fates.get(u), Some(Fate::Failed | Fate::Refused | Fate::Skipped))) {
                     ui.status("Skipped", &format!("{} (an input failed)", p.stages[i].name));
-                    outcomes.insert(i, Outcome::Skipped);
+                    fates.insert(i, Fate::Skipped);
                     continue;
                 }
-                if !ups.iter().all(|u| outcomes.get(u).and_then(Outcome::head).is_some()) {
+                if !ups.iter().all(|u| fates.get(u).and_then(Fate::head).is_some()) {
                     continue;
                 }
                 let s = &p.stages[i];
                 let force = forced.contains(&i);
                 // Fresh when planned, with every input the very artifact the plan saw: nothing to recompute.
                 let known = &planned[i];
-                let same_inputs = ups.iter().all(|u| match (outcomes.get(u), &planned[*u].manifest) {
-                    (Some(Outcome::Fresh(now)), Some(then)) => now.output_digest == then.output_digest,
+                let same_inputs = ups.iter().all(|u| match (fates.get(u), &planned[*u].manifest) {
+                    (Some(Fate::Fresh(now)), Some(then)) => now.output_digest == then.output_digest,
                     _ => false,
                 });
                 if let (false, State::Fresh, true, Some(m)) = (force, known.state, same_inputs, &known.manifest) {
-                    outcomes.insert(i, Outcome::Fresh(Arc::clone(m)));
+                    fates.insert(i, Fate::Fresh(Arc::clone(m)));
                     continue;
                 }
                 let mut inputs = BTreeMap::new();
                 let mut input_heads = BTreeMap::new();
                 for (slot, up) in &s.inputs {
                     let u = p.index(up).expect("checked reference");
-                    let m = outcomes[&u].shared_head().expect("built");
+                    let m = fates[&u].shared_head().expect("built");
                     inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
                     input_heads.insert(slot.clone(), Arc::clone(m));
                 }
@@ -161,7 +162,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 let key = plan::key_of(s, &inputs, &deps);
                 if !force {
                     if let Some(m) = fresh_artifact(&store, &s.name, &key) {
-                        outcomes.insert(i, Outcome::Fresh(Arc::new(m)));
+                        fates.insert(i, Fate::Fresh(Arc::new(m)));
                         continue;
                     }
                 }
@@ -194,18 +195,18 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 running.insert(i, held);
                 let (tx, store, ui, root, device) = (tx.clone(), store.clone(), ui.clone(), p.root.clone(), p.device.clone());
                 std::thread::spawn(move || {
-                    let outcome = build(&job, &store, &ui, &root, &device);
-                    let _ = tx.send((job.index, outcome));
+                    let fate = build(&job, &store, &ui, &root, &device);
+                    let _ = tx.send((job.index, fate));
                 });
             }
         }
         if running.is_empty() {
             break;
         }
-        if let Ok((i, outcome)) = rx.recv_timeout(Duration::from_millis(100)) {
+        if let Ok((i, fate)) = rx.recv_timeout(Duration::from_millis(100)) {
             running.remove(&i);
-            failed_any |= matches!(outcome, Outcome::Failed | Outcome::Refused);
-            outcomes.insert(i, outcome);
+            failed_any |= matches!(fate, Fate::Failed | Fate::Refused);
+            fates.insert(i, fate);
         }
     }
     cache.save();
@@ -213,14 +214,14 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Err(Interrupted.into());
     }
-    let count = |f: fn(&Outcome) -> bool| outcomes.values().filter(|o| f(o)).count();
-    let built = count(|o| matches!(o, Outcome::Built(_)));
-    let fresh = count(|o| matches!(o, Outcome::Fresh(_)));
-    let failed = count(|o| matches!(o, Outcome::Failed));
-    let refused = count(|o| matches!(o, Outcome::Refused));
-    let skipped = count(|o| matches!(o, Outcome::Skipped));
+    let count = |f: fn(&Fate) -> bool| fates.values().filter(|o| f(o)).count();
+    let built = count(|o| matches!(o, Fate::Built(_)));
+    let fresh = count(|o| matches!(o, Fate::Fresh(_)));
+    let failed = count(|o| matches!(o, Fate::Failed));
+    let refused = count(|o| matches!(o, Fate::Refused));
+    let skipped = count(|o| matches!(o, Fate::Skipped));
     let secs = started.elapsed().as_secs_f64();
-    let not_run = wanted.len() - outcomes.len() + skipped;
+    let not_run = wanted.len() - fates.len() + skipped;
     if failed > 0 {
         return Err(StageFailed(format!("{} stage(s) failed; {built} built, {fresh} fresh, {not_run} not run", failed + refused)).into());
     }
@@ -237,7 +238,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
         ui.status("Finished", &format!("{built} built, {fresh} fresh in {secs:.1}s"));
     }
     for &t in &targets {
-        if let Some(m) = outcomes.get(&t).and_then(Outcome::head) {
+        if let Some(m) = fates.get(&t).and_then(Fate::head) {
             ui.status("Output", &format!("{}: {}", m.stage, store.out_dir(&m.stage, &m.key).display()));
         }
     }
@@ -250,17 +251,17 @@ fn fresh_artifact(store: &Store, stage: &str, key: &str) -> Option<Head> {
 }
 
 /// Builds one stage in a child process and publishes its artifact.
-fn build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Outcome {
+fn build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Fate {
     match try_build(job, store, ui, root, device) {
-        Ok(outcome) => outcome,
+        Ok(fate) => fate,
         Err(e) => {
             ui.error(&format!("stage `{}`: {e:#}", job.stage));
-            Outcome::Failed
+            Fate::Failed
         }
     }
 }
 
-fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Result<Outcome> {
+fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Result<Fate> {
     let _lock = store.lock(&job.stage, |pid| {
         let who = pid.map_or("another process".to_string(), |p| format!("process {p}"));
         ui.status("Waiting", &format!("for {}: {who} is building it", job.stage));
@@ -271,11 +272,11 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     // Another run may have built it while we waited.
     if !job.force {
         if let Some(m) = fresh_artifact(store, &job.stage, &job.key) {
-            return Ok(Outcome::Fresh(Arc::new(m)));
+            return Ok(Fate::Fresh(Arc::new(m)));
         }
     }
     if INTERRUPTED.load(Ordering::SeqCst) {
-        return Ok(Outcome::Failed);
+        return Ok(Fate::Failed);
     }
     let tmp = store.make_tmp(&job.stage, &job.key)?;
     let dir = tmp.path.clone();
@@ -322,19 +323,19 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
             bar.finish_and_clear();
             record_failure(store, job, &log_path, &message)?;
             ui.error(&message);
-            return Ok(Outcome::Refused);
+            return Ok(Fate::Refused);
         }
     };
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
 
     match ended {
-        None => Ok(Outcome::Failed),
+        None => Ok(Fate::Failed),
         Some(Ended { success: false, why }) => {
             let message = crate::log::last_error_line(&log_path).unwrap_or_else(|| why.clone());
             record_failure(store, job, &log_path, &message)?;
             ui.failure(&job.stage, &why, &log_path);
-            Ok(Outcome::Failed)
+            Ok(Fate::Failed)
         }
         Some(_) => {
             let metrics = fs::read(dir.join("metrics.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
@@ -347,7 +348,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
                 );
                 record_failure(store, job, &log_path, &message)?;
                 ui.error(&format!("stage `{}`: {message}", job.stage));
-                return Ok(Outcome::Failed);
+                return Ok(Fate::Failed);
             }
             seal(&dir.join("out"))?;
             let files = hash::manifest_files(&dir.join("out"))?;
@@ -377,7 +378,7 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
             let _ = remove_tree(&work);
             let shown = dest.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(&dest);
             ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown.display()));
-            Ok(Outcome::Built(Arc::new(manifest.head())))
+            Ok(Fate::Built(Arc::new(manifest.head())))
         }
     }
 }
