@@ -205,14 +205,8 @@ fn executor_key(
         None => {
             let names: Vec<&str> = executor::all().iter().map(|e| e.name()).collect();
             let hint = value.as_str().map(|s| suggest(s, &names)).unwrap_or_default();
-            Err(src.error(
-                at,
-                format!(
-                    "`{}` is {value}{hint}: use one of {}",
-                    path.join("."),
-                    names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
-                ),
-            ))
+            let each: Vec<String> = executor::all().iter().map(|e| format!("\"{}\" ({})", e.name(), e.about())).collect();
+            Err(src.error(at, format!("`{}` is {value}{hint}: use {}", path.join("."), each.join(" or "))))
         }
     }
 }

@@ -23,6 +23,10 @@ impl Executor for Local {
         "local"
     }
 
+    fn about(&self) -> &'static str {
+        "this machine"
+    }
+
     fn check(&self, _stage: &str, _settings: &Settings, _processes: usize) -> Result<(), ConfigError> {
         Ok(())
     }

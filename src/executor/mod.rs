@@ -130,6 +130,9 @@ pub trait Executor: Sync {
     /// Its name in the pipeline file.
     fn name(&self) -> &'static str;
 
+    /// Where it runs stages, in a few words for messages ("this machine").
+    fn about(&self) -> &'static str;
+
     /// The fields of its settings table (none: it takes no table).
     fn fields(&self) -> &'static [&'static str] {
         &[]

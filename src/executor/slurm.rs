@@ -37,6 +37,10 @@ impl Executor for Slurm {
         "slurm"
     }
 
+    fn about(&self) -> &'static str {
+        "a batch job per stage"
+    }
+
     fn fields(&self) -> &'static [&'static str] {
         &["partition", "time", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "mem", "account", "qos", "extra"]
     }
