@@ -1,10 +1,8 @@
-//! The stage graph: edges from input references, cycle detection, ordering,
-//! target selection and rendering (`llmflow dag`).
+//! The stage graph as numbers: stages are indices, edges their inputs.
+//! Ordering, cycle detection and target closure; what the stages are called
+//! is the pipeline's business (`config`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt::Write;
-
-use crate::config::Pipeline;
 
 /// Stages as indices into `Pipeline::stages`.
 pub struct Dag {
@@ -15,17 +13,12 @@ pub struct Dag {
 }
 
 impl Dag {
-    /// The graph of a loaded pipeline, which has no cycles (loading rejects them).
-    pub fn new(p: &Pipeline) -> Dag {
-        let upstream: Vec<Vec<usize>> = p
-            .stages
-            .iter()
-            .map(|s| {
-                let ups: BTreeSet<usize> = s.inputs.values().map(|up| p.index(up).expect("checked reference")).collect();
-                ups.into_iter().collect()
-            })
-            .collect();
-        let order = toposort(&upstream).expect("loading rejects cycles");
+    /// The graph of stages given each one's upstream stages, which must
+    /// form no cycle (loading a pipeline rejects them).
+    pub fn new(upstream: Vec<Vec<usize>>) -> Dag {
+        let upstream: Vec<Vec<usize>> =
+            upstream.into_iter().map(|ups| ups.into_iter().collect::<BTreeSet<_>>().into_iter().collect()).collect();
+        let order = toposort(&upstream).expect("no cycles");
         Dag { upstream, order }
     }
 
@@ -49,102 +42,6 @@ impl Dag {
             }
         }
         self.order.iter().copied().filter(|&i| keep[i]).collect()
-    }
-
-    /// Stages grouped by the table they come from (a swept stage's
-    /// variants together), groups in dependency order.
-    pub fn groups(&self, p: &Pipeline) -> Vec<Vec<usize>> {
-        let mut at: HashMap<&str, usize> = HashMap::new();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        for &i in &self.order {
-            let g = *at.entry(p.stages[i].base.as_str()).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(i);
-        }
-        groups
-    }
-
-    pub fn render(&self, p: &Pipeline, format: Format) -> String {
-        let mut out = String::new();
-        let edges = || self.order.iter().flat_map(move |&i| self.upstream(i).iter().map(move |&u| (u, i)));
-        // Mermaid ids must be plain words; a variant's name is not.
-        let id = |i: usize| {
-            let s = &p.stages[i];
-            if s.labels.is_empty() {
-                s.name.clone()
-            } else {
-                format!("{}__{i}", s.base)
-            }
-        };
-        let inputs = |i: usize| -> String {
-            let ins: Vec<String> = p.stages[i].inputs.iter().map(|(slot, up)| format!("{slot}={up}")).collect();
-            if ins.is_empty() {
-                String::new()
-            } else {
-                format!(" ← {}", ins.join(", "))
-            }
-        };
-        for group in self.groups(p) {
-            let first = &p.stages[group[0]];
-            let swept = !first.labels.is_empty();
-            match format {
-                Format::Text if swept => {
-                    let _ = writeln!(out, "{} ({}), {} variants:", first.base, first.kind.kind, group.len());
-                    for &i in &group {
-                        let _ = writeln!(out, "  {}{}", &p.stages[i].name[first.base.len()..], inputs(i));
-                    }
-                }
-                Format::Text => {
-                    let _ = writeln!(out, "{} ({}){}", first.name, first.kind.kind, inputs(group[0]));
-                }
-                Format::Dot => {
-                    if swept {
-                        let _ =
-                            writeln!(out, "  subgraph \"cluster_{}\" {{\n    label=\"{} ({})\";", first.base, first.base, first.kind.kind);
-                    }
-                    for &i in &group {
-                        let s = &p.stages[i];
-                        let label = if swept { s.name[s.base.len()..].to_string() } else { format!("{}\\n({})", s.name, s.kind.kind) };
-                        let _ = writeln!(out, "  \"{}\" [label=\"{label}\"];", s.name);
-                    }
-                    if swept {
-                        out.push_str("  }\n");
-                    }
-                }
-                Format::Mermaid => {
-                    if swept {
-                        let _ = writeln!(out, "  subgraph {}[\"{} ({})\"]", first.base, first.base, first.kind.kind);
-                    }
-                    for &i in &group {
-                        let s = &p.stages[i];
-                        let label = if swept { s.name[s.base.len()..].to_string() } else { format!("{}<br/>({})", s.name, s.kind.kind) };
-                        let _ = writeln!(out, "  {}[\"{label}\"]", id(i));
-                    }
-                    if swept {
-                        out.push_str("  end\n");
-                    }
-                }
-            }
-        }
-        match format {
-            Format::Text => {}
-            Format::Dot => {
-                out.insert_str(0, &format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];\n", p.name));
-                for (u, d) in edges() {
-                    let _ = writeln!(out, "  \"{}\" -> \"{}\";", p.stages[u].name, p.stages[d].name);
-                }
-                out.push_str("}\n");
-            }
-            Format::Mermaid => {
-                out.insert_str(0, "flowchart LR\n");
-                for (u, d) in edges() {
-                    let _ = writeln!(out, "  {} --> {}", id(u), id(d));
-                }
-            }
-        }
-        out
     }
 }
 
@@ -189,13 +86,6 @@ pub fn toposort(upstream: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
     let first = cycle.iter().enumerate().min_by_key(|(_, &v)| v).map(|(k, _)| k).unwrap_or(0);
     cycle.rotate_left(first);
     Err(cycle)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Dot,
-    Mermaid,
 }
 
 #[cfg(test)]

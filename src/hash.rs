@@ -177,7 +177,7 @@ impl StatCache {
             return;
         }
         if let Ok(bytes) = serde_json::to_vec(&self.entries) {
-            let _ = crate::store::write_atomic(&self.file, &bytes);
+            let _ = crate::files::write_atomic(&self.file, &bytes);
         }
         self.dirty = false;
     }

@@ -2,13 +2,19 @@
 //! content-hashed pipeline.
 //!
 //! This crate is the engine. It knows nothing about language models: it reads
-//! `pipeline.toml` ([`config`]), expands sweeps into variants ([`sweep`]), builds the stage graph ([`graph`]),
-//! fingerprints every stage ([`plan`]), keeps built outputs in an artifact
-//! store ([`store`]) and runs stages as child processes ([`exec`]) or as Slurm batch jobs
-//! ([`slurm`]). What a
-//! stage *does* lives in the `llmflow-stages` crate and its `llmflow-stage`
-//! binary, which the engine reaches only through a process boundary
-//! ([`protocol`], [`kinds`]); the engine binary never loads libtorch.
+//! `pipeline.toml` ([`config`], sweeps expanded into variants), builds the
+//! stage graph ([`graph`]), fingerprints every stage ([`plan`]), keeps built
+//! outputs in an artifact store ([`store`]) and runs stages ([`scheduler`])
+//! through an executor ([`executor`]: this machine, or Slurm batch jobs).
+//! What a stage *does* lives in the `llmflow-stages` crate and its
+//! `llmflow-stage` binary, which the engine reaches only through a process
+//! boundary ([`protocol`], [`runner`]); the engine binary never loads
+//! libtorch.
+//!
+//! The modules form layers, each using only those below it (`layers.rs`
+//! checks it in the tests): at the bottom [`error`], [`files`] and [`log`];
+//! then [`hash`]; [`graph`], [`runner`], [`store`] and [`ui`]; then
+//! [`executor`]; [`config`]; [`plan`]; [`scheduler`]; [`commands`] at the top.
 //!
 //! The rules that make caching correct:
 //! * A stage's key hashes its kind, the kind's version, its params with
@@ -23,13 +29,17 @@
 
 pub mod commands;
 pub mod config;
-pub mod exec;
+pub mod error;
+pub mod executor;
+pub mod files;
 pub mod graph;
 pub mod hash;
-pub mod kinds;
+#[cfg(test)]
+mod layers;
+pub mod log;
 pub mod plan;
-pub mod slurm;
 pub use llmflow_protocol as protocol;
+pub mod runner;
+pub mod scheduler;
 pub mod store;
-pub mod sweep;
 pub mod ui;

@@ -2,10 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use llmflow::commands;
-use llmflow::config::ConfigError;
-use llmflow::exec::{Interrupted, StageFailed};
-use llmflow::graph::Format;
+use llmflow::commands::{self, Format, RunArgs};
+use llmflow::error::{ConfigError, Interrupted, StageFailed};
 use llmflow::protocol::Sampling;
 
 /// Train a language model from scratch as a declarative, content-hashed pipeline.
@@ -20,10 +18,15 @@ use llmflow::protocol::Sampling;
   llmflow run                          build every stage (nothing, if all are fresh)
   llmflow run tokens                   build `tokens` and what it needs
   llmflow status                       what is fresh, and why the rest is not
+  llmflow status sft --json            `sft` and what it needs, for scripts
   llmflow run --dry-run                what a run would build, why, and what it costs
   llmflow generate pretrain -p \"ROMEO:\"
   llmflow report                       the report card (of the pipeline's eval stage)
   llmflow kinds pretrain               pretrain's params, their defaults and what each does
+
+A STAGE is a stage's name, one variant of a swept stage ('pretrain[lr=3e-3]'),
+or a pattern naming several ('pretrain[lr=3e-3,*]'), wherever a verb takes one.
+Every verb that prints for scripts takes --json.
 
 Exit codes: 0 success, 1 a stage failed (or verify found damage), 2 a mistake in pipeline.toml or the command line, 130 interrupted.")]
 struct Cli {
@@ -39,10 +42,14 @@ enum Cmd {
     /// Build TARGETs (default: every stage) and whatever they need.
     Run {
         /// Stages to build; their inputs are built first.
+        #[arg(value_name = "STAGE")]
         targets: Vec<String>,
         /// Show what would be built and why, without building.
         #[arg(long)]
         dry_run: bool,
+        /// With --dry-run: the plan for scripts.
+        #[arg(long, requires = "dry_run")]
+        json: bool,
         /// Rebuild STAGE even if it is fresh (repeatable).
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
@@ -53,20 +60,26 @@ enum Cmd {
         #[arg(short, long)]
         keep_going: bool,
     },
-    /// Show every stage: fresh, stale (and why), missing, queued (on Slurm), running or failed.
+    /// Show each stage: fresh, stale (and why), missing, queued (on Slurm), running or failed.
     Status {
+        /// Stages to show, with what they need, as `run` would build them [default: every stage].
+        #[arg(value_name = "STAGE")]
+        targets: Vec<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Print the stage graph.
     Dag {
+        /// text, dot (Graphviz), mermaid, or json for scripts.
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
-    /// Show a stage's artifact: manifest, metrics and paths.
+    /// Show a stage's artifact: manifest, metrics and paths; a table of variants for a swept stage.
     Show {
+        /// The stage, a variant, or a pattern of variants.
         stage: String,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -78,8 +91,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Re-hash every artifact in the store and report damage.
-    Verify,
+    /// Re-hash every artifact and cached unit in the store, and the files stages read; report damage.
+    Verify {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove artifacts that no pipeline using the store needs.
     ///
     /// Keeps every stage's current artifact for this pipeline file and for
@@ -98,22 +115,30 @@ enum Cmd {
         /// files build into the same store.
         #[arg(long)]
         only_this_pipeline: bool,
+        /// Machine-readable output: what was (or would be) removed.
+        #[arg(long)]
+        json: bool,
     },
     /// Sample text from a trained model: the artifact of STAGE (pretrain, sft, …).
     Generate {
         /// The stage whose model to sample from; it must be built and fresh.
         stage: String,
+        /// The text to continue.
         #[arg(long, short)]
         prompt: String,
+        /// New tokens at most; generation also stops at <|endoftext|>.
         #[arg(long, default_value_t = 200)]
         max_tokens: usize,
-        /// 0 samples greedily.
+        /// Sampling temperature; 0 samples greedily.
         #[arg(long, default_value_t = 0.8)]
         temperature: f64,
-        #[arg(long)]
+        /// Sample among the K most likely tokens only.
+        #[arg(long, value_name = "K")]
         top_k: Option<usize>,
-        #[arg(long)]
+        /// Sample among the most likely tokens whose probabilities add up to P (nucleus sampling).
+        #[arg(long, value_name = "P")]
         top_p: Option<f64>,
+        /// Seeds the sampling: the same seed and prompt give the same text.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -128,11 +153,19 @@ enum Cmd {
         out: PathBuf,
     },
     /// Size, FLOPs, memory and expected time of building STAGE (training stages).
-    Estimate { stage: String },
+    Estimate {
+        stage: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the stage kinds llmflow knows, or print KIND's params with their defaults as TOML.
     Kinds {
         /// A kind, e.g. `pretrain`.
         kind: Option<String>,
+        /// The kinds' declarations (inputs, volatile params, report) for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the BLAKE3 digest of files, as `b3sum` does, with llmflow's hasher.
     #[command(hide = true)]
@@ -154,19 +187,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run { targets, dry_run, force, jobs, keep_going } => commands::run(&cli.file, targets, dry_run, force, jobs, keep_going),
-        Cmd::Status { json } => commands::status(&cli.file, json),
+        Cmd::Run { targets, dry_run, json, force, jobs, keep_going } => {
+            commands::run(&cli.file, RunArgs { targets, dry_run, json, force, jobs, keep_going })
+        }
+        Cmd::Status { targets, json } => commands::status(&cli.file, &targets, json),
         Cmd::Dag { format } => commands::dag(&cli.file, format),
         Cmd::Show { stage, json } => commands::show(&cli.file, &stage, json),
         Cmd::Report { stage, json } => commands::report(&cli.file, stage.as_deref(), json),
-        Cmd::Verify => commands::verify(&cli.file),
-        Cmd::Gc { dry_run, no_wait, only_this_pipeline } => commands::gc(&cli.file, dry_run, !no_wait, only_this_pipeline),
+        Cmd::Verify { json } => commands::verify(&cli.file, json),
+        Cmd::Gc { dry_run, no_wait, only_this_pipeline, json } => commands::gc(&cli.file, dry_run, !no_wait, only_this_pipeline, json),
         Cmd::Generate { stage, prompt, max_tokens, temperature, top_k, top_p, seed } => {
             commands::generate(&cli.file, &stage, prompt, Sampling { max_tokens, temperature, top_k, top_p, seed })
         }
         Cmd::Export { stage, format: ExportFormat::Hf, out } => commands::export(&cli.file, &stage, &out),
-        Cmd::Estimate { stage } => commands::estimate(&cli.file, &stage),
-        Cmd::Kinds { kind } => commands::kinds(kind.as_deref()),
+        Cmd::Estimate { stage, json } => commands::estimate(&cli.file, &stage, json),
+        Cmd::Kinds { kind, json } => commands::kinds(kind.as_deref(), json),
         Cmd::Hash { files } => commands::hash(&files),
     };
     match result {

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::config::{ConfigError, Pipeline, StageDef};
+use crate::config::{Pipeline, StageDef};
+use crate::error::ConfigError;
+use crate::files::{read_chunked, write_chunked};
 use crate::graph::Dag;
 use crate::hash::StatCache;
 use crate::store::{Head, InputRef, Integrity, Manifest, Store};
@@ -116,7 +118,7 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
     // is still current and whose files still match by stat is fresh without
     // its manifest being read.
     let known_path = store.known_heads_path(&p.file);
-    let known: HashMap<String, Arc<Head>> = crate::store::read_chunked::<PathBuf, Head>(&known_path)
+    let known: HashMap<String, Arc<Head>> = read_chunked::<PathBuf, Head>(&known_path)
         .filter(|(file, _)| *file == p.file)
         .map(|(_, heads)| heads.into_iter().map(|h| (h.stage.clone(), Arc::new(h))).collect())
         .unwrap_or_default();
@@ -131,7 +133,7 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
     let out: Vec<Status> = out.into_iter().map(|s| s.expect("every stage visited")).collect();
     let fresh: Vec<&Head> = out.iter().filter(|s| s.state == State::Fresh).filter_map(|s| s.manifest.as_deref()).collect();
     if fresh.len() != known.len() || fresh.iter().any(|h| known.get(&h.stage).map(|k| &**k) != Some(*h)) {
-        let _ = crate::store::write_chunked(&known_path, &p.file, &fresh);
+        let _ = write_chunked(&known_path, &p.file, &fresh);
     }
     Ok(out)
 }
@@ -211,9 +213,9 @@ fn status_of(
             }
         };
         if let Some(pid) = store.holder(&s.name) {
-            // A run building it on Slurm records its job while it is in flight.
-            let (state, why) = match crate::slurm::record(store, &s.name) {
-                Some(job) if job.state == "queued" => (State::Queued, job.describe()),
+            // A run building it on an executor that queues (Slurm) records its job while it is in flight.
+            let (state, why) = match store.job(&s.name) {
+                Some(job) if job.queued() => (State::Queued, job.describe()),
                 Some(job) => (State::Running, job.describe()),
                 None => (State::Running, format!("being built by process {pid}")),
             };

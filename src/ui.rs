@@ -51,7 +51,7 @@ impl Ui {
     /// A failed stage: the last lines of its log and where the log is.
     pub fn failure(&self, stage: &str, why: &str, log: &Path) {
         let mut text = format!("{} stage `{stage}` failed ({why}); last lines of its log:", style("error:").red().bold());
-        for line in crate::exec::tail(log, 12) {
+        for line in crate::log::tail(log, 12) {
             text.push_str(&format!("\n  | {line}"));
         }
         text.push_str(&format!("\n  full log: {}", log.display()));

@@ -321,3 +321,39 @@ fn dag_renders_text_dot_and_mermaid() {
     let mermaid = p.llmflow(&["dag", "--format", "mermaid"]).stdout;
     assert!(mermaid.starts_with("flowchart LR") && mermaid.contains("b --> c"), "{mermaid}");
 }
+
+/// One grammar across verbs: `status STAGE` selects as `run STAGE` does,
+/// and what scripts parse comes as JSON.
+#[test]
+fn status_filters_like_run_and_scripts_get_json() {
+    let p = Project::new(CHAIN);
+    assert_eq!(p.llmflow(&["run", "b"]).code, 0);
+    let status = p.llmflow(&["status", "b"]);
+    assert_eq!(status.code, 0, "{}", status.all());
+    assert!(status.stdout.contains("2 stages: 2 fresh"), "b and what it needs: {}", status.stdout);
+    assert!(!status.stdout.contains(" d "), "{}", status.stdout);
+    let json: serde_json::Value = serde_json::from_str(&p.llmflow(&["status", "c", "--json"]).stdout).unwrap();
+    let names: Vec<&str> = json["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let bad = p.llmflow(&["status", "nope"]);
+    assert_eq!(bad.code, 2, "{}", bad.all());
+
+    let plan: serde_json::Value = serde_json::from_str(&p.llmflow(&["run", "--dry-run", "--json"]).stdout).unwrap();
+    assert_eq!(plan["would_build"], 2, "{plan}");
+    let c = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "c").unwrap();
+    assert_eq!(c["build"], true);
+    assert_eq!(c["reasons"][0], "never built", "{c}");
+
+    let dag: serde_json::Value = serde_json::from_str(&p.llmflow(&["dag", "--format", "json"]).stdout).unwrap();
+    let b = dag["stages"].as_array().unwrap().iter().find(|s| s["name"] == "b").unwrap();
+    assert_eq!(b["inputs"]["input"], "a", "{dag}");
+    assert_eq!(b["executor"], "local");
+
+    let kinds: serde_json::Value = serde_json::from_str(&p.llmflow(&["kinds", "command", "--json"]).stdout).unwrap();
+    assert_eq!(kinds[0]["kind"], "command", "{kinds}");
+
+    let gc: serde_json::Value = serde_json::from_str(&p.llmflow(&["gc", "--dry-run", "--json"]).stdout).unwrap();
+    assert_eq!(gc["dry_run"], true, "{gc}");
+    let verify: serde_json::Value = serde_json::from_str(&p.llmflow(&["verify", "--json"]).stdout).unwrap();
+    assert_eq!(verify["artifacts"].as_array().unwrap().len(), 2, "{verify}");
+}

@@ -349,3 +349,18 @@ fn mistakes_in_slurm_settings_are_config_errors() {
     let e = common::config_error("[stages.s]\nkind = \"command\"\ncmd = \"true\"\nslurm = { extra = \"--exclusive\" }\n");
     assert!(e.contains("`stages.s.slurm.extra` must be a list of sbatch options"), "{e}");
 }
+
+/// sbatch reads `%` in a file name as a pattern; a variant's log still lands
+/// at its own path.
+#[test]
+fn a_percent_in_a_variant_name_keeps_its_log_where_llmflow_looks() {
+    let Some(conf) = cluster() else { return };
+    let p = Project::new(&format!(
+        "{SLURM}[stages.s]\nkind = \"command\"\ncmd = \"echo said $A; echo $A > {{out}}/a\"\nsweep = {{ \"env.A\" = [\"50%j\"] }}\n"
+    ));
+    let r = slurm_run(&p, conf, &["run"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let logs: Vec<PathBuf> = fs::read_dir(p.artifacts().join(".logs").join("s[A=50%j]")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(fs::read_to_string(&logs[0]).unwrap().contains("said 50%j"));
+}

@@ -1,7 +1,7 @@
-//! Stage kinds as the stage runner declares them, and resolving params.
-//!
-//! The engine does not link the stage library (see [`crate::protocol`]); it
-//! asks the `llmflow-stage` binary beside it. A resolve answer is cached by
+//! The stage runner, `llmflow-stage`: the engine does not link the stage
+//! library (see [`crate::protocol`]); it asks this binary beside it for the
+//! kinds, their resolved params and estimates, and every executor runs a
+//! stage as the same [`command`]. A resolve answer is cached by
 //! the request's hash and the runner's size, mtime and inode, so a pipeline
 //! that has not changed is resolved without starting the runner.
 
@@ -69,7 +69,7 @@ pub fn resolve(request: &ResolveRequest, cache: Option<&Path>) -> Result<Resolve
     // Only a pipeline without mistakes is cached; errors are cheap to redo.
     if let Some(cache) = cache.filter(|_| response.stages.iter().all(|s| matches!(s, Some(Ok(_))))) {
         let cached = Cached { runner: runner_stat, request: request_hash, response: response.clone() };
-        let _ = crate::store::write_atomic(cache, &serde_json::to_vec(&cached)?);
+        let _ = crate::files::write_atomic(cache, &serde_json::to_vec(&cached)?);
     }
     Ok(response)
 }
@@ -78,4 +78,13 @@ pub fn resolve(request: &ResolveRequest, cache: Option<&Path>) -> Result<Resolve
 /// (`None` for kinds that give no estimate).
 pub fn estimates(specs: &[crate::protocol::Spec]) -> Result<Vec<Option<String>>> {
     ask(&runner()?, "estimate", &serde_json::to_vec(specs)?)
+}
+
+/// The command that runs a stage from its spec, wherever it runs: the local
+/// executor starts it, the Slurm executor's job script runs it.
+pub fn command(spec: &Path, threads: usize) -> Result<Command> {
+    let threads = threads.to_string();
+    let mut runner = Command::new(runner()?);
+    runner.arg("run").arg(spec).env("RAYON_NUM_THREADS", &threads).env("OMP_NUM_THREADS", &threads).env("POLARS_MAX_THREADS", &threads);
+    Ok(runner)
 }

@@ -160,10 +160,25 @@ impl Pattern {
         Ok(pattern)
     }
 
-    /// Whether a variant with these labels is selected.
-    pub fn matches(&self, labels: &[(String, String)]) -> bool {
-        self.pairs.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && same_value(lv, v)))
+    /// Whether a variant with these labels is selected, its values equal
+    /// to the pattern's as `same` compares them.
+    fn matches_by(&self, labels: &[(String, String)], same: fn(&str, &str) -> bool) -> bool {
+        self.pairs.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && same(lv, v)))
             && (self.wildcard || labels.len() == self.pairs.len())
+    }
+
+    /// The variants selected among those with these labels: the ones whose
+    /// values read as the pattern's, else those equal as numbers (`3e-3`
+    /// names `0.003`), so `01` picks the variant `01` and not `1`.
+    pub fn select(&self, variants: &[Vec<(String, String)>]) -> Vec<usize> {
+        let by =
+            |same: fn(&str, &str) -> bool| -> Vec<usize> { (0..variants.len()).filter(|&i| self.matches_by(&variants[i], same)).collect() };
+        let exact = by(|a, b| a == b);
+        if exact.is_empty() {
+            by(same_value)
+        } else {
+            exact
+        }
     }
 }
 
@@ -215,14 +230,23 @@ mod tests {
 
     #[test]
     fn patterns_select_variants() {
-        let labels = [("lr".to_string(), "3e-3".to_string()), ("n_layer".to_string(), "4".to_string())];
-        assert!(Pattern::parse("p[lr=0.003,*]").unwrap().matches(&labels));
-        assert!(Pattern::parse("p[n_layer=4, lr=3e-3]").unwrap().matches(&labels));
-        assert!(!Pattern::parse("p[lr=3e-3]").unwrap().matches(&labels), "without `*` every value must be named");
-        assert!(Pattern::parse("p[*]").unwrap().matches(&labels));
-        assert!(!Pattern::parse("p[lr=1e-3,*]").unwrap().matches(&labels));
+        let labels = vec![("lr".to_string(), "3e-3".to_string()), ("n_layer".to_string(), "4".to_string())];
+        let selects = |p: &str| Pattern::parse(p).unwrap().select(std::slice::from_ref(&labels)) == [0];
+        assert!(selects("p[lr=0.003,*]"));
+        assert!(selects("p[n_layer=4, lr=3e-3]"));
+        assert!(!selects("p[lr=3e-3]"), "without `*` every value must be named");
+        assert!(selects("p[*]"));
+        assert!(!selects("p[lr=1e-3,*]"));
         assert!(Pattern::parse("p[lr]").unwrap_err().contains("neither KEY=VALUE nor `*`"));
         assert!(Pattern::parse("p[lr=1").unwrap_err().contains("ends with `]`"));
         assert!(!Pattern::parse("p").unwrap().bracketed);
+    }
+
+    #[test]
+    fn a_value_as_written_wins_over_a_number_equal_to_it() {
+        let variants: Vec<Vec<(String, String)>> = ["1", "01", "1.0"].iter().map(|v| vec![("A".to_string(), v.to_string())]).collect();
+        assert_eq!(Pattern::parse("s[A=01]").unwrap().select(&variants), [1]);
+        assert_eq!(Pattern::parse("s[A=1]").unwrap().select(&variants), [0]);
+        assert_eq!(Pattern::parse("s[A=1e0]").unwrap().select(&variants), [0, 1, 2], "no text matches: every equal number");
     }
 }

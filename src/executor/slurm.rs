@@ -2,9 +2,9 @@
 //! artifact store with the machine `llmflow run` runs on.
 //!
 //! The job runs the very command the local executor runs (`llmflow-stage run
-//! SPEC` with the same environment; see `exec::runner_command`), on the same
-//! spec in the store's temporary build directory, with its output going to
-//! the stage's log. The engine holds the stage's lock while the job is in
+//! SPEC` with the same environment; see [`crate::runner::command`]), on the
+//! same spec in the store's temporary build directory, with its output going
+//! to the stage's log (cut to the stage's log cap when the job ends). The engine holds the stage's lock while the job is in
 //! flight and publishes the output as it publishes a local build's, so a
 //! stage has the same key and the same output digest wherever it ran.
 //!
@@ -24,15 +24,88 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::exec::INTERRUPTED;
-use crate::store::{self, Store};
-use crate::ui::Ui;
+use super::{report_progress, Ended, Executor, Launch, Running, Settings, Started, Threads, POLL};
+use crate::error::{ConfigError, INTERRUPTED};
+use crate::files::write_atomic;
+use crate::store::{JobRecord, Store};
+
+pub struct Slurm;
+
+impl Executor for Slurm {
+    fn name(&self) -> &'static str {
+        "slurm"
+    }
+
+    fn about(&self) -> &'static str {
+        "a batch job per stage"
+    }
+
+    fn fields(&self) -> &'static [&'static str] {
+        &["partition", "time", "nodes", "ntasks_per_node", "gpus_per_node", "cpus_per_task", "mem", "account", "qos", "extra"]
+    }
+
+    fn check_field(&self, field: &str, value: &toml::Value) -> Result<String, String> {
+        field_args(field, value).map(|(_, shown)| shown)
+    }
+
+    fn check(&self, stage: &str, settings: &Settings, processes: usize) -> Result<(), ConfigError> {
+        sbatch(stage, settings)?;
+        tasks_per_node(stage, settings, processes).map(drop)
+    }
+
+    fn threads(
+        &self,
+        stage: &str,
+        settings: &Settings,
+        wanted: Option<usize>,
+        processes: usize,
+        cores: usize,
+    ) -> Result<Threads, ConfigError> {
+        let tasks_per_node = tasks_per_node(stage, settings, processes)?;
+        // The same threads as on this machine, unless `cpus_per_task` sets them: a stage's
+        // output may depend on how it splits its work.
+        let per_node = match number(settings, "cpus_per_task") {
+            Some((cpus, _)) => cpus * tasks_per_node,
+            None => wanted.unwrap_or(cores).clamp(1, cores),
+        };
+        Ok(Threads { per_node, tasks_per_node, local: false })
+    }
+
+    fn start(&self, launch: Launch<'_>) -> Result<Started> {
+        Ok(match submit(&launch)? {
+            Ok(job) => {
+                let said = Some(format!("as Slurm job {}", job.id));
+                Started::Running {
+                    run: Box::new(Follow {
+                        job,
+                        dir: launch.dir.to_path_buf(),
+                        log: launch.log.to_path_buf(),
+                        log_limit: launch.log_limit,
+                    }),
+                    said,
+                }
+            }
+            Err(refused) => Started::Refused(refused),
+        })
+    }
+
+    /// Cancels a job left in flight by a run of `stage` that died without
+    /// cancelling it.
+    fn cancel_leftover(&self, store: &Store, stage: &str) {
+        if let Some(left) = store.job(stage).filter(|j| j.executor == EXECUTOR) {
+            cancel(&left.id);
+            let _ = fs::remove_file(store.job_path(stage));
+        }
+    }
+}
+
+/// The name of its jobs in the store's records and in messages.
+const EXECUTOR: &str = "Slurm";
 
 /// The fields of a `slurm` table (`[pipeline.slurm]` or a stage's), each
-/// with the `sbatch` option it sets.
-pub const FIELDS: &[(&str, &str)] = &[
+/// with the `sbatch` option it sets; [`Slurm::fields`] lists them in this order.
+const FIELDS: &[(&str, &str)] = &[
     ("partition", "--partition"),
     ("time", "--time"),
     ("nodes", "--nodes"),
@@ -45,34 +118,8 @@ pub const FIELDS: &[(&str, &str)] = &[
     ("extra", ""),
 ];
 
-/// One field of a stage's Slurm request and where it was set.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Setting {
-    /// Its name in a `slurm` table, e.g. `partition`.
-    pub field: String,
-    /// Its value as the pipeline file writes it, e.g. `"gpu"`.
-    pub shown: String,
-    /// The `sbatch` options it adds, e.g. `--partition=gpu`.
-    pub args: Vec<String>,
-    /// `file:line:column` and the key's dotted path.
-    pub at: String,
-}
-
-/// What a stage that runs on Slurm asks of the cluster. None of it is part
-/// of a key: where a stage runs does not change what it makes.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    /// In the order of [`FIELDS`]; the pipeline's `[pipeline.slurm]` with the
-    /// stage's own `slurm` fields in their place.
-    pub settings: Vec<Setting>,
-    /// `cpus_per_task`, which also sets the stage's threads.
-    pub cpus_per_task: Option<usize>,
-    /// Where `executor = "slurm"` is set.
-    pub executor_at: String,
-}
-
 /// A `slurm` field's value checked, as `sbatch` options and as the file shows it.
-pub fn field_args(field: &str, value: &toml::Value) -> Result<(Vec<String>, String), String> {
+fn field_args(field: &str, value: &toml::Value) -> Result<(Vec<String>, String), String> {
     let flag = FIELDS.iter().find(|(f, _)| *f == field).map(|(_, flag)| *flag).ok_or_else(|| format!("unknown field `{field}`"))?;
     let shown = value.to_string();
     let one = |text: String| Ok((vec![format!("{flag}={text}")], shown.clone()));
@@ -96,84 +143,47 @@ pub fn field_args(field: &str, value: &toml::Value) -> Result<(Vec<String>, Stri
     }
 }
 
-impl Request {
-    fn number(&self, field: &str) -> Option<(usize, &Setting)> {
-        self.settings.iter().find(|s| s.field == field).and_then(|s| Some((s.shown.parse().ok()?, s)))
-    }
+fn number<'a>(settings: &'a Settings, field: &str) -> Option<(usize, &'a super::Setting)> {
+    settings.get(field).and_then(|s| Some((s.shown.parse().ok()?, s)))
+}
 
-    /// The ranks of a stage with `processes` ranks that one node runs: the
-    /// stage's tasks are its ranks, `ntasks_per_node` on each of `nodes`.
-    /// Fails, naming the settings, where they make another number of tasks.
-    pub fn tasks_per_node(&self, stage: &str, processes: usize) -> Result<usize, crate::config::ConfigError> {
-        let (nodes, per_node) = (self.number("nodes"), self.number("ntasks_per_node"));
-        let tasks = nodes.map_or(1, |n| n.0) * per_node.map_or(1, |n| n.0);
-        let set: Vec<String> =
-            [nodes, per_node].into_iter().flatten().map(|(n, s)| format!("`slurm.{}` = {n} at {}", s.field, s.at)).collect();
-        match (nodes, per_node) {
-            (None, None) => Ok(processes),
-            (_, Some((per_node, _))) if tasks == processes => Ok(per_node),
-            (Some((nodes, _)), None) if processes.is_multiple_of(nodes) => Ok(processes / nodes),
-            _ => Err(crate::config::ConfigError(format!(
-                "stage `{stage}` runs as {processes} process(es) (its `processes`), but {} do not make {processes} equal tasks, one a rank",
-                set.join(" and ")
-            ))),
-        }
+/// The `sbatch` options the settings add.
+fn args(settings: &Settings) -> Vec<String> {
+    settings.fields.iter().flat_map(|s| field_args(&s.field, &s.value).map(|(args, _)| args).unwrap_or_default()).collect()
+}
+
+/// The ranks of a stage with `processes` ranks that one node runs: the
+/// stage's tasks are its ranks, `ntasks_per_node` on each of `nodes`.
+/// Fails, naming the settings, where they make another number of tasks.
+fn tasks_per_node(stage: &str, settings: &Settings, processes: usize) -> Result<usize, ConfigError> {
+    let (nodes, per_node) = (number(settings, "nodes"), number(settings, "ntasks_per_node"));
+    let tasks = nodes.map_or(1, |n| n.0) * per_node.map_or(1, |n| n.0);
+    let set: Vec<String> = [nodes, per_node].into_iter().flatten().map(|(n, s)| format!("`slurm.{}` = {n} at {}", s.field, s.at)).collect();
+    match (nodes, per_node) {
+        (None, None) => Ok(processes),
+        (_, Some((per_node, _))) if tasks == processes => Ok(per_node),
+        (Some((nodes, _)), None) if processes.is_multiple_of(nodes) => Ok(processes / nodes),
+        _ => Err(ConfigError(format!(
+            "stage `{stage}` runs as {processes} process(es) (its `processes`), but {} do not make {processes} equal tasks, one a rank",
+            set.join(" and ")
+        ))),
     }
 }
 
 /// `sbatch` on PATH, or the error a run of a Slurm stage fails with.
-pub fn sbatch(stage: &str, req: &Request) -> Result<PathBuf, crate::config::ConfigError> {
+fn sbatch(stage: &str, settings: &Settings) -> Result<PathBuf, ConfigError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).map(|d| d.join("sbatch")).find(|p| p.is_file()).ok_or_else(|| {
-        crate::config::ConfigError(format!(
+        ConfigError(format!(
             "stage `{stage}` runs on Slurm ({}), but `sbatch` is not on PATH: run llmflow where Slurm's commands are installed (a login node), or set `executor = \"local\"`",
-            req.executor_at
+            settings.at
         ))
     })
 }
 
-/// A job in flight, as the engine records it in the store for `llmflow status`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JobRecord {
-    pub job: String,
-    /// `queued` or `running`.
-    pub state: String,
-    /// The node it runs on, once it runs.
-    pub node: Option<String>,
-    /// Why it waits (Slurm's reason: `Resources`, `Priority`, …).
-    pub reason: Option<String>,
-}
-
-impl JobRecord {
-    /// What `status` says of the stage.
-    pub fn describe(&self) -> String {
-        match (&self.node, &self.reason) {
-            (Some(node), _) if self.state == "running" => format!("Slurm job {} running on {node}", self.job),
-            (_, Some(reason)) => format!("Slurm job {} queued ({reason})", self.job),
-            _ => format!("Slurm job {} {}", self.job, self.state),
-        }
-    }
-}
-
-/// The record of `stage`'s job in flight, if any.
-pub fn record(store: &Store, stage: &str) -> Option<JobRecord> {
-    serde_json::from_slice(&fs::read(store.job_path(stage)).ok()?).ok()
-}
-
-/// How a job ended.
-pub struct Ended {
-    pub success: bool,
-    /// Why it failed, for the user: an exit status or Slurm's reason.
-    pub why: String,
-}
-
-/// The cluster refused the job at submission: a mistake in the stage's
-/// Slurm settings (exit code 2).
-pub struct Refused(pub String);
-
 /// A submitted job, cancelled (and waited for) if dropped before it ended.
-pub struct Job {
-    pub id: String,
+struct Job {
+    id: String,
     record: PathBuf,
     ended: bool,
 }
@@ -187,34 +197,14 @@ impl Drop for Job {
     }
 }
 
-/// Cancels a job left in flight by a run of `stage` that died without
-/// cancelling it, so two builds never write the same work directory. Called
-/// with the stage's lock held, so no live run owns that job.
-pub fn cancel_leftover(store: &Store, stage: &str) {
-    if let Some(left) = record(store, stage) {
-        cancel(&left.job);
-        let _ = fs::remove_file(store.job_path(stage));
-    }
-}
-
-/// Writes the job script and submits it. `runner` is the command the local
-/// executor would run; a stage of `processes` ranks runs it as that many
-/// `srun` tasks, which place themselves from Slurm's environment
-/// (`llmflow-stage`'s `dist`). `cpus` are a task's.
-#[allow(clippy::too_many_arguments)]
-pub fn submit(
-    store: &Store,
-    stage: &str,
-    key: &str,
-    req: &Request,
-    runner: &Command,
-    cpus: usize,
-    processes: usize,
-    dir: &Path,
-    log: &Path,
-    root: &Path,
-) -> Result<Result<Job, Refused>> {
-    let sbatch = sbatch(stage, req)?;
+/// Writes the job script and submits it; `Err` is the cluster's refusal.
+/// The runner's command is what the local executor would run; a stage of
+/// `processes` ranks runs it as that many `srun` tasks, which place
+/// themselves from Slurm's environment (`llmflow-stage`'s `dist`).
+fn submit(launch: &Launch<'_>) -> Result<Result<Job, String>> {
+    let Launch { store, stage, key, settings, runner, threads, processes, dir, log, root, .. } = launch;
+    let (stage, processes, cpus) = (*stage, *processes, threads.per_node / threads.tasks_per_node);
+    let sbatch = sbatch(stage, settings)?;
     let script = dir.join("job.sh");
     let exit = dir.join("exit");
     let mut text = format!("#!/bin/sh\n# llmflow: stage `{stage}`, key {key}\n");
@@ -246,7 +236,8 @@ pub fn submit(
     let mut args = vec![
         "--parsable".to_string(),
         format!("--job-name=llmflow:{stage}"),
-        format!("--output={}", log.display()),
+        // sbatch reads `%` in a file name as a pattern (`%j`: the job id); a variant may hold one.
+        format!("--output={}", log.display().to_string().replace('%', "%%")),
         "--open-mode=truncate".to_string(),
         format!("--chdir={}", root.display()),
         // A preempted or failed node's job ends; the next run resumes it from its checkpoints.
@@ -255,10 +246,10 @@ pub fn submit(
     if processes > 1 {
         args.push(format!("--ntasks={processes}"));
     }
-    if req.cpus_per_task.is_none() {
+    if settings.get("cpus_per_task").is_none() {
         args.push(format!("--cpus-per-task={cpus}"));
     }
-    args.extend(req.settings.iter().flat_map(|s| s.args.iter().cloned()));
+    args.extend(self::args(settings));
     let out = slurm_command(&sbatch).args(&args).arg(&script).output().with_context(|| format!("cannot run {}", sbatch.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let id = stdout.trim().split(';').next().unwrap_or("").to_string();
@@ -269,17 +260,17 @@ pub fn submit(
         if ["contact", "connect", "timed out"].iter().any(|w| said.contains(w)) {
             anyhow::bail!("cannot submit to Slurm: {said}");
         }
-        return Ok(Err(Refused(format!("stage `{stage}`: Slurm refused the job: {said}; {}", culprit(&said, req, cpus)))));
+        return Ok(Err(format!("stage `{stage}`: Slurm refused the job: {said}; {}", culprit(&said, settings, cpus))));
     }
     let record = store.job_path(stage);
     let job = Job { id: id.clone(), record: record.clone(), ended: false };
-    let queued = JobRecord { job: id, state: "queued".into(), node: None, reason: None };
-    store::write_atomic(&record, &serde_json::to_vec(&queued)?)?;
+    let queued = JobRecord { executor: EXECUTOR.into(), id, state: "queued".into(), node: None, reason: None };
+    write_atomic(&record, &serde_json::to_vec(&queued)?)?;
     Ok(Ok(job))
 }
 
 /// The settings an `sbatch` refusal is about, named with where they are set.
-fn culprit(said: &str, req: &Request, cpus: usize) -> String {
+fn culprit(said: &str, settings: &Settings, cpus: usize) -> String {
     let said = said.to_lowercase();
     let fields: &[&str] = if said.contains("partition") {
         &["partition"]
@@ -300,23 +291,41 @@ fn culprit(said: &str, req: &Request, cpus: usize) -> String {
     } else {
         &["cpus_per_task", "mem", "gpus_per_node", "nodes", "ntasks_per_node", "partition", "extra"]
     };
-    let named: Vec<String> = req
-        .settings
+    let named: Vec<String> = settings
+        .fields
         .iter()
         .filter(|s| fields.contains(&s.field.as_str()))
         .map(|s| format!("`slurm.{}` = {} at {}", s.field, s.shown, s.at))
         .collect();
-    match (named.is_empty(), fields.contains(&"cpus_per_task") && req.cpus_per_task.is_none()) {
+    match (named.is_empty(), fields.contains(&"cpus_per_task") && settings.get("cpus_per_task").is_none()) {
         (false, _) => format!("check {}", named.join(", ")),
         (true, true) => format!("it asked for {cpus} CPUs, the stage's threads: set `slurm.cpus_per_task`"),
         (true, false) => format!("the stage sets no `slurm.{}`; check the cluster's defaults", fields[0]),
     }
 }
 
+/// A submitted job, followed until it ends.
+struct Follow {
+    job: Job,
+    dir: PathBuf,
+    log: PathBuf,
+    log_limit: u64,
+}
+
+impl Running for Follow {
+    fn wait(self: Box<Self>, progress: &mut dyn FnMut(&str)) -> Result<Option<Ended>> {
+        let ended = follow(self.job, &self.dir, progress)?;
+        if ended.is_some() {
+            let _ = crate::log::cap_file(&self.log, self.log_limit);
+        }
+        Ok(ended)
+    }
+}
+
 /// Follows a job until it ends, recording its state for `status` and
 /// feeding `progress` the stage's progress reports. `None` when the run was
 /// interrupted: the job is then cancelled and over.
-pub fn follow(mut job: Job, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -> Result<Option<Ended>> {
+fn follow(mut job: Job, dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<Option<Ended>> {
     let exit = dir.join("exit");
     let started = Instant::now();
     let mut next_poll = Instant::now();
@@ -329,18 +338,16 @@ pub fn follow(mut job: Job, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -
             job.ended = true;
             return Ok(Some(if code == 0 { Ended { success: true, why: String::new() } } else { ended(&job.id, Some(code)) }));
         }
-        if let Ok(text) = fs::read_to_string(dir.join("progress")) {
-            ui.progress(bar, &text);
-        }
+        report_progress(dir, progress);
         if Instant::now() >= next_poll {
             // Often at first, when short jobs end, then every 5 s: a cluster's controller serves many users.
             next_poll =
                 Instant::now() + if started.elapsed() < Duration::from_secs(10) { Duration::from_secs(1) } else { Duration::from_secs(5) };
             match squeue(&job.id) {
                 Some(Queue::Waiting { state, node, reason }) => {
-                    let now = Some(JobRecord { job: job.id.clone(), state, node, reason });
+                    let now = Some(JobRecord { executor: EXECUTOR.into(), id: job.id.clone(), state, node, reason });
                     if now != last {
-                        store::write_atomic(&job.record, &serde_json::to_vec(&now)?)?;
+                        write_atomic(&job.record, &serde_json::to_vec(&now)?)?;
                         last = now;
                     }
                 }
@@ -355,7 +362,7 @@ pub fn follow(mut job: Job, dir: &Path, ui: &Ui, bar: &indicatif::ProgressBar) -
                 None => {}
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(POLL);
     }
 }
 

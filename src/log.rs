@@ -1,0 +1,168 @@
+//! A stage's log: written through a cap, so a stage that prints without end
+//! cannot fill the disk, and read from its end, so a huge log costs the
+//! engine no more than its last lines.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// What a line of a failure message or of `status` shows at most, in characters.
+pub const WIDTH: usize = 400;
+
+/// How far back from the end [`tail`] reads.
+const TAIL_BYTES: u64 = 256 << 10;
+
+/// The last `n` lines of a log, decoded lossily (a stage may print any
+/// bytes) and each cut to [`WIDTH`] characters.
+pub fn tail(log: &Path, n: usize) -> Vec<String> {
+    let Ok(mut file) = File::open(log) else { return Vec::new() };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let start = len.saturating_sub(TAIL_BYTES);
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err() || file.take(TAIL_BYTES).read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    // A read that starts mid-file starts mid-line: that piece is no line.
+    if start > 0 && lines.len() > 1 {
+        lines.remove(0);
+    }
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| cut(l)).collect()
+}
+
+/// The last line of the log that looks like an error, else its last line.
+pub fn last_error_line(log: &Path) -> Option<String> {
+    let lines = tail(log, 200);
+    lines.iter().rev().find(|l| l.starts_with("error")).or(lines.last()).map(|l| l.trim().to_string())
+}
+
+fn cut(line: &str) -> String {
+    match line.char_indices().nth(WIDTH) {
+        Some((at, _)) => format!("{}… ({} more bytes)", &line[..at], line.len() - at),
+        None => line.to_string(),
+    }
+}
+
+/// A log file that keeps at most `limit` bytes: past it, the older half is
+/// dropped and a line says how much. Compacting copies in small chunks, so
+/// memory stays bounded whatever the stage prints.
+pub struct CappedLog {
+    file: File,
+    len: u64,
+    limit: u64,
+    dropped: u64,
+}
+
+impl CappedLog {
+    /// A new, empty log at `path`.
+    pub fn create(path: &Path, limit: u64) -> std::io::Result<CappedLog> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        Ok(CappedLog::new(file, limit))
+    }
+
+    fn new(file: File, limit: u64) -> CappedLog {
+        let len = file.metadata().map_or(0, |m| m.len());
+        CappedLog { file, len, limit: limit.max(4096), dropped: 0 }
+    }
+
+    /// Copies everything `from` yields into the log until it ends.
+    pub fn pump(mut self, mut from: impl Read) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => return self.file.flush(),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.file.write_all(&buf[..n])?;
+            self.len += n as u64;
+            if self.len > self.limit {
+                self.compact()?;
+            }
+        }
+    }
+
+    /// Keeps the newest half of the limit, after a line saying what went.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let keep = self.limit / 2;
+        self.dropped += self.len - keep;
+        let marker = format!(
+            "[llmflow: {} of older output dropped; a stage's log keeps its last {} (`log_limit_mb`)]\n",
+            human(self.dropped),
+            human(self.limit)
+        );
+        let (mut from, mut to) = (self.len - keep, marker.len() as u64);
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(marker.as_bytes())?;
+        let mut chunk = vec![0u8; 1 << 20];
+        while from < self.len {
+            let n = chunk.len().min((self.len - from) as usize);
+            self.file.seek(SeekFrom::Start(from))?;
+            self.file.read_exact(&mut chunk[..n])?;
+            self.file.seek(SeekFrom::Start(to))?;
+            self.file.write_all(&chunk[..n])?;
+            (from, to) = (from + n as u64, to + n as u64);
+        }
+        self.file.set_len(to)?;
+        self.file.seek(SeekFrom::Start(to))?;
+        self.len = to;
+        Ok(())
+    }
+}
+
+/// Cuts a log written by someone else (a Slurm job's) to `limit` bytes, as
+/// [`CappedLog`] would have.
+pub fn cap_file(path: &Path, limit: u64) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut log = CappedLog::new(file, limit);
+    if log.len > log.limit {
+        log.compact()?;
+    }
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_reads_past_bad_bytes_and_cuts_long_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let long = "x".repeat(3 * TAIL_BYTES as usize);
+        std::fs::write(&log, [long.as_bytes(), b"\nline before\nbin\xff\xfejunk\nerror: the real reason\n"].concat()).unwrap();
+        let lines = tail(&log, 3);
+        assert_eq!(lines, ["line before", "bin\u{fffd}\u{fffd}junk", "error: the real reason"]);
+        assert_eq!(last_error_line(&log).unwrap(), "error: the real reason");
+        std::fs::write(&log, format!("{long}\nend")).unwrap();
+        let lines = tail(&log, 2);
+        assert_eq!(lines.len(), 1, "the piece of the long line before the read is no line");
+        assert_eq!(lines[0], "end");
+        std::fs::write(&log, "y".repeat(WIDTH + 10)).unwrap();
+        assert_eq!(tail(&log, 1)[0], format!("{}… (10 more bytes)", "y".repeat(WIDTH)));
+    }
+
+    #[test]
+    fn a_capped_log_keeps_the_newest_output_and_says_what_went() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let input: Vec<u8> = (0..200_000u32).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        CappedLog::create(&path, 100_000).unwrap().pump(&input[..]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() <= 100_000, "{}", text.len());
+        assert!(text.starts_with("[llmflow: "), "{}", &text[..100]);
+        assert!(text.ends_with("line 199999\n"));
+        let kept = text.split_once('\n').unwrap().1;
+        assert!(input.ends_with(kept.as_bytes()), "the kept part is the input's end, in order");
+    }
+}
