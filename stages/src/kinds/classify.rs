@@ -82,7 +82,7 @@ use crate::dist;
 use crate::formats::tokenizer::END_OF_TEXT;
 use crate::train::distributed::Distributed;
 use crate::train::finetune::Trainable;
-use crate::train::head::{Head, HeadModel};
+use crate::train::last_token::{Head, HeadModel};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer};
 use crate::train::{self, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};

@@ -101,7 +101,7 @@ use crate::sample::{generate_groups, Sampling};
 use crate::sandbox::{self, Limits, Outcome, Sandbox};
 use crate::train::distributed::Distributed;
 use crate::train::finetune::{Trainable, Tuning};
-use crate::train::head::HeadModel;
+use crate::train::last_token::HeadModel;
 use crate::train::rl::{clipped_surrogate, entropy, masked_mean};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer, Update, METRICS_FILE};
 use crate::train::{self, plot, step_seed, Hyper};
@@ -465,7 +465,7 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Optio
     let m = Models { policy, reference: &reference.gpt, encoder: &encoder };
     // The starting point: the reference is the policy before any update.
     let before = HeldOut::measure(m.reference, &m, &held_out, &scorer, p)?;
-    let mut task = Rl { m: &m, p, train: &train, held_out: &held_out, scorer: &scorer, before, after: None, timing: [0.0; 4] };
+    let mut task = GrpoTraining { m: &m, p, train: &train, held_out: &held_out, scorer: &scorer, before, after: None, timing: [0.0; 4] };
     let trainer = Trainer { evaluate_first: true, zero: p.distributed.zero(), ..Trainer::new("grpo", hyper, &p.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         trainer::Outcome::Finished(trained) => trained,
@@ -474,7 +474,7 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Optio
     if !world.is_first() {
         return Ok(None);
     }
-    let Rl { before, after, timing: [generation_s, training_s, completions, generated], .. } = task;
+    let GrpoTraining { before, after, timing: [generation_s, training_s, completions, generated], .. } = task;
     let after = after.expect("evaluated after the last iteration");
     let (acc_before, se_before) = mean_stderr(&before.correct);
     let (acc_after, se_after) = mean_stderr(&after.correct);
@@ -567,7 +567,7 @@ impl HeldOut {
 
 /// GRPO as an [`Objective`] of the shared loop: each step is an iteration
 /// (a generation batch, then `iterations` updates on it).
-struct Rl<'a> {
+struct GrpoTraining<'a> {
     m: &'a Models<'a>,
     p: &'a Params,
     train: &'a Prompts,
@@ -597,7 +597,7 @@ struct Generation {
     entropy: f64,
 }
 
-impl Objective for Rl<'_> {
+impl Objective for GrpoTraining<'_> {
     fn step(&mut self, iteration: u64, update: &mut Update) -> Result<Map<String, Value>> {
         let (m, p) = (self.m, self.p);
         let started = Instant::now();
@@ -667,7 +667,7 @@ impl Objective for Rl<'_> {
     }
 }
 
-impl Rl<'_> {
+impl GrpoTraining<'_> {
     /// The generation batch as training rows, with the log-probabilities of
     /// the policy that sampled it and of the reference.
     fn grid(&self, prompts: &[Vec<i64>], completions: &[Vec<i64>], advantages: &[f64]) -> Result<Generation> {

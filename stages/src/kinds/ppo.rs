@@ -121,7 +121,7 @@ use crate::formats::model::{save_model, ModelArtifact};
 use crate::model::Gpt;
 use crate::train::distributed::Distributed;
 use crate::train::finetune::{Trainable, Tuning};
-use crate::train::head::HeadModel;
+use crate::train::last_token::HeadModel;
 use crate::train::trainer::{self, batch_indices, Every, Objective, Outcome, Trainer, Update, METRICS_FILE};
 use crate::train::{self, plot, step_seed, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
@@ -355,7 +355,7 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
     // The starting point: the reference is the policy before any update.
     let eval_seed = step_seed(hyper.seed, u64::MAX, 0) as u64;
     let before = Rollout::collect(&m.reference, &m, &prompts.val, eval_seed, p)?;
-    let mut task = Rlhf { m: &m, p, prompts: &prompts, before, after: None, eval_seed };
+    let mut task = PpoTraining { m: &m, p, prompts: &prompts, before, after: None, eval_seed };
     let trainer = Trainer { evaluate_first: true, zero: p.distributed.zero(), ..Trainer::new("ppo", hyper, &p.every, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
         Outcome::Finished(trained) => trained,
@@ -364,7 +364,7 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
     if !world.is_first() {
         return Ok(None);
     }
-    let Rlhf { before, after, .. } = task;
+    let PpoTraining { before, after, .. } = task;
     let after = after.expect("evaluated after the last iteration");
     let (reward_before, reward_after, kl_after) = (mean(&before.scores), mean(&after.scores), mean(&after.kl()));
     eprintln!("ppo: held-out reward {reward_before:.4} → {reward_after:.4}, KL to the reference {kl_after:.4}");
@@ -405,7 +405,7 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
 
 /// PPO as an [`Objective`] of the shared loop: each step of the loop is an
 /// iteration (a rollout, then `ppo_epochs` × `minibatches` updates).
-struct Rlhf<'a> {
+struct PpoTraining<'a> {
     m: &'a Models<'a>,
     p: &'a Params,
     prompts: &'a Prompts,
@@ -417,7 +417,7 @@ struct Rlhf<'a> {
     eval_seed: u64,
 }
 
-impl Objective for Rlhf<'_> {
+impl Objective for PpoTraining<'_> {
     fn step(&mut self, iteration: u64, update: &mut Update) -> Result<Map<String, Value>> {
         let (m, p) = (self.m, self.p);
         let started = Instant::now();
@@ -712,7 +712,7 @@ mod tests {
 
         // REWARD_MODEL: where the reward model is kept between runs.
         let rm = std::env::var("REWARD_MODEL").map_or_else(|_| tmp.path().join("rm"), PathBuf::from);
-        if !rm.join(crate::train::head::HEAD_FILE).exists() {
+        if !rm.join(crate::train::last_token::HEAD_FILE).exists() {
             make_reward_model(&base, &rm, &project.join(&p.data), &p.template);
         }
         let mut c = StageCtx::new("ppo", &project, &tmp.path().join("out"), &tmp.path().join("work"));

@@ -81,7 +81,7 @@ use crate::data::sequences::{pad, Sequence};
 use crate::dist;
 use crate::train::distributed::Distributed;
 use crate::train::finetune::Trainable;
-use crate::train::head::{Head, HeadModel};
+use crate::train::last_token::{Head, HeadModel};
 use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer};
 use crate::train::{self, Hyper};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};

@@ -27,7 +27,7 @@ mod adamw;
 mod checkpoint;
 pub mod distributed;
 pub mod finetune;
-pub mod head;
+pub mod last_token;
 mod metrics;
 pub mod plot;
 pub mod replicas;

@@ -18,7 +18,7 @@ use crate::data::sequences::{pad, token_logprobs, Padded, Sequence};
 use crate::dist;
 use crate::model::Gpt;
 use crate::sample::{generate_batch, Sampling};
-use crate::train::head::HeadModel;
+use crate::train::last_token::HeadModel;
 use crate::train::rl::entropy;
 
 /// The models PPO runs.
