@@ -5,6 +5,8 @@
 //!   layers, and the kinds with their dispatch (`kinds/mod.rs`) on top;
 //! * a kind is a leaf: no file under `kinds/` uses another kind, and nothing
 //!   outside `kinds/` uses a kind (only the list, `kinds::each_kind`);
+//! * a kind never reaches `dist`: it splits rows across ranks through
+//!   `train::ranks`, the one place that does;
 //! * `lib.rs` only declares the modules and re-exports the ground floor's
 //!   names (and the protocol's), so a use of `crate::Stage` is a use of
 //!   `stage`.
@@ -129,6 +131,9 @@ fn violations() -> Vec<String> {
                     None => bad.push(format!("{file}: uses the kind `{second}`; only kinds/ may")),
                 }
                 continue;
+            }
+            if let (Some(own), "dist") = (&source.kind, top.as_str()) {
+                bad.push(format!("{file}: the kind `{own}` uses `dist::{second}`; kinds split rows across ranks through `train::ranks`"));
             }
             let (Some(from), Some(to)) = (source.layer, LAYERS.iter().position(|l| *l == top)) else { continue };
             if to > from {

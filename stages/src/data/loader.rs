@@ -14,8 +14,8 @@
 //! exactly the batches the uninterrupted run would have seen.
 //!
 //! In data-parallel training every rank builds the same loader and reads the
-//! whole batch, then trains on its rows of it, so all ranks hold the same
-//! [`Position`].
+//! whole batch, then trains on its rows of it (`crate::train::ranks`), so
+//! all ranks hold the same [`Position`].
 //!
 //! Token ids come out as `i64`, ready for `Tensor::from_slice`; the loader does
 //! not depend on libtorch.

@@ -207,15 +207,16 @@ mod tests {
     use crate::model::Lora;
     use crate::params;
     use crate::train::finetune::Trainable;
-    use crate::train::{trainer, Hyper};
+    use crate::train::{Hyper, Training};
 
     #[test]
     fn left_out_params_take_the_kinds_own_defaults() {
         let p = params::<classify::Classify>(json!({"max_tokens": 64})).unwrap();
-        assert_eq!(p.every, classify::Params::default().every, "flattened fields");
-        assert_ne!(p.every, trainer::Every::default(), "classify's defaults differ from the loop's");
-        let p = params::<sft::Sft>(json!({"train": {"lr": 5e-4}})).unwrap();
+        assert_eq!(p.training, classify::Params::default().training, "flattened fields");
+        assert_ne!(p.training.spike_factor, Training::default().spike_factor, "classify's defaults differ from the loop's");
+        let p = params::<sft::Sft>(json!({"train": {"lr": 5e-4}, "eval_every": 7})).unwrap();
         assert_eq!(p.train, Hyper { lr: 5e-4, ..sft::Params::default().train });
+        assert_eq!(p.training.eval_every, 7);
         assert_ne!(sft::Params::default().train.steps, Hyper::default().steps, "sft's defaults differ from pretraining's");
         // Another variant of an enum replaces the default one.
         let p = params::<reward_model::RewardModel>(json!({"trainable": {"lora": {"rank": 2}}})).unwrap();
