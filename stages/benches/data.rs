@@ -38,8 +38,8 @@ fn run(kind: &str, params: Value, input: &Path, out: &Path) -> StageCtx {
     ctx.threads = std::thread::available_parallelism().unwrap().get();
     let request =
         ResolveRequest { stages: vec![StageRequest { name: "bench".into(), kind: kind.into(), params, inputs: vec!["input".into()] }] };
-    let resolved = llmflow_stages::resolve(&request).stages.remove(0).unwrap().unwrap();
-    llmflow_stages::run(kind, resolved.params, &mut ctx).unwrap();
+    let resolved = llmflow_stages::kinds::resolve(&request).stages.remove(0).unwrap().unwrap();
+    llmflow_stages::kinds::run(kind, resolved.params, &mut ctx).unwrap();
     ctx
 }
 

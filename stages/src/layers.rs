@@ -1,17 +1,24 @@
 //! The layout's rules, checked on the source (README, "Layout"):
 //!
-//! * the shared layers depend downwards only, in the order of [`LAYERS`];
+//! * the layers depend downwards only, in the order of [`LAYERS`]: the
+//!   ground floor `stage` (the `Stage` trait and params) under the shared
+//!   layers, and the kinds with their dispatch (`kinds/mod.rs`) on top;
 //! * a kind is a leaf: no file under `kinds/` uses another kind, and nothing
-//!   outside `kinds/` uses a kind (only the list, `kinds::each_kind`).
+//!   outside `kinds/` uses a kind (only the list, `kinds::each_kind`);
+//! * a kind never reaches `dist`: it splits rows across ranks through
+//!   `train::ranks`, the one place that does;
+//! * `lib.rs` only declares the modules and re-exports the ground floor's
+//!   names (and the protocol's), so a use of `crate::Stage` is a use of
+//!   `stage`.
 //!
-//! Modules at the crate root that are no layer (the `Stage` interface in
-//! `lib.rs`, `device`, `describe`, `sandbox`, `testing`) may be used from anywhere.
+//! Modules at the crate root that are no layer (`bounds`, `device`,
+//! `describe`, `sandbox`, `testing`) may be used from anywhere.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// The shared layers, lowest first, then the kinds.
-const LAYERS: [&str; 8] = ["dist", "fast", "model", "formats", "data", "sample", "train", "kinds"];
+/// The layers, lowest first: the ground floor, the shared layers, the kinds.
+const LAYERS: [&str; 9] = ["stage", "dist", "fast", "model", "formats", "data", "sample", "train", "kinds"];
 
 /// A `.rs` file under `src/`, its layer (a top-level module) and, under
 /// `kinds/`, the kind it belongs to.
@@ -125,6 +132,9 @@ fn violations() -> Vec<String> {
                 }
                 continue;
             }
+            if let (Some(own), "dist") = (&source.kind, top.as_str()) {
+                bad.push(format!("{file}: the kind `{own}` uses `dist::{second}`; kinds split rows across ranks through `train::ranks`"));
+            }
             let (Some(from), Some(to)) = (source.layer, LAYERS.iter().position(|l| *l == top)) else { continue };
             if to > from {
                 bad.push(format!("{file}: the layer `{}` uses `{top}::{second}`, above it", LAYERS[from]));
@@ -141,11 +151,26 @@ fn kinds_are_leaves_and_layers_depend_downwards() {
 }
 
 #[test]
+fn lib_rs_declares_modules_and_reexports_only() {
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap();
+    let code = lib.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("//") && !l.starts_with("#["));
+    let items: Vec<&str> =
+        code.filter(|l| !(l.starts_with("pub mod ") || l.starts_with("mod ") || l.starts_with("pub(crate) mod "))).collect();
+    assert_eq!(
+        items,
+        [
+            "pub use llmflow_protocol::{KindInfo, ParamError, Report, Resolved, Resources, StageCtx};",
+            "pub use stage::{params, Inputs, Stage};"
+        ]
+    );
+}
+
+#[test]
 fn the_check_sees_what_it_must() {
     let kind = |path: &str, text: &str| Source {
         path: PathBuf::from(path),
         text: text.into(),
-        layer: Some(6),
+        layer: Some(LAYERS.len() - 1),
         kind: Some(path.rsplit('/').next().unwrap().trim_end_matches(".rs").into()),
     };
     let uses_of = |s: &Source| uses(s).into_iter().map(|[a, b]| format!("{a}::{b}")).collect::<Vec<_>>();

@@ -36,7 +36,7 @@ use llmflow_stages::sample::complete;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["kinds"] => print_json(&llmflow_stages::kinds()),
+        ["kinds"] => print_json(&llmflow_stages::kinds::all()),
         ["resolve"] => resolve(),
         ["run", spec] => {
             let result = run(Path::new(spec));
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
             result
         }
         ["estimate"] => estimate(),
-        ["describe", kind] => llmflow_stages::describe(kind).map(|toml| print!("{toml}")),
+        ["describe", kind] => llmflow_stages::kinds::describe(kind).map(|toml| print!("{toml}")),
         ["generate"] => generate(),
         ["device"] => {
             println!("{}", llmflow_stages::device::describe());
@@ -73,7 +73,7 @@ fn print_json(value: &impl serde::Serialize) -> Result<()> {
 
 fn resolve() -> Result<()> {
     let request: ResolveRequest = serde_json::from_reader(std::io::stdin().lock()).context("reading the resolve request")?;
-    print_json(&llmflow_stages::resolve(&request))
+    print_json(&llmflow_stages::kinds::resolve(&request))
 }
 
 fn run(spec_path: &Path) -> Result<()> {
@@ -81,7 +81,7 @@ fn run(spec_path: &Path) -> Result<()> {
     keep_freed_memory();
     let spec: Spec = serde_json::from_slice(&fs::read(spec_path).context("reading the stage spec")?)?;
     let mut ctx = spec.ctx;
-    let processes = llmflow_stages::resources(&spec.kind, &spec.params)?.processes;
+    let processes = llmflow_stages::kinds::resources(&spec.kind, &spec.params)?.processes;
     let placement = dist::placement()?;
     match placement {
         None if processes > 1 => return dist::launch::run(spec_path, processes),
@@ -106,7 +106,7 @@ fn run(spec_path: &Path) -> Result<()> {
         }
         None => {}
     }
-    llmflow_stages::run(&spec.kind, spec.params, &mut ctx)?;
+    llmflow_stages::kinds::run(&spec.kind, spec.params, &mut ctx)?;
     if placement.is_some_and(|(rank, ..)| rank > 0) {
         return Ok(());
     }
@@ -198,7 +198,7 @@ fn estimate() -> Result<()> {
     let mut estimates = Vec::new();
     for spec in specs {
         let mut ctx = spec.ctx;
-        estimates.push(llmflow_stages::estimate(&spec.kind, spec.params, &mut ctx).unwrap_or_else(|e| Some(format!("{e:#}"))));
+        estimates.push(llmflow_stages::kinds::estimate(&spec.kind, spec.params, &mut ctx).unwrap_or_else(|e| Some(format!("{e:#}"))));
     }
     print_json(&estimates)
 }

@@ -99,8 +99,8 @@ pub fn run_kind(kind: &str, params: serde_json::Value, mut ctx: StageCtx) -> Sta
             inputs: ctx.inputs.keys().cloned().collect(),
         }],
     };
-    let resolved = crate::resolve(&request).stages.remove(0).expect("a known kind").expect("valid params");
-    crate::run(kind, resolved.params, &mut ctx).unwrap();
+    let resolved = crate::kinds::resolve(&request).stages.remove(0).expect("a known kind").expect("valid params");
+    crate::kinds::run(kind, resolved.params, &mut ctx).unwrap();
     ctx
 }
 

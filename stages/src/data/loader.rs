@@ -13,10 +13,9 @@
 //! all a [`Position`] has to record: a run resumed from a saved position sees
 //! exactly the batches the uninterrupted run would have seen.
 //!
-//! In data-parallel training every process builds the same loader and calls
-//! [`Loader::for_rank`]: rank `r` of `w` takes windows `r, r + w, r + 2w, …` of
-//! each `w × batch_size` windows, so the ranks together see what one process
-//! with `w` times the batch would, and all hold the same [`Position`].
+//! In data-parallel training every rank builds the same loader and reads the
+//! whole batch, then trains on its rows of it (`crate::train::ranks`), so
+//! all ranks hold the same [`Position`].
 //!
 //! Token ids come out as `i64`, ready for `Tensor::from_slice`; the loader does
 //! not depend on libtorch.
@@ -124,8 +123,6 @@ pub struct Loader {
     order: Order,
     windows_per_epoch: u64,
     position: Position,
-    rank: u64,
-    world: u64,
     /// The permutation of the epoch in use, for [`Order::Random`].
     permutation: Option<(u64, Vec<u64>)>,
 }
@@ -140,16 +137,7 @@ impl Loader {
         }
         let windows_per_epoch = (split.len() - 1) / context as u64;
         let position = Position::default();
-        Ok(Loader { split, batch_size, context, order, windows_per_epoch, position, rank: 0, world: 1, permutation: None })
-    }
-
-    /// This process's share of the batches when `world` processes train together.
-    pub fn for_rank(mut self, rank: usize, world: usize) -> Result<Loader> {
-        if rank >= world {
-            bail!("rank {rank} is not below the world size {world}");
-        }
-        (self.rank, self.world) = (rank as u64, world as u64);
-        Ok(self)
+        Ok(Loader { split, batch_size, context, order, windows_per_epoch, position, permutation: None })
     }
 
     /// The position to save in a checkpoint.
@@ -178,13 +166,13 @@ impl Loader {
         let mut y = Vec::with_capacity(b * t);
         let mut window = Vec::with_capacity(t + 1);
         for i in 0..b as u64 {
-            let index = self.window_index(self.position.windows + i * self.world + self.rank);
+            let index = self.window_index(self.position.windows + i);
             window.clear();
             self.split.read_into(index * t as u64, t + 1, &mut window);
             x.extend_from_slice(&window[..t]);
             y.extend_from_slice(&window[1..]);
         }
-        self.position.windows += b as u64 * self.world;
+        self.position.windows += b as u64;
         Batch { x, y, batch_size: b, context: t }
     }
 
@@ -284,26 +272,6 @@ mod tests {
             seen.extend((23..40).map(|_| resumed.next_batch()));
             assert_eq!(seen, expected, "{order:?}");
         }
-    }
-
-    #[test]
-    fn ranks_share_out_the_windows_of_one_big_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        counting_shards(dir.path(), 200, 64);
-        let order = Order::Random { seed: 3 };
-        let split = || Split::open(dir.path(), "train").unwrap();
-        let mut whole = Loader::new(split(), 6, 4, order).unwrap();
-        let mut ranks: Vec<Loader> = (0..2).map(|r| Loader::new(split(), 3, 4, order).unwrap().for_rank(r, 2).unwrap()).collect();
-        for _ in 0..20 {
-            let mut expected: Vec<Vec<i64>> = whole.next_batch().x.chunks(4).map(<[i64]>::to_vec).collect();
-            let mut got: Vec<Vec<i64>> =
-                ranks.iter_mut().flat_map(|l| l.next_batch().x.chunks(4).map(<[i64]>::to_vec).collect::<Vec<_>>()).collect();
-            expected.sort();
-            got.sort();
-            assert_eq!(got, expected);
-            assert!(ranks.iter().all(|l| l.position() == whole.position()));
-        }
-        assert!(Loader::new(split(), 1, 4, order).unwrap().for_rank(2, 2).is_err());
     }
 
     #[test]

@@ -8,18 +8,18 @@
 //!   log-probabilities of what counts.
 //! * [`instruct`]: instruction and chat templates.
 //! * [`rng`]: SplitMix64 and the unbiased shuffle.
-//! * [`text`]: word and n-gram hashes.
+//! * [`hash`]: word and n-gram hashes.
 //! * [`spill`]: external sorting of fixed-size records within a memory budget.
 //! * [`units`]: per-input-file units of the data stages, cached in the store.
 //! * [`mean_stderr`]: a mean and its standard error, as evaluations report them.
 
+pub mod hash;
 pub mod instruct;
 pub mod loader;
 pub mod records;
 pub mod rng;
 pub mod sequences;
 pub mod spill;
-pub mod text;
 pub mod units;
 
 /// What the stage runner holds resident before a data stage starts (the

@@ -51,11 +51,64 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     Ok(records)
 }
 
+/// What a stage holds out of its records, said one way by every stage that
+/// splits its data: consecutive parts of a seeded shuffle, `fractions` of
+/// the records in order (train, validation, and a test part where the stage
+/// has one). `sft`, `dpo`, `reward_model` and `classify` take it as
+/// `split = [...]` seeded by `train.seed`; `ppo` as `val_fraction` and
+/// `split_seed` ([`Split::held_out`]), so that its held-out prompts can be
+/// `reward_model`'s. (`grpo` holds out a file of its own, `eval_data`.)
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub fractions: Vec<f64>,
+    pub seed: u64,
+}
+
+impl Split {
+    pub fn new(fractions: &[f64], seed: u64) -> Split {
+        Split { fractions: fractions.to_vec(), seed }
+    }
+
+    /// Training records and `fraction` of them held out.
+    pub fn held_out(fraction: f64, seed: u64) -> Split {
+        Split { fractions: vec![1.0 - fraction, fraction], seed }
+    }
+
+    /// The parts of `0..n`, each in ascending order; the same for the same
+    /// `n` on every run.
+    pub fn parts(&self, n: usize) -> Vec<Vec<usize>> {
+        split(n, &self.fractions, self.seed)
+    }
+
+    /// The parts of the examples of `classes` (each example's class, below
+    /// `n_classes`), each class held equally often: each is undersampled to
+    /// the size of the smallest (a seeded choice), and its kept examples are
+    /// split as [`Split::parts`]. Indices are ascending in each part.
+    pub fn balanced(&self, classes: &[usize], n_classes: usize) -> Vec<Vec<usize>> {
+        let (fractions, seed) = (&self.fractions, self.seed);
+        let mut members = vec![Vec::new(); n_classes];
+        for (i, &c) in classes.iter().enumerate() {
+            members[c].push(i);
+        }
+        let smallest = members.iter().map(Vec::len).min().unwrap_or(0);
+        let mut parts = vec![Vec::new(); fractions.len()];
+        for (c, members) in members.iter().enumerate() {
+            let class_seed = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let kept: Vec<usize> = shuffled(members.len(), class_seed)[..smallest].iter().map(|&k| members[k]).collect();
+            for (part, positions) in parts.iter_mut().zip(split(smallest, fractions, class_seed)) {
+                part.extend(positions.iter().map(|&k| kept[k]));
+            }
+        }
+        parts.iter_mut().for_each(|p| p.sort_unstable());
+        parts
+    }
+}
+
 /// Splits `0..n` into consecutive parts of the given `fractions` (summing to
 /// at most 1; the last part takes the rounding remainder) after a shuffle
 /// seeded by `seed`. The same (n, fractions, seed) always gives the same
 /// parts, each in ascending order.
-pub fn split(n: usize, fractions: &[f64], seed: u64) -> Vec<Vec<usize>> {
+fn split(n: usize, fractions: &[f64], seed: u64) -> Vec<Vec<usize>> {
     let order = shuffled(n, seed);
     let mut parts = Vec::with_capacity(fractions.len());
     let mut at = 0;
@@ -70,29 +123,6 @@ pub fn split(n: usize, fractions: &[f64], seed: u64) -> Vec<Vec<usize>> {
         parts.push(part);
         at = end;
     }
-    parts
-}
-
-/// Splits the examples of `classes` (each example's class, below
-/// `n_classes`) into parts of the given `fractions` that hold every class
-/// equally often: each class is undersampled to the size of the smallest
-/// (a seeded choice), and its kept examples are [`split`]. Indices are
-/// ascending in each part; the same arguments give the same parts.
-pub fn balanced_split(classes: &[usize], n_classes: usize, fractions: &[f64], seed: u64) -> Vec<Vec<usize>> {
-    let mut members = vec![Vec::new(); n_classes];
-    for (i, &c) in classes.iter().enumerate() {
-        members[c].push(i);
-    }
-    let smallest = members.iter().map(Vec::len).min().unwrap_or(0);
-    let mut parts = vec![Vec::new(); fractions.len()];
-    for (c, members) in members.iter().enumerate() {
-        let class_seed = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let kept: Vec<usize> = shuffled(members.len(), class_seed)[..smallest].iter().map(|&k| members[k]).collect();
-        for (part, positions) in parts.iter_mut().zip(split(smallest, fractions, class_seed)) {
-            part.extend(positions.iter().map(|&k| kept[k]));
-        }
-    }
-    parts.iter_mut().for_each(|p| p.sort_unstable());
     parts
 }
 
@@ -169,7 +199,7 @@ mod tests {
                 }
             })
             .collect();
-        let parts = balanced_split(&classes, 3, &[0.5, 0.25, 0.25], 9);
+        let parts = Split::new(&[0.5, 0.25, 0.25], 9).balanced(&classes, 3);
         for (part, per_class) in parts.iter().zip([6, 3, 3]) {
             for c in 0..3 {
                 assert_eq!(part.iter().filter(|&&i| classes[i] == c).count(), per_class, "{parts:?}");
@@ -180,7 +210,7 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), 36, "disjoint: 12 of each class in all");
-        assert_eq!(balanced_split(&classes, 3, &[0.5, 0.25, 0.25], 9), parts);
-        assert_ne!(balanced_split(&classes, 3, &[0.5, 0.25, 0.25], 10), parts);
+        assert_eq!(Split::new(&[0.5, 0.25, 0.25], 9).balanced(&classes, 3), parts);
+        assert_ne!(Split::new(&[0.5, 0.25, 0.25], 10).balanced(&classes, 3), parts);
     }
 }

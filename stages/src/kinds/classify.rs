@@ -28,7 +28,7 @@
 //!
 //! Split: balanced, as Raschka's spam example is — every class is
 //! undersampled to the size of the smallest, and each class's kept records
-//! are split by `split` ([`records::balanced_split`], seeded by
+//! are split by `split` ([`Split::balanced`], seeded by
 //! `train.seed`), so train, validation and test each hold the classes in
 //! equal numbers and the majority-class baseline is 1 / classes.
 //!
@@ -76,15 +76,13 @@ use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::data::records;
+use crate::data::records::{self, Split};
 use crate::data::sequences::{pad, Sequence};
-use crate::dist;
 use crate::formats::tokenizer::END_OF_TEXT;
-use crate::train::distributed::Distributed;
 use crate::train::finetune::Trainable;
-use crate::train::head::{Head, HeadModel};
-use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer};
-use crate::train::{self, Hyper};
+use crate::train::last_token::{Head, HeadModel};
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer};
+use crate::train::{self, ranks, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Classify;
@@ -106,9 +104,7 @@ pub struct Params {
     pub trainable: Trainable,
     pub train: Hyper,
     #[serde(flatten)]
-    pub every: Every,
-    #[serde(flatten)]
-    pub distributed: Distributed,
+    pub training: Training,
 }
 
 impl Default for Params {
@@ -121,8 +117,7 @@ impl Default for Params {
             positive: "spam".into(),
             trainable: Trainable::LastBlocks(4),
             train: Hyper { steps: 150, batch_size: 16, lr: 1e-3, min_lr: 1e-4, warmup: 15, weight_decay: 0.01, ..Hyper::default() },
-            every: Every { eval_every: 50, spike_factor: 0.0, ..Every::default() },
-            distributed: Distributed::default(),
+            training: Training { eval_every: 50, spike_factor: 0.0, ..Training::default() },
         }
     }
 }
@@ -140,14 +135,12 @@ impl Stage for Classify {
     const SUMMARY: &'static str = "fine-tune a GPT with a last-token head to classify texts (spam detection)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
-    const MERGED: &'static [&'static str] = &["train"];
+    const MERGED: &'static [&'static str] = &train::MERGED;
     const SHOW: &'static [&'static str] = &["results.json", "loss.png", "metrics.jsonl"];
     type Params = Params;
 
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
-        params.train.check("train")?;
-        params.distributed.check(params.train.batch_size)?;
-        params.every.check()?;
+        params.training.check(&params.train)?;
         params.trainable.check()?;
         records::check_split(&params.split, &["train", "validation", "test"])?;
         if params.data.is_empty() {
@@ -161,11 +154,11 @@ impl Stage for Classify {
     }
 
     fn resources(params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
+        params.training.resources()
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        train(params, ctx, trainer::stop_after_env()?)
+        trainer::run_stage(|stop_after| train(params, ctx, stop_after))
     }
 }
 
@@ -328,7 +321,7 @@ impl Examples {
     /// Across ranks, each scores its share of the texts.
     fn predict(&self, head: Head, batch_size: usize) -> Result<(Vec<usize>, f64)> {
         let (n, classes) = (self.sequences.len(), head.score.size()[0] as usize);
-        let logits = dist::world().rows_of(n, classes, |rows| {
+        let logits = ranks::rows_of(n, classes, |rows| {
             Ok(Vec::<f64>::try_from(head.scores(&self.sequences[rows], batch_size).to_kind(Kind::Double).view([-1]))?)
         })?;
         let logits = Tensor::from_slice(&logits).to_kind(Kind::Float).view([n as i64, classes as i64]);
@@ -339,10 +332,10 @@ impl Examples {
     }
 }
 
-fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<()> {
+fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
-    let world = params.distributed.init(device)?;
+    params.training.join(device)?;
     let model_dir = ctx.input("model")?.to_path_buf();
     let data = ctx.project_path(&params.data);
     let records: Vec<Labeled> = records::read(&data).with_context(|| "the labeled data (param `data`)")?;
@@ -354,7 +347,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
         format!("param `positive`: {:?} is not a label of {} (labels: {})", params.positive, data.display(), labels.join(", "))
     })?;
     let classes: Vec<usize> = records.iter().map(|r| labels.binary_search(&r.label).expect("a known label")).collect();
-    let parts = records::balanced_split(&classes, labels.len(), &params.split, params.train.seed);
+    let parts = Split::new(&params.split, params.train.seed).balanced(&classes, labels.len());
 
     let mut scorer = HeadModel::from_model(&model_dir, labels.clone(), &params.trainable, device, params.train.seed)?;
     crate::train::check_memory(scorer.model.gpt.config(), &params.train, device)?;
@@ -392,11 +385,14 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
 
     let (vs, head) = scorer.parts();
     let mut task = Classification { head, hyper: &params.train, train: train_set, val };
-    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("classify", &params.train, &params.every, stop_after) };
-    let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
+    let trainer = Trainer::new("classify", &params.train, &params.training, stop_after);
+    let trained = match trainer.run(ctx, vs, &mut task)? {
+        Ended::Finished(trained) => trained,
+        stopped => return Ok(stopped),
+    };
     let (predicted, _) = test.predict(task.head, params.train.batch_size * 2)?;
-    if !world.is_first() {
-        return Ok(());
+    if !ranks::is_first() {
+        return Ok(Ended::Finished(trained));
     }
     let confusion = Confusion::new(labels.len(), &test.classes, &predicted);
     let train_examples = task.train.classes.len();
@@ -416,7 +412,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     ctx.metric("test_examples", test.classes.len());
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
     ctx.metric("skipped_steps", trained.skipped);
-    Ok(())
+    Ok(Ended::Finished(trained))
 }
 
 /// Labeled texts as an [`Objective`].
@@ -430,7 +426,7 @@ struct Classification<'a> {
 impl Objective for Classification<'_> {
     fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64> {
         // This rank's examples; the loss is a mean over examples.
-        let (picked, share) = dist::world().share(batch_indices(self.train.classes.len(), self.hyper, step, micro), |_| 1.0);
+        let (picked, share) = ranks::share(batch_indices(self.train.classes.len(), self.hyper, step, micro), |_| 1.0);
         let scale = scale * share;
         let seqs: Vec<Sequence> = picked.iter().map(|&i| self.train.sequences[i].clone()).collect();
         let device = self.head.gpt.device();

@@ -72,8 +72,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::data::hash::{fmix64, ngram_hash};
 use crate::data::spill::{merge, read_records, write_records, Sorter};
-use crate::data::text::{fmix64, ngram_hash};
 use crate::data::units::{self, Unit, Units};
 use crate::data::working_memory_mb;
 use crate::formats::docs::{self, PartWriter, RowGroups};

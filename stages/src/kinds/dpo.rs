@@ -86,14 +86,12 @@ use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
 use crate::data::instruct::{self, Encoder, Template};
-use crate::data::records;
+use crate::data::records::{self, Split};
 use crate::data::sequences::{pad, score, sequence_logprobs, Sequence};
-use crate::dist;
 use crate::model::Gpt;
-use crate::train::distributed::Distributed;
 use crate::train::finetune::{self, read_records, Trainable, Tuning};
-use crate::train::trainer::{self, batch_indices, Every, Objective, Outcome, Trainer};
-use crate::train::{self, Hyper};
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer};
+use crate::train::{self, ranks, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Dpo;
@@ -115,9 +113,7 @@ pub struct Params {
     pub trainable: Trainable,
     pub train: Hyper,
     #[serde(flatten)]
-    pub every: Every,
-    #[serde(flatten)]
-    pub distributed: Distributed,
+    pub training: Training,
 }
 
 /// The preference loss; see the module docs.
@@ -139,8 +135,7 @@ impl Default for Params {
             loss: Loss::Sigmoid,
             trainable: Trainable::All,
             train: Hyper { steps: 100, batch_size: 8, lr: 1e-4, min_lr: 1e-5, warmup: 10, weight_decay: 0.0, ..Hyper::default() },
-            every: Every { eval_every: 50, ..Every::default() },
-            distributed: Distributed::default(),
+            training: Training { eval_every: 50, ..Training::default() },
         }
     }
 }
@@ -151,7 +146,7 @@ impl Stage for Dpo {
     const SUMMARY: &'static str = "direct preference optimization on chosen/rejected pairs (sigmoid, IPO or hinge loss)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
-    const MERGED: &'static [&'static str] = &["train"];
+    const MERGED: &'static [&'static str] = &train::MERGED;
     const MOVED: &'static [(&'static str, &'static str)] = &[finetune::MOVED_LORA];
     const SHOW: &'static [&'static str] = &["loss.png", "metrics.jsonl"];
     type Params = Params;
@@ -163,9 +158,7 @@ impl Stage for Dpo {
         params.template.check("template")?;
         records::check_split(&params.split, &["train", "validation"])?;
         params.trainable.check()?;
-        params.train.check("train")?;
-        params.distributed.check(params.train.batch_size)?;
-        params.every.check()
+        params.training.check(&params.train)
     }
 
     fn files(params: &Params) -> Vec<String> {
@@ -173,11 +166,11 @@ impl Stage for Dpo {
     }
 
     fn resources(params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
+        params.training.resources()
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        dpo(params, ctx, trainer::stop_after_env()?)?.finished().map(drop)
+        trainer::run_stage(|stop_after| dpo(params, ctx, stop_after))
     }
 }
 
@@ -202,16 +195,16 @@ struct Pair {
 }
 
 /// The stage, stopping after step `stop_after` if given.
-pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
+pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
-    let world = params.distributed.init(device)?;
+    params.training.join(device)?;
     let input = ctx.input("model")?.to_path_buf();
     let hyper = &params.train;
     let mut tuning = Tuning::open(&input, &params.trainable, device, hyper.seed)?;
     crate::train::check_memory(tuning.gpt.config(), hyper, device)?;
     let records = read_records(ctx, &params.data)?;
-    let parts = records::split(records.len(), &params.split, hyper.seed);
+    let parts = Split::new(&params.split, hyper.seed).parts(records.len());
     // Its own copy: the model is borrowed mutably for training below.
     let tokenizer = tuning.tokenizer.clone();
     let encoder = Encoder::new(&tokenizer, &params.template)?;
@@ -245,13 +238,13 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let examples = [train.len(), val.len()];
     let mut task = Preferences { gpt, train, val, hyper, objective };
-    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("dpo", hyper, &params.every, stop_after) };
+    let trainer = Trainer::new("dpo", &params.train, &params.training, stop_after);
     let trained = match trainer.run(ctx, trainable, &mut task)? {
-        Outcome::Finished(trained) => trained,
+        Ended::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
-    if !world.is_first() {
-        return Ok(Outcome::Finished(trained));
+    if !ranks::is_first() {
+        return Ok(Ended::Finished(trained));
     }
     let out = ctx.out.clone();
     trained.write(&out, "val_loss")?;
@@ -267,7 +260,7 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     ctx.metric("examples", examples);
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
     ctx.metric("skipped_steps", trained.skipped);
-    Ok(Outcome::Finished(trained))
+    Ok(Ended::Finished(trained))
 }
 
 /// The loss and the log-probabilities it compares.
@@ -295,7 +288,7 @@ impl PreferenceLoss {
     /// [`PreferenceLoss::per_loss`] log-probabilities under `gpt`, without a
     /// graph; across ranks, each computes its share of the sequences.
     fn logps(&self, gpt: &Gpt, sequences: &[Sequence]) -> Result<Vec<f64>> {
-        dist::world().rows_of(sequences.len(), 1, |rows| {
+        ranks::rows_of(sequences.len(), 1, |rows| {
             let sequences = &sequences[rows];
             let summed = Tensor::from_slice(&score(gpt, sequences, 2 * self.batch_size, self.pad_id));
             Ok(Vec::<f64>::try_from(self.per_loss(summed, sequences))?)
@@ -325,7 +318,7 @@ impl Objective for Preferences<'_> {
     fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64> {
         let pairs: Vec<&Pair> = batch_indices(self.train.len(), self.hyper, step, micro).into_iter().map(|i| &self.train[i]).collect();
         // This rank's pairs; the loss is a mean over pairs.
-        let (pairs, share) = dist::world().share(pairs, |_| 1.0);
+        let (pairs, share) = ranks::share(pairs, |_| 1.0);
         let scale = scale * share;
         let b = pairs.len() as i64;
         // Chosen then rejected responses, in one batch.

@@ -134,7 +134,7 @@ use crate::formats::tokenizer::END_OF_TEXT;
 use crate::train::replicas::Replicas;
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 use report::{ModelInfo, Scored};
-use tasks::{Env, Kind, Model, Task};
+use tasks::{Env, Model, Task, TaskType};
 use units::{KeyParts, Units};
 
 pub struct Eval;
@@ -186,7 +186,7 @@ impl Stage for Eval {
             if task.file.is_empty() {
                 return at("file", format!("task `{}` needs a `file`", task.name));
             }
-            if let Kind::Code(c) = &task.kind {
+            if let TaskType::Code(c) = &task.ty {
                 if !c.confirm_run_unsafe_code {
                     return at(
                         "confirm_run_unsafe_code",
@@ -457,7 +457,7 @@ mod tests {
         twice.tasks.push(twice.tasks[0].clone());
         assert!(Eval::check(&twice, &inputs).unwrap_err().message.contains("two tasks are named `wikitext`"));
         let mut greedy = ok.clone();
-        if let Kind::Code(c) = &mut greedy.tasks[7].kind {
+        if let TaskType::Code(c) = &mut greedy.tasks[7].ty {
             c.samples = 5;
             c.k = vec![1, 5];
         }

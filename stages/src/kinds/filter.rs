@@ -70,7 +70,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::data::text::ngram_hash;
+use crate::data::hash::ngram_hash;
 use crate::data::units::{self, OnError, Unit, Units};
 use crate::data::working_memory_mb;
 use crate::formats::docs::{self, PartWriter};

@@ -71,7 +71,7 @@
 //! `checkpoint_every` iterations, exact resume (prompts and sampling seeds
 //! are functions of (`train.seed`, iteration)), metrics and plots.
 //! `LLMFLOW_STOP_AFTER_STEP=N` stops after iteration `N`. With `processes =
-//! N` ([`Distributed`]) each rank samples, scores and evaluates its prompts
+//! N` ([`Training`]) each rank samples, scores and evaluates its prompts
 //! of every micro-batch with their single-process seeds ([`generate`],
 //! [`Scorer::score`]), every rank assembles the whole batch, and each trains
 //! on its rows of every micro-batch.
@@ -82,7 +82,7 @@ pub mod rewards;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -94,17 +94,15 @@ use self::rewards::Reward;
 use crate::data::instruct::{Encoder, Record, Template};
 use crate::data::sequences::{pad, token_logprobs, Padded, Sequence};
 use crate::data::{mean_stderr, records};
-use crate::dist;
 use crate::formats::model::ModelArtifact;
 use crate::model::Gpt;
 use crate::sample::{generate_groups, Sampling};
 use crate::sandbox::{self, Limits, Outcome, Sandbox};
-use crate::train::distributed::Distributed;
 use crate::train::finetune::{Trainable, Tuning};
-use crate::train::head::HeadModel;
+use crate::train::last_token::HeadModel;
 use crate::train::rl::{clipped_surrogate, entropy, masked_mean};
-use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer, Update, METRICS_FILE};
-use crate::train::{self, plot, step_seed, Hyper};
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update, METRICS_FILE};
+use crate::train::{self, plot, ranks, step_seed, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Grpo;
@@ -163,9 +161,7 @@ pub struct Params {
     pub samples: usize,
     pub trainable: Trainable,
     #[serde(flatten)]
-    pub every: Every,
-    #[serde(flatten)]
-    pub distributed: Distributed,
+    pub training: Training,
 }
 
 impl Default for Params {
@@ -201,8 +197,14 @@ impl Default for Params {
             rewards: vec![Reward::ExactMatch(rewards::ExactMatch { weight: 1.0 })],
             samples: 4,
             trainable: Trainable::All,
-            every: Every { eval_every: 60, spike_factor: 0.0, checkpoint_every: 10, keep_checkpoints: 2, log_every: 5 },
-            distributed: Distributed::default(),
+            training: Training {
+                eval_every: 60,
+                spike_factor: 0.0,
+                checkpoint_every: 10,
+                keep_checkpoints: 2,
+                log_every: 5,
+                ..Training::default()
+            },
         }
     }
 }
@@ -213,17 +215,15 @@ impl Stage for Grpo {
     const SUMMARY: &'static str = "RL with verifiable rewards: GRPO (and Dr. GRPO, DAPO) on groups of sampled completions";
     const INPUTS: Inputs = Inputs::Any;
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
-    const MERGED: &'static [&'static str] = &["train"];
+    const MERGED: &'static [&'static str] = &train::MERGED;
     const SHOW: &'static [&'static str] = &["metrics.png", "samples.jsonl", "metrics.jsonl"];
     type Params = Params;
 
     fn check(p: &Params, inputs: &[String]) -> Result<(), ParamError> {
         let err = |path: &[&str], message: String| Err(ParamError::new(path, message));
-        p.train.check("train")?;
-        p.every.check()?;
+        p.training.check(&p.train)?;
         p.trainable.check()?;
         p.template.check("template")?;
-        p.distributed.check(p.train.batch_size)?;
         if !inputs.iter().any(|i| i == "policy") || inputs.iter().any(|i| i != "policy" && i != "reward") {
             return err(&[], format!("inputs are `policy` (a model) and optionally `reward` (a reward_model), not {inputs:?}"));
         }
@@ -267,14 +267,11 @@ impl Stage for Grpo {
     }
 
     fn resources(p: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, processes: p.distributed.processes }
+        p.training.resources()
     }
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
-        if let Some(step) = grpo(p, ctx, trainer::stop_after_env()?)? {
-            bail!("stopped after iteration {step} as {} asks; run again to resume from the last checkpoint", trainer::STOP_ENV);
-        }
-        Ok(())
+        trainer::run_stage(|stop_after| grpo(p, ctx, stop_after))
     }
 }
 
@@ -335,7 +332,7 @@ impl Scorer<'_> {
     /// scores its rows and every rank gets all.
     fn score(&self, prompts: &Prompts, of: &[usize], ids: &[Vec<i64>], texts: &[String]) -> Result<(Vec<f64>, Vec<bool>)> {
         // Each row's reward, then 1 if it is correct.
-        let values = dist::world().rows_of(ids.len(), 2, |rows| {
+        let values = ranks::rows_of(ids.len(), 2, |rows| {
             let (rewards, correct) = self.score_rows(prompts, &of[rows.clone()], &ids[rows.clone()], &texts[rows])?;
             Ok(rewards.into_iter().zip(correct).flat_map(|(reward, ok)| [reward, f64::from(u8::from(ok))]).collect())
         })?;
@@ -395,12 +392,12 @@ impl Scorer<'_> {
     }
 }
 
-/// The whole stage; returns `Some(iteration)` if it stopped there as
-/// `stop_after` asked.
-fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option<u64>> {
+/// The whole stage; `stop_after` ends the run after that iteration, as a
+/// kill would.
+fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
-    let world = p.distributed.init(device)?;
+    p.training.join(device)?;
     let hyper = &p.train;
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let mut tuning = Tuning::open(&policy_dir, &p.trainable, device, hyper.seed)?;
@@ -465,16 +462,16 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Optio
     let m = Models { policy, reference: &reference.gpt, encoder: &encoder };
     // The starting point: the reference is the policy before any update.
     let before = HeldOut::measure(m.reference, &m, &held_out, &scorer, p)?;
-    let mut task = Rl { m: &m, p, train: &train, held_out: &held_out, scorer: &scorer, before, after: None, timing: [0.0; 4] };
-    let trainer = Trainer { evaluate_first: true, zero: p.distributed.zero(), ..Trainer::new("grpo", hyper, &p.every, stop_after) };
+    let mut task = GrpoTraining { m: &m, p, train: &train, held_out: &held_out, scorer: &scorer, before, after: None, timing: [0.0; 4] };
+    let trainer = Trainer { evaluate_first: true, ..Trainer::new("grpo", &p.train, &p.training, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
-        trainer::Outcome::Finished(trained) => trained,
-        trainer::Outcome::Stopped(step) => return Ok(Some(step)),
+        Ended::Finished(trained) => trained,
+        stopped => return Ok(stopped),
     };
-    if !world.is_first() {
-        return Ok(None);
+    if !ranks::is_first() {
+        return Ok(Ended::Finished(trained));
     }
-    let Rl { before, after, timing: [generation_s, training_s, completions, generated], .. } = task;
+    let GrpoTraining { before, after, timing: [generation_s, training_s, completions, generated], .. } = task;
     let after = after.expect("evaluated after the last iteration");
     let (acc_before, se_before) = mean_stderr(&before.correct);
     let (acc_after, se_after) = mean_stderr(&after.correct);
@@ -511,7 +508,7 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Optio
         ctx.metric("generation_share", generation_s / (generation_s + training_s));
     }
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
-    Ok(None)
+    Ok(Ended::Finished(trained))
 }
 
 /// The models GRPO runs.
@@ -567,7 +564,7 @@ impl HeldOut {
 
 /// GRPO as an [`Objective`] of the shared loop: each step is an iteration
 /// (a generation batch, then `iterations` updates on it).
-struct Rl<'a> {
+struct GrpoTraining<'a> {
     m: &'a Models<'a>,
     p: &'a Params,
     train: &'a Prompts,
@@ -597,7 +594,7 @@ struct Generation {
     entropy: f64,
 }
 
-impl Objective for Rl<'_> {
+impl Objective for GrpoTraining<'_> {
     fn step(&mut self, iteration: u64, update: &mut Update) -> Result<Map<String, Value>> {
         let (m, p) = (self.m, self.p);
         let started = Instant::now();
@@ -632,7 +629,7 @@ impl Objective for Rl<'_> {
                 Ok(loss)
             })?;
         }
-        let sums = dist::world().sum(&sums)?;
+        let sums = ranks::sum(&sums)?;
         let training_seconds = training.elapsed().as_secs_f64();
         let kl = tch::no_grad(|| masked_mean(&kl_k3(&generation.logp, &generation.ref_logp), &generation.mask).double_value(&[]));
         let generated: usize = completions.iter().map(Vec::len).sum();
@@ -667,7 +664,7 @@ impl Objective for Rl<'_> {
     }
 }
 
-impl Rl<'_> {
+impl GrpoTraining<'_> {
     /// The generation batch as training rows, with the log-probabilities of
     /// the policy that sampled it and of the reference.
     fn grid(&self, prompts: &[Vec<i64>], completions: &[Vec<i64>], advantages: &[f64]) -> Result<Generation> {
@@ -677,12 +674,11 @@ impl Rl<'_> {
         let mask = batch.mask();
         let advantages = Tensor::from_slice(advantages).to_kind(Kind::Float).to_device(mask.device()).view([-1, 1]) * &mask;
         let (logp, ref_logp, mut entropy_sum) = (mask.zeros_like(), mask.zeros_like(), 0.0);
-        let world = dist::world();
         tch::no_grad(|| {
             let rows = p.train.batch_size * p.group;
             // Across ranks, each computes its rows of every micro-batch.
             for chunk in (0..sequences.len()).step_by(rows) {
-                let (start, end) = world.rows(rows.min(sequences.len() - chunk));
+                let (start, end) = ranks::rows(rows.min(sequences.len() - chunk));
                 if start == end {
                     continue;
                 }
@@ -694,9 +690,9 @@ impl Rl<'_> {
                 take(&ref_logp).copy_(&token_logprobs(&(m.reference.forward(&x, false) / p.temperature), &y));
             }
         });
-        world.merge(&logp)?;
-        world.merge(&ref_logp)?;
-        let entropy_sum = world.sum(&[entropy_sum])?[0];
+        ranks::merge(&logp)?;
+        ranks::merge(&ref_logp)?;
+        let entropy_sum = ranks::sum(&[entropy_sum])?[0];
         let tokens = mask.sum(Kind::Double).double_value(&[]);
         Ok(Generation { batch, mask, advantages, logp, ref_logp, tokens, entropy: entropy_sum / tokens.max(1.0) })
     }
@@ -708,7 +704,7 @@ impl Rl<'_> {
     fn micro_step(&self, gen: &Generation, start: usize, n: usize, scale: f64) -> (f64, f64, f64) {
         let (m, p) = (self.m, self.p);
         let n = n.min(gen.batch.lengths.len() - start);
-        let (first, end) = dist::world().rows(n);
+        let (first, end) = ranks::rows(n);
         let (start, n, scale) = (start + first, end - first, scale * (end - first) as f64 / n as f64);
         // Only as wide as the longest of these rows.
         let width = gen.batch.lengths[start..start + n].iter().copied().max().expect("a micro-batch has rows");
@@ -743,11 +739,10 @@ fn generate(
     sampling: impl Fn(usize) -> Sampling,
     eot: i64,
 ) -> Result<Vec<Vec<i64>>> {
-    let world = dist::world();
     let mut completions = vec![Vec::new(); prompts.len() * group];
     tch::no_grad(|| {
         for (c, chunk) in prompts.chunks(per_chunk).enumerate() {
-            let (start, end) = world.rows(chunk.len());
+            let (start, end) = ranks::rows(chunk.len());
             if start == end {
                 continue;
             }
@@ -759,7 +754,7 @@ fn generate(
             }
         }
     });
-    world.merge_lists(completions)
+    ranks::merge_lists(completions)
 }
 
 fn mean(xs: &[f64]) -> f64 {
@@ -809,7 +804,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let inputs = setup(tmp.path());
         let mut c = ctx(tmp.path(), "grpo", &inputs);
-        assert_eq!(grpo(&params(), &mut c, None).unwrap(), None);
+        assert!(matches!(grpo(&params(), &mut c, None).unwrap(), Ended::Finished(_)));
         let m = c.metrics().clone();
         let (before, after) = (m["accuracy_before"].as_f64().unwrap(), m["accuracy_after"].as_f64().unwrap());
         assert!(after > before + 0.2, "held-out accuracy {before} → {after}");
@@ -838,11 +833,11 @@ mod tests {
         let inputs = setup(tmp.path());
         let p = Params { train: Hyper { steps: 5, ..params().train }, ..params() };
         let mut straight = ctx(tmp.path(), "straight", &inputs);
-        assert_eq!(grpo(&p, &mut straight, None).unwrap(), None);
+        assert!(matches!(grpo(&p, &mut straight, None).unwrap(), Ended::Finished(_)));
         let mut resumed = ctx(tmp.path(), "resumed", &inputs);
         // Stopped after iteration 3: the checkpoint of 2 is the latest.
-        assert_eq!(grpo(&p, &mut resumed, Some(3)).unwrap(), Some(3));
-        assert_eq!(grpo(&p, &mut resumed, None).unwrap(), None);
+        assert!(matches!(grpo(&p, &mut resumed, Some(3)).unwrap(), Ended::Stopped(3)));
+        assert!(matches!(grpo(&p, &mut resumed, None).unwrap(), Ended::Finished(_)));
         let weights = |c: &StageCtx| std::fs::read(c.out.join("model.safetensors")).unwrap();
         assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
         assert_eq!(metric_rows(&straight.out), metric_rows(&resumed.out));

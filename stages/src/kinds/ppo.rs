@@ -44,8 +44,9 @@
 //! Prompts (`data`, an instruction or preference set; only `instruction` and
 //! `input` are read) are formatted with `template` (see [`crate::data::instruct`]).
 //! A prompt longer than the context less `max_new_tokens` loses tokens from
-//! its start. The set is split as `records::split(n, [1 − val_fraction,
-//! val_fraction], split_seed)`: with the reward model's split (the defaults,
+//! its start. The set is split as [`Split::held_out`]`(val_fraction,
+//! split_seed)`, `[1 − val_fraction, val_fraction]` of the records: with the
+//! reward model's split (the defaults,
 //! 0.1 and 1337, are `reward_model`'s) the held-out prompts are ones the
 //! reward model never saw. Before and after training, a response to each of
 //! the first `eval_prompts` held-out prompts (all by default) is sampled
@@ -93,7 +94,7 @@
 //! started again continues from the latest. Rollout prompts and seeds are functions
 //! of (`train.seed`, iteration), so the resumed run repeats the uninterrupted
 //! one. `LLMFLOW_STOP_AFTER_STEP=N` stops after iteration `N`. With
-//! `processes = N` ([`Distributed`]) each rank samples and scores its rows
+//! `processes = N` ([`Training`]) each rank samples and scores its rows
 //! of every micro-batch with their single-process seeds
 //! ([`Rollout::collect`]), every rank assembles the whole rollout, and each
 //! trains on its share of every micro-batch, weighted by response tokens.
@@ -104,7 +105,7 @@ mod rollout;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -113,17 +114,15 @@ use tch::{nn, Tensor};
 use self::objective::{policy_loss, value_loss};
 use self::rollout::{Models, Rollout};
 use crate::data::instruct::{Encoder, Record, Template};
-use crate::data::records;
+use crate::data::records::{self, Split};
 use crate::data::rng::shuffled;
 use crate::data::sequences::token_logprobs;
-use crate::dist;
 use crate::formats::model::{save_model, ModelArtifact};
 use crate::model::Gpt;
-use crate::train::distributed::Distributed;
 use crate::train::finetune::{Trainable, Tuning};
-use crate::train::head::HeadModel;
-use crate::train::trainer::{self, batch_indices, Every, Objective, Outcome, Trainer, Update, METRICS_FILE};
-use crate::train::{self, plot, step_seed, Hyper};
+use crate::train::last_token::HeadModel;
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update, METRICS_FILE};
+use crate::train::{self, plot, ranks, step_seed, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Ppo;
@@ -183,9 +182,7 @@ pub struct Params {
     pub samples: usize,
     pub trainable: Trainable,
     #[serde(flatten)]
-    pub every: Every,
-    #[serde(flatten)]
-    pub distributed: Distributed,
+    pub training: Training,
 }
 
 impl Default for Params {
@@ -220,8 +217,14 @@ impl Default for Params {
             missing_eos_penalty: None,
             samples: 4,
             trainable: Trainable::All,
-            every: Every { eval_every: 30, spike_factor: 0.0, checkpoint_every: 10, keep_checkpoints: 2, log_every: 5 },
-            distributed: Distributed::default(),
+            training: Training {
+                eval_every: 30,
+                spike_factor: 0.0,
+                checkpoint_every: 10,
+                keep_checkpoints: 2,
+                log_every: 5,
+                ..Training::default()
+            },
         }
     }
 }
@@ -239,17 +242,15 @@ impl Stage for Ppo {
     const SUMMARY: &'static str = "RLHF: PPO against a reward model with a KL penalty to the starting policy";
     const INPUTS: Inputs = Inputs::Fixed(&["policy", "reward"]);
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
-    const MERGED: &'static [&'static str] = &["train"];
+    const MERGED: &'static [&'static str] = &train::MERGED;
     const SHOW: &'static [&'static str] = &["metrics.png", "samples.jsonl", "metrics.jsonl"];
     type Params = Params;
 
     fn check(p: &Params, _inputs: &[String]) -> Result<(), ParamError> {
         let err = |field: &str, message: &str| Err(ParamError::new(&[field], message));
-        p.train.check("train")?;
-        p.every.check()?;
+        p.training.check(&p.train)?;
         p.trainable.check()?;
         p.template.check("template")?;
-        p.distributed.check(p.train.batch_size)?;
         if p.data.trim().is_empty() {
             return err("data", "`data` must name a JSON or JSON Lines file of instructions");
         }
@@ -261,14 +262,11 @@ impl Stage for Ppo {
     }
 
     fn resources(p: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, processes: p.distributed.processes }
+        p.training.resources()
     }
 
     fn run(p: &Params, ctx: &mut StageCtx) -> Result<()> {
-        if let Some(step) = ppo(p, ctx, trainer::stop_after_env()?)? {
-            bail!("stopped after iteration {step} as {} asks; run again to resume from the last checkpoint", trainer::STOP_ENV);
-        }
-        Ok(())
+        trainer::run_stage(|stop_after| ppo(p, ctx, stop_after))
     }
 }
 
@@ -288,7 +286,7 @@ impl Prompts {
             p.max_new_tokens
         );
         let records: Vec<Record> = records::read(path)?;
-        let parts = records::split(records.len(), &[1.0 - p.val_fraction, p.val_fraction], p.split_seed);
+        let parts = Split::held_out(p.val_fraction, p.split_seed).parts(records.len());
         let (train, val) = (&parts[0], &parts[1]);
         ensure!(!train.is_empty() && !val.is_empty(), "{}: {} records are too few to split", path.display(), records.len());
         let room = context - p.max_new_tokens;
@@ -305,12 +303,12 @@ impl Prompts {
     }
 }
 
-/// The whole stage; returns `Some(iteration)` if it stopped there as
-/// `stop_after` asked.
-fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option<u64>> {
+/// The whole stage; `stop_after` ends the run after that iteration, as a
+/// kill would.
+fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
-    let world = p.distributed.init(device)?;
+    p.training.join(device)?;
     let hyper = &p.train;
     let policy_dir = ctx.input("policy")?.to_path_buf();
     let mut tuning = Tuning::open(&policy_dir, &p.trainable, device, hyper.seed)?;
@@ -355,16 +353,16 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
     // The starting point: the reference is the policy before any update.
     let eval_seed = step_seed(hyper.seed, u64::MAX, 0) as u64;
     let before = Rollout::collect(&m.reference, &m, &prompts.val, eval_seed, p)?;
-    let mut task = Rlhf { m: &m, p, prompts: &prompts, before, after: None, eval_seed };
-    let trainer = Trainer { evaluate_first: true, zero: p.distributed.zero(), ..Trainer::new("ppo", hyper, &p.every, stop_after) };
+    let mut task = PpoTraining { m: &m, p, prompts: &prompts, before, after: None, eval_seed };
+    let trainer = Trainer { evaluate_first: true, ..Trainer::new("ppo", &p.train, &p.training, stop_after) };
     let trained = match trainer.run(ctx, trainable, &mut task)? {
-        Outcome::Finished(trained) => trained,
-        Outcome::Stopped(step) => return Ok(Some(step)),
+        Ended::Finished(trained) => trained,
+        stopped => return Ok(stopped),
     };
-    if !world.is_first() {
-        return Ok(None);
+    if !ranks::is_first() {
+        return Ok(Ended::Finished(trained));
     }
-    let Rlhf { before, after, .. } = task;
+    let PpoTraining { before, after, .. } = task;
     let after = after.expect("evaluated after the last iteration");
     let (reward_before, reward_after, kl_after) = (mean(&before.scores), mean(&after.scores), mean(&after.kl()));
     eprintln!("ppo: held-out reward {reward_before:.4} → {reward_after:.4}, KL to the reference {kl_after:.4}");
@@ -400,12 +398,12 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Option
     ctx.metric("reward_train_last", rows.iter().rev().find_map(|r| r["reward"].as_f64()));
     ctx.metric("iterations", hyper.steps);
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
-    Ok(None)
+    Ok(Ended::Finished(trained))
 }
 
 /// PPO as an [`Objective`] of the shared loop: each step of the loop is an
 /// iteration (a rollout, then `ppo_epochs` × `minibatches` updates).
-struct Rlhf<'a> {
+struct PpoTraining<'a> {
     m: &'a Models<'a>,
     p: &'a Params,
     prompts: &'a Prompts,
@@ -417,7 +415,7 @@ struct Rlhf<'a> {
     eval_seed: u64,
 }
 
-impl Objective for Rlhf<'_> {
+impl Objective for PpoTraining<'_> {
     fn step(&mut self, iteration: u64, update: &mut Update) -> Result<Map<String, Value>> {
         let (m, p) = (self.m, self.p);
         let started = Instant::now();
@@ -475,7 +473,7 @@ fn optimize(m: &Models, update: &mut Update, rollout: &Rollout, p: &Params, iter
             })?;
         }
     }
-    let sums = dist::world().sum(&sums)?;
+    let sums = ranks::sum(&sums)?;
     let names = ["policy_loss", "value_loss", "clipfrac", "value_clipfrac"];
     Ok(names.iter().zip(sums).map(|(k, s)| (k.to_string(), json!(s / micro_batches as f64))).collect())
 }
@@ -485,7 +483,7 @@ fn optimize(m: &Models, update: &mut Update, rollout: &Rollout, p: &Params, iter
 /// the scaled loss. Across ranks, each takes its slice of `rows`, its values
 /// weighted by its share of the response tokens (all four are token means).
 fn micro_step(m: &Models, r: &Rollout, advantages: &Tensor, returns: &Tensor, rows: &[usize], p: &Params, scale: f64) -> ([f64; 4], f64) {
-    let (rows, share) = dist::world().share(rows.to_vec(), |&i| r.responses[i].len() as f64);
+    let (rows, share) = ranks::share(rows.to_vec(), |&i| r.responses[i].len() as f64);
     let index = Tensor::from_slice(&rows.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(r.mask.device());
     // Only as wide as the longest of these rows.
     let width = rows.iter().map(|&i| r.batch.lengths[i]).max().expect("a micro-batch has rows");
@@ -553,7 +551,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let inputs = setup(tmp.path());
         let mut c = ctx(tmp.path(), "ppo", &inputs);
-        assert_eq!(ppo(&params(), &mut c, None).unwrap(), None);
+        assert!(matches!(ppo(&params(), &mut c, None).unwrap(), Ended::Finished(_)));
         let metrics = c.metrics().clone();
         let (before, after) = (metrics["reward_before"].as_f64().unwrap(), metrics["reward_after"].as_f64().unwrap());
         let kl = metrics["kl_after"].as_f64().unwrap();
@@ -595,11 +593,11 @@ mod tests {
         let inputs = setup(tmp.path());
         let p = params();
         let mut straight = ctx(tmp.path(), "straight", &inputs);
-        assert_eq!(ppo(&p, &mut straight, None).unwrap(), None);
+        assert!(matches!(ppo(&p, &mut straight, None).unwrap(), Ended::Finished(_)));
         let mut resumed = ctx(tmp.path(), "resumed", &inputs);
         // Stopped after iteration 3: the checkpoint of 2 is the latest.
-        assert_eq!(ppo(&p, &mut resumed, Some(3)).unwrap(), Some(3));
-        assert_eq!(ppo(&p, &mut resumed, None).unwrap(), None);
+        assert!(matches!(ppo(&p, &mut resumed, Some(3)).unwrap(), Ended::Stopped(3)));
+        assert!(matches!(ppo(&p, &mut resumed, None).unwrap(), Ended::Finished(_)));
         let weights = |c: &StageCtx| std::fs::read(c.out.join(MODEL_FILE)).unwrap();
         assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
         assert_eq!(metric_rows(&straight.out), metric_rows(&resumed.out));
@@ -653,7 +651,7 @@ mod tests {
         reward.model.vs.freeze();
         let encoder = Encoder::new(&reward.model.tokenizer, template).unwrap();
         let records: Vec<Record> = records::read(data).unwrap();
-        let parts = records::split(records.len(), &[0.9, 0.1], 1337);
+        let parts = Split::new(&[0.9, 0.1], 1337).parts(records.len());
         let context = reward.model.gpt.config().context as usize;
         // Last-token features of chosen minus rejected, per pair.
         let differences = |indices: &[usize]| -> Tensor {
@@ -712,7 +710,7 @@ mod tests {
 
         // REWARD_MODEL: where the reward model is kept between runs.
         let rm = std::env::var("REWARD_MODEL").map_or_else(|_| tmp.path().join("rm"), PathBuf::from);
-        if !rm.join(crate::train::head::HEAD_FILE).exists() {
+        if !rm.join(crate::train::last_token::HEAD_FILE).exists() {
             make_reward_model(&base, &rm, &project.join(&p.data), &p.template);
         }
         let mut c = StageCtx::new("ppo", &project, &tmp.path().join("out"), &tmp.path().join("work"));

@@ -30,7 +30,7 @@
 //! * `processes` (1), `zero` (0), `collective_timeout_s` (600): train as that
 //!   many ranks, data-parallel through c10d, each on its slice of every
 //!   batch, with AdamW's moments partitioned among them if `zero = 1`
-//!   ([`crate::train::distributed`]); volatile: the weights agree with one
+//!   ([`crate::train::params`], [`crate::train::ranks`]); volatile: the weights agree with one
 //!   process's to rounding. Validation batches are shared out among the
 //!   ranks; rank 0 writes the output.
 //! * `samples`: `count` texts of `max_tokens` tokens generated after training
@@ -84,15 +84,13 @@ use tch::{nn, Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::data::loader::{Batch, Loader, Order, Position, Split};
-use crate::dist;
 use crate::formats::model::save_model;
 use crate::formats::tokenizer;
 use crate::model::{self, Gpt, ModelConfig};
 use crate::sample::{complete, Sampling};
-use crate::train::distributed::Distributed;
 use crate::train::replicas::Replicas;
-use crate::train::trainer::{self, Every, Objective, Outcome, Trainer};
-use crate::train::{self, Hyper};
+use crate::train::trainer::{self, Ended, Objective, Trainer};
+use crate::train::{self, ranks, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Pretrain;
@@ -108,9 +106,7 @@ pub struct Params {
     #[schemars(range(min = 1, max = 1_000_000))]
     pub eval_batches: usize,
     #[serde(flatten)]
-    pub every: Every,
-    #[serde(flatten)]
-    pub distributed: Distributed,
+    pub training: Training,
     /// Texts generated from the trained model into `samples.txt`.
     pub samples: Samples,
 }
@@ -146,8 +142,7 @@ impl Default for Params {
             model: ModelConfig::default(),
             train: Hyper::default(),
             eval_batches: 20,
-            every: Every::default(),
-            distributed: Distributed::default(),
+            training: Training::default(),
             samples: Samples::default(),
         }
     }
@@ -159,15 +154,13 @@ impl Stage for Pretrain {
     const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
-    const MERGED: &'static [&'static str] = &["train"];
+    const MERGED: &'static [&'static str] = &train::MERGED;
     const SHOW: &'static [&'static str] = &["loss.png", "samples.txt", "metrics.jsonl"];
     const ESTIMATES: bool = true;
     type Params = Params;
 
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
-        params.train.check("train")?;
-        params.every.check()?;
-        params.distributed.check(params.train.batch_size)?;
+        params.training.check(&params.train)?;
         if params.samples.count > 0 && params.samples.max_tokens == 0 {
             return Err(ParamError::new(&["samples", "max_tokens"], "`max_tokens` must be at least 1"));
         }
@@ -175,11 +168,11 @@ impl Stage for Pretrain {
     }
 
     fn resources(params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
+        params.training.resources()
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        pretrain(params, ctx, trainer::stop_after_env()?)?.finished().map(drop)
+        trainer::run_stage(|stop_after| pretrain(params, ctx, stop_after))
     }
 
     fn estimate(params: &Params, ctx: &StageCtx) -> Result<Option<String>> {
@@ -249,10 +242,10 @@ fn estimate(config: &ModelConfig, hyper: &Hyper, device: &Device, threads: usize
 }
 
 /// The whole stage; `stop_after` ends the run after that step, as a kill would.
-fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
+fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
-    let world = params.distributed.init(device)?;
+    params.training.join(device)?;
     let hyper = &params.train;
     let tokenizer_dir = ctx.input("tokenizer")?.to_path_buf();
     let tokenizer = tokenizer::load(&tokenizer_dir)?;
@@ -266,32 +259,31 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
     tch::manual_seed(hyper.seed as i64);
     let mut vs = nn::VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &config)?;
-    if world.is_first() {
+    if ranks::is_first() {
         eprintln!(
             "pretrain: {} parameters, {} steps of {} tokens on {device:?}, {} process(es) of {} threads",
             config.num_params(),
             hyper.steps,
             hyper.tokens_per_step(config.context),
-            world.size,
+            ranks::size(),
             ctx.threads
         );
     }
     let trainer = Trainer {
         tokens_per_step: Some(hyper.tokens_per_step(config.context)),
-        zero: params.distributed.zero(),
-        ..Trainer::new("pretrain", hyper, &params.every, stop_after)
+        ..Trainer::new("pretrain", &params.train, &params.training, stop_after)
     };
     // Dropout masks drawn on several threads at once would depend on scheduling.
     let replicas = if config.dropout > 0.0 { None } else { Replicas::new(&vs, &config, ctx.threads)? };
-    if replicas.is_some() && world.is_first() {
+    if replicas.is_some() && ranks::is_first() {
         eprintln!("pretrain: each batch split across {} cores, one single-threaded model replica each", ctx.threads);
     }
     let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val, replicas })? {
-        Outcome::Finished(trained) => trained,
+        Ended::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
-    if !world.is_first() {
-        return Ok(Outcome::Finished(trained));
+    if !ranks::is_first() {
+        return Ok(Ended::Finished(trained));
     }
 
     let out = ctx.out.clone();
@@ -307,9 +299,9 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
     ctx.metric("params", config.num_params());
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
     ctx.metric("skipped_steps", trained.skipped);
-    ctx.metric("processes", world.size);
+    ctx.metric("processes", ranks::size());
     ctx.metric("optimizer_mb_per_rank", trained.optimizer_bytes as f64 / 1e6);
-    Ok(Outcome::Finished(trained))
+    Ok(Ended::Finished(trained))
 }
 
 /// Next-token prediction on the token stream, as an [`Objective`].
@@ -326,7 +318,7 @@ impl Objective for Pretraining<'_> {
         let (x, y) = tensors(&self.loader.next_batch(), self.gpt.device());
         // Every rank reads the whole batch and trains on its rows.
         let rows = x.size()[0] as usize;
-        let (start, end) = dist::world().rows(rows);
+        let (start, end) = ranks::rows(rows);
         let (x, y) = (x.narrow(0, start as i64, (end - start) as i64), y.narrow(0, start as i64, (end - start) as i64));
         let scale = scale * (end - start) as f64 / rows as f64;
         match &mut self.replicas {
@@ -405,11 +397,10 @@ impl Evaluator {
     /// (mean loss in nats per token, bits per byte); each batch split across
     /// the cores when training is.
     fn evaluate(&self, gpt: &Gpt, mut replicas: Option<&mut Replicas>) -> Result<(f64, f64)> {
-        let world = dist::world();
         let mut nats = 0.0;
         let mut tokens = 0.0;
         // Across ranks, each takes every so many batches, and the sums are added up.
-        for batch in self.batches.iter().skip(world.rank).step_by(world.size) {
+        for batch in ranks::interleaved(&self.batches) {
             let (x, y) = tensors(batch, gpt.device());
             let loss = match replicas.as_deref_mut() {
                 Some(r) => r.map(gpt, &x, &y, 1.0, val_pass)?,
@@ -418,7 +409,7 @@ impl Evaluator {
             nats += loss * batch.y.len() as f64;
             tokens += batch.y.len() as f64;
         }
-        let sums = world.sum(&[nats, tokens])?;
+        let sums = ranks::sum(&[nats, tokens])?;
         let (nats, tokens) = (sums[0], sums[1]);
         Ok((nats / tokens, nats / std::f64::consts::LN_2 / self.bytes.max(1.0)))
     }
@@ -512,16 +503,16 @@ pub(crate) mod tests {
         let params = tiny();
 
         let mut straight = ctx(dir, "straight", &inputs);
-        assert!(matches!(pretrain(&params, &mut straight, None).unwrap(), Outcome::Finished(_)));
+        assert!(matches!(pretrain(&params, &mut straight, None).unwrap(), Ended::Finished(_)));
 
         // Killed after step 6: the checkpoint of step 4 is the latest, steps 5
         // and 6 are done again.
         let mut resumed = ctx(dir, "resumed", &inputs);
-        assert!(matches!(pretrain(&params, &mut resumed, Some(6)).unwrap(), Outcome::Stopped(6)));
+        assert!(matches!(pretrain(&params, &mut resumed, Some(6)).unwrap(), Ended::Stopped(6)));
         let steps: Vec<u64> =
             Checkpoints::open(&resumed.work.join("checkpoints"), 2).unwrap().list().unwrap().iter().map(|c| c.0).collect();
         assert_eq!(steps, [4]);
-        assert!(matches!(pretrain(&params, &mut resumed, None).unwrap(), Outcome::Finished(_)));
+        assert!(matches!(pretrain(&params, &mut resumed, None).unwrap(), Ended::Finished(_)));
 
         let weights = |c: &StageCtx| std::fs::read(c.out.join(MODEL_FILE)).unwrap();
         assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
@@ -563,7 +554,7 @@ pub(crate) mod tests {
 
     #[test]
     fn params_are_checked_and_volatile_ones_listed() {
-        let bad = Params { every: Every { spike_factor: 0.5, ..Default::default() }, ..Default::default() };
+        let bad = Params { training: Training { spike_factor: 0.5, ..Default::default() }, ..Default::default() };
         assert_eq!(Pretrain::check(&bad, &[]).unwrap_err().path, ["spike_factor"]);
         assert_eq!(crate::params::<Pretrain>(json!({"train": {"steps": 0}})).unwrap_err().path, ["train", "steps"]);
         assert!(crate::params::<Pretrain>(json!({"train": {"stpes": 1}})).is_err());

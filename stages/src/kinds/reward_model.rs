@@ -39,7 +39,7 @@
 //! * `template` (`alpaca`): a [`Template`]; it must be the one the
 //!   input model was fine-tuned with.
 //! * `split` (`[0.9, 0.1]`): train and validation fractions of the records,
-//!   shuffled by `train.seed` ([`records::split`]). Keep the default split
+//!   shuffled by `train.seed` ([`Split`]). Keep the default split
 //!   and seed (1337): `ppo` takes its held-out prompts from the same
 //!   validation part, which the reward model has then never trained on.
 //! * `margin` (0), `center_coef` (0.01): the loss above.
@@ -76,14 +76,12 @@ use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
 use crate::data::instruct::{Encoder, Pair, Record, Template};
-use crate::data::records;
+use crate::data::records::{self, Split};
 use crate::data::sequences::{pad, Sequence};
-use crate::dist;
-use crate::train::distributed::Distributed;
 use crate::train::finetune::Trainable;
-use crate::train::head::{Head, HeadModel};
-use crate::train::trainer::{self, batch_indices, Every, Objective, Trainer};
-use crate::train::{self, Hyper};
+use crate::train::last_token::{Head, HeadModel};
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer};
+use crate::train::{self, ranks, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct RewardModel;
@@ -106,9 +104,7 @@ pub struct Params {
     pub trainable: Trainable,
     pub train: Hyper,
     #[serde(flatten)]
-    pub every: Every,
-    #[serde(flatten)]
-    pub distributed: Distributed,
+    pub training: Training,
 }
 
 impl Default for Params {
@@ -121,8 +117,7 @@ impl Default for Params {
             center_coef: 0.01,
             trainable: Trainable::LastBlocks(4),
             train: Hyper { steps: 150, batch_size: 16, lr: 1e-3, min_lr: 1e-4, warmup: 15, weight_decay: 0.01, ..Hyper::default() },
-            every: Every { eval_every: 50, ..Every::default() },
-            distributed: Distributed::default(),
+            training: Training { eval_every: 50, ..Training::default() },
         }
     }
 }
@@ -133,14 +128,12 @@ impl Stage for RewardModel {
     const SUMMARY: &'static str = "train a scalar reward head on preference pairs (Bradley–Terry loss)";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
-    const MERGED: &'static [&'static str] = &["train"];
+    const MERGED: &'static [&'static str] = &train::MERGED;
     const SHOW: &'static [&'static str] = &["loss.png", "metrics.jsonl"];
     type Params = Params;
 
     fn check(params: &Params, _inputs: &[String]) -> Result<(), ParamError> {
-        params.train.check("train")?;
-        params.distributed.check(params.train.batch_size)?;
-        params.every.check()?;
+        params.training.check(&params.train)?;
         params.trainable.check()?;
         params.template.check("template")?;
         records::check_split(&params.split, &["train", "validation"])?;
@@ -155,11 +148,11 @@ impl Stage for RewardModel {
     }
 
     fn resources(params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
+        params.training.resources()
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        train(params, ctx, trainer::stop_after_env()?)
+        trainer::run_stage(|stop_after| train(params, ctx, stop_after))
     }
 }
 
@@ -173,10 +166,10 @@ pub fn pairwise_loss(chosen: &Tensor, rejected: &Tensor, margin: f64, center_coe
     preference + (chosen + rejected).square().mean(Kind::Float) * center_coef
 }
 
-fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<()> {
+fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
-    let world = params.distributed.init(device)?;
+    params.training.join(device)?;
     let model_dir = ctx.input("model")?.to_path_buf();
     let data = ctx.project_path(&params.data);
     let records: Vec<Record> = records::read(&data).with_context(|| "the preference data (param `data`)")?;
@@ -185,7 +178,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     crate::train::check_memory(scorer.model.gpt.config(), &params.train, device)?;
     let encoder = Encoder::new(&scorer.model.tokenizer, &params.template)?;
     let all = encoder.pairs(&records, scorer.model.gpt.config().context as usize, &data.display().to_string())?;
-    let parts = records::split(all.len(), &params.split, params.train.seed);
+    let parts = Split::new(&params.split, params.train.seed).parts(all.len());
     let take = |part: &[usize]| -> Vec<Pair> { part.iter().map(|&i| all[i].clone()).collect() };
     let (train_pairs, val_pairs) = (take(&parts[0]), take(&parts[1]));
     ensure!(
@@ -207,11 +200,14 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let (vs, head) = scorer.parts();
     let mut task = Preferences { head, params, train: train_pairs, val: val_pairs };
     let before = task.judge()?;
-    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("reward_model", &params.train, &params.every, stop_after) };
-    let trained = trainer.run(ctx, vs, &mut task)?.finished()?;
+    let trainer = Trainer::new("reward_model", &params.train, &params.training, stop_after);
+    let trained = match trainer.run(ctx, vs, &mut task)? {
+        Ended::Finished(trained) => trained,
+        stopped => return Ok(stopped),
+    };
     let after = task.judge()?;
-    if !world.is_first() {
-        return Ok(());
+    if !ranks::is_first() {
+        return Ok(Ended::Finished(trained));
     }
     let (train_len, val_len) = (task.train.len(), task.val.len());
 
@@ -229,7 +225,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     ctx.metric("val_pairs", val_len);
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
     ctx.metric("skipped_steps", trained.skipped);
-    Ok(())
+    Ok(Ended::Finished(trained))
 }
 
 /// Preference pairs as an [`Objective`].
@@ -260,7 +256,7 @@ impl Preferences<'_> {
         let batch_size = self.params.train.batch_size * 2;
         let scores = |pick: fn(&Pair) -> &Sequence| -> Result<Tensor> {
             let seqs: Vec<Sequence> = self.val.iter().map(|p| pick(p).clone()).collect();
-            let scores = dist::world().rows_of(seqs.len(), 1, |rows| {
+            let scores = ranks::rows_of(seqs.len(), 1, |rows| {
                 Ok(Vec::<f64>::try_from(self.head.scores(&seqs[rows], batch_size).view([-1]).to_kind(Kind::Double))?)
             })?;
             Ok(Tensor::from_slice(&scores).to_kind(Kind::Float))
@@ -287,7 +283,7 @@ pub fn judge(chosen: &Tensor, rejected: &Tensor, margin: f64, center_coef: f64) 
 impl Objective for Preferences<'_> {
     fn backward(&mut self, step: u64, micro: usize, scale: f64) -> Result<f64> {
         // This rank's pairs; the loss is a mean over pairs.
-        let (picked, share) = dist::world().share(batch_indices(self.train.len(), &self.params.train, step, micro), |_| 1.0);
+        let (picked, share) = ranks::share(batch_indices(self.train.len(), &self.params.train, step, micro), |_| 1.0);
         let scale = scale * share;
         // Chosen then rejected responses in one batch, one forward pass.
         let seqs: Vec<Sequence> =

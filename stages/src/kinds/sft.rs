@@ -30,7 +30,7 @@
 //! * `template` (`alpaca`): a [`Template`]. Prompt the tuned model the same
 //!   way (`reward_model`, `dpo` and `ppo` take the same param).
 //! * `split` (`[0.85, 0.10, 0.05]`): train, validation and test fractions of
-//!   the records, shuffled by `train.seed` ([`records::split`]).
+//!   the records, shuffled by `train.seed` ([`Split`]).
 //! * `trainable` (`"all"`): which weights train — `"all"`,
 //!   `{ last_blocks = N }`, or `{ lora = { … } }` (a [`crate::model::Lora`]: defaults rank
 //!   8, alpha 16, dropout 0.05, targets `["q", "v"]`), which trains adapters
@@ -73,15 +73,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::data::instruct::{Encoder, Record, Template};
-use crate::data::records;
+use crate::data::records::{self, Split};
 use crate::data::sequences::{pad, score, Sequence};
-use crate::dist;
 use crate::model::Gpt;
 use crate::sample::{generate_batch, Sampling};
-use crate::train::distributed::Distributed;
 use crate::train::finetune::{self, read_records, Trainable, Tuning};
-use crate::train::trainer::{self, batch_indices, Every, Objective, Outcome, Trainer};
-use crate::train::{self, Hyper};
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer};
+use crate::train::{self, ranks, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Sft;
@@ -101,9 +99,7 @@ pub struct Params {
     pub trainable: Trainable,
     pub train: Hyper,
     #[serde(flatten)]
-    pub every: Every,
-    #[serde(flatten)]
-    pub distributed: Distributed,
+    pub training: Training,
     /// How the answers to the test instructions (`responses.jsonl`) are sampled.
     pub responses: Responses,
 }
@@ -137,8 +133,7 @@ impl Default for Params {
             split: vec![0.85, 0.10, 0.05],
             trainable: Trainable::All,
             train: Hyper { steps: 300, lr: 1e-3, min_lr: 1e-4, warmup: 20, weight_decay: 0.01, ..Hyper::default() },
-            every: Every { eval_every: 100, ..Every::default() },
-            distributed: Distributed::default(),
+            training: Training { eval_every: 100, ..Training::default() },
             responses: Responses::default(),
         }
     }
@@ -150,7 +145,7 @@ impl Stage for Sft {
     const SUMMARY: &'static str = "instruction fine-tuning on response tokens, in full or with LoRA adapters";
     const INPUTS: Inputs = Inputs::Fixed(&["model"]);
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
-    const MERGED: &'static [&'static str] = &["train"];
+    const MERGED: &'static [&'static str] = &train::MERGED;
     const MOVED: &'static [(&'static str, &'static str)] = &[finetune::MOVED_LORA];
     const SHOW: &'static [&'static str] = &["loss.png", "responses.jsonl", "metrics.jsonl"];
     type Params = Params;
@@ -162,9 +157,7 @@ impl Stage for Sft {
         params.template.check("template")?;
         records::check_split(&params.split, &["train", "validation", "test"])?;
         params.trainable.check()?;
-        params.train.check("train")?;
-        params.distributed.check(params.train.batch_size)?;
-        params.every.check()
+        params.training.check(&params.train)
     }
 
     fn files(params: &Params) -> Vec<String> {
@@ -172,26 +165,26 @@ impl Stage for Sft {
     }
 
     fn resources(params: &Params) -> crate::Resources {
-        crate::Resources { threads: None, accelerator: true, processes: params.distributed.processes }
+        params.training.resources()
     }
 
     fn run(params: &Params, ctx: &mut StageCtx) -> Result<()> {
-        sft(params, ctx, trainer::stop_after_env()?)?.finished().map(drop)
+        trainer::run_stage(|stop_after| sft(params, ctx, stop_after))
     }
 }
 
 /// The stage, stopping after step `stop_after` if given (see
 /// [`Trainer::stop_after`]).
-pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Outcome> {
+pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended> {
     let started = Instant::now();
     let device = device::prepare(ctx)?;
-    let world = params.distributed.init(device)?;
+    params.training.join(device)?;
     let input = ctx.input("model")?.to_path_buf();
     let hyper = &params.train;
     let mut tuning = Tuning::open(&input, &params.trainable, device, hyper.seed)?;
     crate::train::check_memory(tuning.gpt.config(), hyper, device)?;
     let records = read_records(ctx, &params.data)?;
-    let parts = records::split(records.len(), &params.split, hyper.seed);
+    let parts = Split::new(&params.split, hyper.seed).parts(records.len());
     // Its own copy: the model is borrowed mutably for training below.
     let tokenizer = tuning.tokenizer.clone();
     let encoder = Encoder::new(&tokenizer, &params.template)?;
@@ -219,13 +212,13 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     let (gpt, trainable) = tuning.parts();
     let mut task = Instructions { gpt, train, val, hyper, pad_id: encoder.eot };
     let val_loss_before = task.val_loss()?;
-    let trainer = Trainer { zero: params.distributed.zero(), ..Trainer::new("sft", hyper, &params.every, stop_after) };
+    let trainer = Trainer::new("sft", &params.train, &params.training, stop_after);
     let trained = match trainer.run(ctx, trainable, &mut task)? {
-        Outcome::Finished(trained) => trained,
+        Ended::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
-    if !world.is_first() {
-        return Ok(Outcome::Finished(trained));
+    if !ranks::is_first() {
+        return Ok(Ended::Finished(trained));
     }
 
     let out = ctx.out.clone();
@@ -270,7 +263,7 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
     ctx.metric("examples", [parts[0].len(), parts[1].len(), parts[2].len()]);
     ctx.metric("wall_seconds", started.elapsed().as_secs_f64());
     ctx.metric("skipped_steps", trained.skipped);
-    Ok(Outcome::Finished(trained))
+    Ok(Ended::Finished(trained))
 }
 
 /// Next-token prediction on the response tokens of instruction records, as a
@@ -288,8 +281,7 @@ impl Instructions<'_> {
     /// Mean nats per response token of the validation records.
     /// Across ranks, each scores its share of the records.
     fn val_loss(&self) -> Result<f64> {
-        let scores =
-            dist::world().rows_of(self.val.len(), 1, |rows| Ok(score(self.gpt, &self.val[rows], self.hyper.batch_size, self.pad_id)))?;
+        let scores = ranks::rows_of(self.val.len(), 1, |rows| Ok(score(self.gpt, &self.val[rows], self.hyper.batch_size, self.pad_id)))?;
         Ok(-scores.iter().sum::<f64>() / self.val.iter().map(Sequence::counted).sum::<usize>() as f64)
     }
 }
@@ -299,7 +291,7 @@ impl Objective for Instructions<'_> {
         let batch: Vec<Sequence> =
             batch_indices(self.train.len(), self.hyper, step, micro).into_iter().map(|i| self.train[i].clone()).collect();
         // This rank's rows; the loss is a mean over the counted tokens.
-        let (batch, share) = dist::world().share(batch, |s| s.counted() as f64);
+        let (batch, share) = ranks::share(batch, |s| s.counted() as f64);
         if share == 0.0 {
             return Ok(0.0);
         }
@@ -438,7 +430,7 @@ mod tests {
         };
         let (straight, _) = run("straight", None);
         let (_, stopped) = run("resumed", Some(6));
-        assert!(matches!(stopped, Outcome::Stopped(6)));
+        assert!(matches!(stopped, Ended::Stopped(6)));
         let checkpoints = Checkpoints::open(&dir.join("resumed/work/checkpoints"), 2).unwrap();
         assert_eq!(checkpoints.list().unwrap().iter().map(|c| c.0).collect::<Vec<_>>(), [4]);
         let (resumed, finished) = run("resumed", None);

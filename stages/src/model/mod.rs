@@ -104,8 +104,8 @@ use serde::{Deserialize, Serialize};
 use self::lora::Adapter;
 use tch::{nn, Device, Kind, Reduction, Tensor};
 
-mod checkpoint;
 mod lora;
+mod recompute;
 
 pub use lora::Lora;
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+#[derive(Debug)]
 pub struct MetricsLog {
     path: PathBuf,
     file: File,

@@ -1,6 +1,14 @@
 //! Training-loop pieces shared by the stages that train a model (`pretrain`,
 //! and the fine-tuning stages built on it).
 //!
+//! A training kind says what a row of its data is and what its loss is (an
+//! [`trainer::Objective`]); the rest is here, declared once:
+//!
+//! * [`Training`] ([`params`]): the params every training stage shares,
+//!   flattened into its own, with their check and resources;
+//!   [`trainer::run_stage`] and [`trainer::Ended`]: a run stopped or
+//!   finished, the stop-after step handled in one place.
+//! * [`ranks`]: each rank's rows of a batch and the sums over the ranks.
 //! * [`Hyper`]: the `train = { ... }` table — steps, batch, learning-rate
 //!   schedule, AdamW and clipping settings, seed — with [`Hyper::lr_at`], linear
 //!   warmup then cosine decay to `min_lr`.
@@ -17,19 +25,22 @@
 //!   policy-gradient stages share.
 //! * [`replicas`]: a micro-batch split across the CPU cores, one
 //!   single-threaded model replica each.
-//! * [`distributed`]: the params of training across processes, whose
-//!   collectives [`AdamW`] and the loop make ([`crate::dist`]).
+//! * [`finetune`]: what trains of an input model (`trainable`), and the
+//!   records a fine-tuning stage reads.
+//! * [`last_token`]: a linear head on each sequence's last token (the reward
+//!   model's score, the classifier's classes).
 //! * [`step_seed`]: the libtorch seed for each micro-batch, which makes
 //!   dropout reproducible across a resume without saving libtorch's generator
 //!   (tch cannot read it back).
 
 mod adamw;
 mod checkpoint;
-pub mod distributed;
 pub mod finetune;
-pub mod head;
+pub mod last_token;
 mod metrics;
+pub mod params;
 pub mod plot;
+pub mod ranks;
 pub mod replicas;
 pub mod rl;
 pub mod trainer;
@@ -41,6 +52,7 @@ use serde::{Deserialize, Serialize};
 pub use adamw::{decays, AdamW};
 pub use checkpoint::Checkpoints;
 pub use metrics::MetricsLog;
+pub use params::{Training, MERGED, VOLATILE};
 
 use crate::model::ModelConfig;
 use crate::ParamError;
@@ -58,13 +70,6 @@ pub fn sorted_variables(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
 }
-
-/// The volatile params of a stage on the shared loop that trains across
-/// processes: the loop's ([`trainer::VOLATILE`]) and [`distributed::VOLATILE`].
-pub const VOLATILE: [&str; 6] = {
-    let (looped, ranks) = (trainer::VOLATILE, distributed::VOLATILE);
-    [looped[0], looped[1], looped[2], ranks[0], ranks[1], ranks[2]]
-};
 
 /// Optimization settings: the `train` table of a training stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -19,15 +19,14 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::nn;
 
-use super::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard};
+use super::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard, Training};
 use crate::data::rng::shuffled;
 use crate::dist::{self, World};
-use crate::{ParamError, StageCtx};
+use crate::StageCtx;
 
 /// What a stage trains: the part of the loop that is not shared.
 pub trait Objective {
@@ -115,13 +114,13 @@ impl Update<'_> {
     }
 }
 
-/// The loop's settings: `train` plus the top-level params training stages
-/// share (see [`Every`]).
+/// The loop's settings: a stage's `train` table and [`Training`] params,
+/// and what the stage itself says.
 pub struct Trainer<'a> {
     /// The stage kind, prefixing log lines.
     pub name: &'a str,
     pub hyper: &'a Hyper,
-    pub every: &'a Every,
+    pub training: &'a Training,
     /// Tokens one update trains on, for the `tokens` (so far) and
     /// `tokens_per_s` columns; `None` when updates differ in size.
     pub tokens_per_step: Option<u64>,
@@ -130,62 +129,20 @@ pub struct Trainer<'a> {
     /// Evaluate before the first step too (a fresh run), as the row of step
     /// 0: where the curve starts.
     pub evaluate_first: bool,
-    /// Across ranks, partition AdamW's moments among them (ZeRO-1).
-    pub zero: bool,
 }
 
 impl<'a> Trainer<'a> {
     /// The loop of a stage `name` with these settings: updates of no fixed
-    /// size in tokens, no evaluation before the first, AdamW's moments whole
-    /// on every rank; a stage changes what differs.
-    pub fn new(name: &'a str, hyper: &'a Hyper, every: &'a Every, stop_after: Option<u64>) -> Self {
-        Trainer { name, hyper, every, tokens_per_step: None, stop_after, evaluate_first: false, zero: false }
+    /// size in tokens, no evaluation before the first; a stage changes what
+    /// differs.
+    pub fn new(name: &'a str, hyper: &'a Hyper, training: &'a Training, stop_after: Option<u64>) -> Self {
+        Trainer { name, hyper, training, tokens_per_step: None, stop_after, evaluate_first: false }
     }
 }
-
-/// Intervals and guard of a training loop: top-level params of every
-/// training stage (`#[serde(flatten)]` them into the stage's params).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct Every {
-    /// Evaluate every so many updates, and after the last.
-    #[schemars(range(min = 1, max = 1_000_000_000))]
-    pub eval_every: u64,
-    /// Skip an update whose loss exceeds this × the running mean; 0: never.
-    #[schemars(range(min = 0, max = 1000))]
-    pub spike_factor: f64,
-    /// Checkpoint every so many updates (volatile); 0: never.
-    #[schemars(range(max = 1_000_000_000))]
-    pub checkpoint_every: u64,
-    /// Checkpoints kept (volatile).
-    #[schemars(range(max = 1000))]
-    pub keep_checkpoints: usize,
-    /// A progress line on stderr every so many updates (volatile).
-    #[schemars(range(max = 1_000_000_000))]
-    pub log_every: u64,
-}
-
-impl Default for Every {
-    fn default() -> Self {
-        Every { eval_every: 125, spike_factor: 3.0, checkpoint_every: 100, keep_checkpoints: 2, log_every: 50 }
-    }
-}
-
-/// The params of [`Every`] that cannot change a result.
-pub const VOLATILE: [&str; 3] = ["checkpoint_every", "keep_checkpoints", "log_every"];
 
 /// The environment variable that stops a training stage right after a given
 /// step, as if killed there, to exercise resume.
 pub const STOP_ENV: &str = "LLMFLOW_STOP_AFTER_STEP";
-
-impl Every {
-    pub fn check(&self) -> Result<(), ParamError> {
-        if self.spike_factor > 0.0 && self.spike_factor <= 1.0 {
-            return Err(ParamError::new(&["spike_factor"], "`spike_factor` must be above 1, or 0 to turn the guard off"));
-        }
-        Ok(())
-    }
-}
 
 /// The environment variable `RANK@STEP` that kills rank RANK of a training
 /// stage with SIGKILL right after step STEP, to exercise a rank's death;
@@ -204,34 +161,42 @@ fn kill_after_env() -> Result<Option<(usize, u64, libc::c_int)>> {
 }
 
 /// The step [`STOP_ENV`] asks to stop after, if set.
-pub fn stop_after_env() -> Result<Option<u64>> {
+fn stop_after_env() -> Result<Option<u64>> {
     match std::env::var(STOP_ENV) {
         Ok(v) => Ok(Some(v.parse().with_context(|| format!("{STOP_ENV}={v}: not a step number"))?)),
         Err(_) => Ok(None),
     }
 }
 
-/// How a run ended.
-pub enum Outcome {
+/// How a training run ended, every training stage's and the loop's.
+#[derive(Debug)]
+pub enum Ended {
     Finished(Trained),
     /// Stopped after this step, as [`Trainer::stop_after`] asked.
     Stopped(u64),
 }
 
-impl Outcome {
+impl Ended {
     /// The finished run; a stopped one is the error a stage reports, telling
     /// the user to run again.
     pub fn finished(self) -> Result<Trained> {
         match self {
-            Outcome::Finished(trained) => Ok(trained),
-            Outcome::Stopped(step) => {
+            Ended::Finished(trained) => Ok(trained),
+            Ended::Stopped(step) => {
                 anyhow::bail!("stopped after step {step} as {STOP_ENV} asks; run again to resume from the last checkpoint")
             }
         }
     }
 }
 
+/// Runs a training stage, `stage(stop_after)`, stopping after the step
+/// [`STOP_ENV`] names: every training kind's `Stage::run`.
+pub fn run_stage(stage: impl FnOnce(Option<u64>) -> Result<Ended>) -> Result<()> {
+    stage(stop_after_env()?)?.finished().map(drop)
+}
+
 /// A finished run.
+#[derive(Debug)]
 pub struct Trained {
     /// `metrics.jsonl` in the work dir: a row per update and per evaluation.
     pub log: MetricsLog,
@@ -262,11 +227,11 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 impl Trainer<'_> {
     /// Trains the requires-grad variables of `vs` on `task`, resuming from the
     /// latest checkpoint in the stage's work dir.
-    pub fn run(&self, ctx: &mut StageCtx, vs: &mut nn::VarStore, task: &mut impl Objective) -> Result<Outcome> {
-        let (hyper, every, name) = (self.hyper, self.every, self.name);
+    pub fn run(&self, ctx: &mut StageCtx, vs: &mut nn::VarStore, task: &mut impl Objective) -> Result<Ended> {
+        let (hyper, training, name) = (self.hyper, self.training, self.name);
         let world = dist::world();
-        let mut opt = AdamW::new(vs, hyper, world, self.zero);
-        let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), every.keep_checkpoints)?;
+        let mut opt = AdamW::new(vs, hyper, world, training.zero());
+        let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), training.keep_checkpoints)?;
         let mut state = State { step: 0, guard: SpikeGuard::default(), skipped: 0, task: Value::Null };
         if let Some((step, dir)) = checkpoints.latest()? {
             vs.load(dir.join(MODEL_FILE)).with_context(|| format!("cannot load {}", dir.join(MODEL_FILE).display()))?;
@@ -313,7 +278,7 @@ impl Trainer<'_> {
                 opt: &mut opt,
                 guard: &mut state.guard,
                 skipped: &mut state.skipped,
-                spike_factor: every.spike_factor,
+                spike_factor: training.spike_factor,
                 grad_clip: hyper.grad_clip,
                 seed: hyper.seed,
                 step: state.step,
@@ -333,11 +298,11 @@ impl Trainer<'_> {
                 row.insert("tokens_per_s".into(), json!(tokens as f64 / seconds));
             }
             let last = state.step == hyper.steps;
-            if (state.step.is_multiple_of(every.log_every.max(1)) || last) && world.is_first() {
+            if (state.step.is_multiple_of(training.log_every.max(1)) || last) && world.is_first() {
                 eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&row));
             }
             log.write(&Value::Object(row))?;
-            if state.step.is_multiple_of(every.eval_every) || last {
+            if state.step.is_multiple_of(training.eval_every) || last {
                 last_eval = task.evaluate(state.step)?;
                 if world.is_first() {
                     eprintln!("step {:>6}/{} | {}", state.step, hyper.steps, shown(&last_eval));
@@ -347,12 +312,12 @@ impl Trainer<'_> {
                 log.write(&Value::Object(row))?;
             }
             ctx.progress(state.step, hyper.steps, "steps");
-            if every.checkpoint_every > 0 && state.step.is_multiple_of(every.checkpoint_every) && !last {
+            if training.checkpoint_every > 0 && state.step.is_multiple_of(training.checkpoint_every) && !last {
                 state.task = task.state();
                 save(&checkpoints, world, vs, &opt, &state)?;
             }
             if self.stop_after == Some(state.step) && !last {
-                return Ok(Outcome::Stopped(state.step));
+                return Ok(Ended::Stopped(state.step));
             }
             if let Some((_, _, signal)) = kill.filter(|&(_, step, _)| step == state.step) {
                 // SAFETY: kill on this very process.
@@ -361,7 +326,7 @@ impl Trainer<'_> {
         }
         let tokens_per_s = if timed_seconds > 0.0 { timed_tokens as f64 / timed_seconds } else { 0.0 };
         let optimizer_bytes = opt.state_bytes();
-        Ok(Outcome::Finished(Trained { log, last_eval, skipped: state.skipped, tokens_per_s, optimizer_bytes }))
+        Ok(Ended::Finished(Trained { log, last_eval, skipped: state.skipped, tokens_per_s, optimizer_bytes }))
     }
 }
 

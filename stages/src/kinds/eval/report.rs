@@ -13,7 +13,7 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
-use super::tasks::{Outcomes, Task};
+use super::tasks::{Task, TaskScores};
 use crate::model::ModelConfig;
 use crate::train::plot::COLOURS;
 
@@ -53,7 +53,7 @@ impl ModelInfo {
 /// A task's outcomes on one model, timed.
 #[derive(Debug, Clone)]
 pub struct Scored {
-    pub outcomes: Outcomes,
+    pub outcomes: TaskScores,
     pub seconds: f64,
 }
 
@@ -68,8 +68,8 @@ pub const CORE_MIN_EXAMPLES: usize = 100;
 
 /// Why a task's centered score is not in CORE, if it is not.
 pub fn not_in_core(task: &Task, scored: &Scored) -> Option<String> {
-    if !task.kind.in_core() {
-        Some(format!("{} is not a CORE type", task.kind.type_name()))
+    if !task.ty.in_core() {
+        Some(format!("{} is not a CORE type", task.ty.type_name()))
     } else if scored.outcomes.examples < CORE_MIN_EXAMPLES {
         Some(format!("a sample of {} items", scored.outcomes.examples))
     } else {
@@ -92,7 +92,7 @@ pub fn write(out: &Path, tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Sco
     let results = results_json(tasks, models, scores);
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)? + "\n")?;
     let colours: Vec<RGBColor> = (0..models.len()).map(|m| COLOURS[m % COLOURS.len()].1).collect();
-    let chart = |name: &str, pick: &dyn Fn(&Outcomes) -> Option<f64>| -> Result<Option<String>> {
+    let chart = |name: &str, pick: &dyn Fn(&TaskScores) -> Option<f64>| -> Result<Option<String>> {
         let groups: Vec<Vec<Option<f64>>> = (0..tasks.len()).map(|t| scores.iter().map(|m| pick(&m[t].outcomes)).collect()).collect();
         let groups: Vec<Vec<Option<f64>>> = groups.into_iter().filter(|g| g.iter().any(Option::is_some)).collect();
         if groups.is_empty() {
@@ -190,7 +190,7 @@ fn markdown(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>], center
                 })
                 .collect();
             let label =
-                if i == 0 { format!("{} ({}, {} examples)", task.name, task.kind.type_name(), first.examples) } else { String::new() };
+                if i == 0 { format!("{} ({}, {} examples)", task.name, task.ty.type_name(), first.examples) } else { String::new() };
             let _ = writeln!(md, "| {label} | {name} | {} |", cells.join(" | "));
         }
     }
@@ -310,7 +310,7 @@ mod tests {
     fn core_averages_the_in_context_tasks_that_are_not_samples() {
         let task = |name: &str, kind: &str| -> Task { serde_json::from_value(json!({"name": name, "type": kind, "file": "f"})).unwrap() };
         let scored = |primary: &str, value: f64, chance: f64, examples: usize| Scored {
-            outcomes: Outcomes {
+            outcomes: TaskScores {
                 metrics: BTreeMap::from([(primary.to_string(), value)]),
                 counts: BTreeMap::new(),
                 primary: primary.into(),

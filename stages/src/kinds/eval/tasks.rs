@@ -35,13 +35,13 @@ pub struct Task {
     pub limit: usize,
     /// The task type (`type = "…"`) and its options.
     #[serde(flatten)]
-    pub kind: Kind,
+    pub ty: TaskType,
 }
 
 /// The task types and the options of each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum Kind {
+pub enum TaskType {
     Perplexity(Perplexity),
     MultipleChoice(MultipleChoice),
     Schema(Schema),
@@ -173,27 +173,27 @@ impl<'de> Deserialize<'de> for Task {
                 "task `{name}`: missing field `type` (perplexity, multiple_choice, schema, language_modeling, minimal_pairs or code)"
             )));
         }
-        let kind = Kind::deserialize(Value::Object(map)).map_err(|e| D::Error::custom(format!("task `{name}`: {e}")))?;
-        Ok(Task { name, file, limit, kind })
+        let ty = TaskType::deserialize(Value::Object(map)).map_err(|e| D::Error::custom(format!("task `{name}`: {e}")))?;
+        Ok(Task { name, file, limit, ty })
     }
 }
 
-impl Kind {
+impl TaskType {
     pub fn type_name(&self) -> &'static str {
         match self {
-            Kind::Perplexity(_) => "perplexity",
-            Kind::MultipleChoice(_) => "multiple_choice",
-            Kind::Schema(_) => "schema",
-            Kind::LanguageModeling(_) => "language_modeling",
-            Kind::MinimalPairs(_) => "minimal_pairs",
-            Kind::Code(_) => "code",
+            TaskType::Perplexity(_) => "perplexity",
+            TaskType::MultipleChoice(_) => "multiple_choice",
+            TaskType::Schema(_) => "schema",
+            TaskType::LanguageModeling(_) => "language_modeling",
+            TaskType::MinimalPairs(_) => "minimal_pairs",
+            TaskType::Code(_) => "code",
         }
     }
 
     /// The in-context task types CORE averages (DCLM's: multiple choice,
     /// schema and language modelling).
     pub fn in_core(&self) -> bool {
-        matches!(self, Kind::MultipleChoice(_) | Kind::Schema(_) | Kind::LanguageModeling(_))
+        matches!(self, TaskType::MultipleChoice(_) | TaskType::Schema(_) | TaskType::LanguageModeling(_))
     }
 }
 
@@ -230,7 +230,7 @@ pub struct Env<'a> {
 
 /// A task's scores on one model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Outcomes {
+pub struct TaskScores {
     /// Metric name → value (`acc`, `acc_stderr`, `bits_per_byte`, …).
     pub metrics: BTreeMap<String, f64>,
     /// What the metrics were computed from (`tokens`, `words`, `bytes` and
@@ -251,7 +251,7 @@ pub struct Outcomes {
     pub items: Vec<Value>,
 }
 
-impl Outcomes {
+impl TaskScores {
     /// (primary − chance) / (1 − chance), as nanochat's CORE centers scores.
     pub fn centered(&self) -> Option<f64> {
         let chance = self.chance?;
@@ -260,7 +260,7 @@ impl Outcomes {
 }
 
 /// Evaluates `task` on `model`.
-pub fn evaluate(task: &Task, model: &Model, env: &Env) -> Result<Outcomes> {
+pub fn evaluate(task: &Task, model: &Model, env: &Env) -> Result<TaskScores> {
     let files = task_files(env.project_dir, &task.file)?;
     let single = || -> Result<&Path> {
         match files.as_slice() {
@@ -268,13 +268,13 @@ pub fn evaluate(task: &Task, model: &Model, env: &Env) -> Result<Outcomes> {
             _ => bail!("task `{}`: `{}` names {} files; this task type reads one", task.name, task.file, files.len()),
         }
     };
-    match &task.kind {
-        Kind::Perplexity(p) => perplexity(single()?, task.limit, p, model),
-        Kind::MultipleChoice(p) => multiple_choice(single()?, task.limit, p, model, env.seed),
-        Kind::Schema(p) => schema(single()?, task.limit, p, model, env.seed),
-        Kind::LanguageModeling(p) => language_modeling(single()?, task.limit, p, model, env.seed),
-        Kind::MinimalPairs(_) => minimal_pairs(&files, task.limit, model),
-        Kind::Code(p) => {
+    match &task.ty {
+        TaskType::Perplexity(p) => perplexity(single()?, task.limit, p, model),
+        TaskType::MultipleChoice(p) => multiple_choice(single()?, task.limit, p, model, env.seed),
+        TaskType::Schema(p) => schema(single()?, task.limit, p, model, env.seed),
+        TaskType::LanguageModeling(p) => language_modeling(single()?, task.limit, p, model, env.seed),
+        TaskType::MinimalPairs(_) => minimal_pairs(&files, task.limit, model),
+        TaskType::Code(p) => {
             let problems = take(records::read::<Problem>(single()?)?, task.limit);
             // A step of one token is too little work to share: threads would
             // spend it waiting on each other (ten times slower on a busy machine).
@@ -386,7 +386,7 @@ fn text_slice(text: &str, limit: usize, from_end: bool) -> &str {
 /// Rolling-window perplexity of a text (lm-eval's `loglikelihood_rolling`):
 /// token, word and byte perplexity and bits per byte, words and bytes
 /// counted on the text itself.
-fn perplexity(path: &Path, limit: usize, p: &Perplexity, model: &Model) -> Result<Outcomes> {
+fn perplexity(path: &Path, limit: usize, p: &Perplexity, model: &Model) -> Result<TaskScores> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
     let text = text_slice(&text, limit, p.from_end);
     ensure!(!text.trim().is_empty(), "{}: no text to measure", path.display());
@@ -408,7 +408,7 @@ fn perplexity(path: &Path, limit: usize, p: &Perplexity, model: &Model) -> Resul
         ("logprob".to_string(), logprob),
     ]);
     let items = scores.iter().map(|s| json!({"tokens": s.tokens, "logprob": s.logprob})).collect();
-    Ok(Outcomes {
+    Ok(TaskScores {
         metrics,
         counts,
         primary: "bits_per_byte".into(),
@@ -428,7 +428,7 @@ struct ChoiceItem {
 
 /// Each choice scored by the log-likelihood of its continuation given the
 /// query: `acc` picks the largest, `acc_norm` the largest per character.
-fn multiple_choice(path: &Path, limit: usize, p: &MultipleChoice, model: &Model, seed: u64) -> Result<Outcomes> {
+fn multiple_choice(path: &Path, limit: usize, p: &MultipleChoice, model: &Model, seed: u64) -> Result<TaskScores> {
     let pool: Vec<ChoiceItem> = records::read(path)?;
     for (i, item) in pool.iter().enumerate() {
         ensure!(
@@ -463,7 +463,7 @@ fn multiple_choice(path: &Path, limit: usize, p: &MultipleChoice, model: &Model,
     with_stderr(&mut metrics, "acc", &acc);
     with_stderr(&mut metrics, "acc_norm", &acc_norm);
     let chance = pool[..n].iter().map(|item| 1.0 / item.choices.len() as f64).sum::<f64>() / n as f64;
-    Ok(Outcomes {
+    Ok(TaskScores {
         metrics,
         counts: BTreeMap::new(),
         primary: "acc_norm".into(),
@@ -502,7 +502,7 @@ struct SchemaItem {
 
 /// lm-eval's partial scoring (WinoGrande): the same continuation after each
 /// context option; `acc` picks the option under which it is most likely.
-fn schema(path: &Path, limit: usize, p: &Schema, model: &Model, seed: u64) -> Result<Outcomes> {
+fn schema(path: &Path, limit: usize, p: &Schema, model: &Model, seed: u64) -> Result<TaskScores> {
     let pool: Vec<SchemaItem> = records::read(path)?;
     for (i, item) in pool.iter().enumerate() {
         ensure!(
@@ -534,7 +534,7 @@ fn schema(path: &Path, limit: usize, p: &Schema, model: &Model, seed: u64) -> Re
     let mut metrics = BTreeMap::new();
     with_stderr(&mut metrics, "acc", &acc);
     let chance = pool[..n].iter().map(|item| 1.0 / item.context_options.len() as f64).sum::<f64>() / n as f64;
-    Ok(Outcomes {
+    Ok(TaskScores {
         metrics,
         counts: BTreeMap::new(),
         primary: "acc".into(),
@@ -554,7 +554,7 @@ struct ContinuationItem {
 /// DCLM's language-modelling type (LAMBADA and its kin): whether greedy
 /// decoding reproduces the continuation (`acc`), and lm-eval's
 /// `perplexity`: exp of minus the mean log-likelihood of the continuations.
-fn language_modeling(path: &Path, limit: usize, p: &LanguageModeling, model: &Model, seed: u64) -> Result<Outcomes> {
+fn language_modeling(path: &Path, limit: usize, p: &LanguageModeling, model: &Model, seed: u64) -> Result<TaskScores> {
     let pool: Vec<ContinuationItem> = records::read(path)?;
     let n = items_and_shots(path, pool.len(), limit, p.shots)?;
     let items = &pool[..n];
@@ -574,7 +574,7 @@ fn language_modeling(path: &Path, limit: usize, p: &LanguageModeling, model: &Mo
     let mean_logprob = scores.iter().map(|s| s.logprob).sum::<f64>() / scores.len() as f64;
     metrics.insert("perplexity".into(), (-mean_logprob).exp());
     let details = scores.iter().map(|s| json!({"logprob": s.logprob, "greedy": s.greedy, "tokens": s.tokens})).collect();
-    Ok(Outcomes {
+    Ok(TaskScores {
         metrics,
         counts: BTreeMap::new(),
         primary: "acc".into(),
@@ -593,7 +593,7 @@ struct Pair {
 
 /// The share of pairs whose good sentence has the higher total
 /// log-probability, per file (paradigm) and over all pairs.
-fn minimal_pairs(files: &[PathBuf], limit: usize, model: &Model) -> Result<Outcomes> {
+fn minimal_pairs(files: &[PathBuf], limit: usize, model: &Model) -> Result<TaskScores> {
     let mut requests = Vec::new();
     let mut paradigms = Vec::new();
     for path in files {
@@ -616,7 +616,7 @@ fn minimal_pairs(files: &[PathBuf], limit: usize, model: &Model) -> Result<Outco
     let mut metrics = BTreeMap::new();
     with_stderr(&mut metrics, "acc", &correct);
     let items = scores.chunks(2).map(|pair| json!({"good": pair[0].logprob, "bad": pair[1].logprob})).collect();
-    Ok(Outcomes { metrics, counts: BTreeMap::new(), primary: "acc".into(), chance: Some(0.5), examples: correct.len(), breakdown, items })
+    Ok(TaskScores { metrics, counts: BTreeMap::new(), primary: "acc".into(), chance: Some(0.5), examples: correct.len(), breakdown, items })
 }
 
 /// `samples` completions of a problem's prompt, each cut where the function
@@ -649,7 +649,7 @@ fn complete_code(model: &Model, problem: &Problem, p: &Code, seed: u64) -> Resul
 
 /// Runs every completion against its problem's tests, `env.threads` at a
 /// time, and estimates pass@k for each k.
-pub fn code_outcomes(problems: &[Problem], completions: &[Vec<String>], p: &Code, env: &Env) -> Result<Outcomes> {
+pub fn code_outcomes(problems: &[Problem], completions: &[Vec<String>], p: &Code, env: &Env) -> Result<TaskScores> {
     let limits = Limits { timeout: Duration::from_secs_f64(p.timeout_s), memory_bytes: p.memory_mb << 20 };
     let jobs: Vec<(usize, &String)> = completions.iter().enumerate().flat_map(|(i, samples)| samples.iter().map(move |c| (i, c))).collect();
     let sandbox = Sandbox::new(&p.sandbox, env.scratch)?;
@@ -670,7 +670,7 @@ pub fn code_outcomes(problems: &[Problem], completions: &[Vec<String>], p: &Code
         with_stderr(&mut metrics, &format!("pass@{k}"), &estimates);
     }
     let primary = format!("pass@{}", p.k.iter().min().copied().unwrap_or(1));
-    Ok(Outcomes {
+    Ok(TaskScores {
         metrics,
         counts: BTreeMap::new(),
         primary,
@@ -689,7 +689,7 @@ mod tests {
     #[test]
     fn tasks_parse_with_type_specific_options_and_reject_others() {
         let task: Task = serde_json::from_value(json!({"name": "arc", "type": "multiple_choice", "file": "a.jsonl", "shots": 2})).unwrap();
-        assert_eq!(task.kind, Kind::MultipleChoice(MultipleChoice { shots: 2, delimiter: " ".into() }));
+        assert_eq!(task.ty, TaskType::MultipleChoice(MultipleChoice { shots: 2, delimiter: " ".into() }));
         assert_eq!(task.limit, 0);
         // What the engine hashes and the stage reads back.
         let again: Task = serde_json::from_value(serde_json::to_value(&task).unwrap()).unwrap();
@@ -698,7 +698,7 @@ mod tests {
         assert!(err.unwrap_err().to_string().contains("task `w`: unknown field `shots`"));
         // `lambada` is the old name of `language_modeling`.
         let task: Task = serde_json::from_value(json!({"name": "l", "type": "lambada", "file": "l.jsonl", "shots": 3})).unwrap();
-        assert_eq!(task.kind, Kind::LanguageModeling(LanguageModeling { shots: 3, delimiter: " ".into() }));
+        assert_eq!(task.ty, TaskType::LanguageModeling(LanguageModeling { shots: 3, delimiter: " ".into() }));
         assert_eq!(serde_json::to_value(&task).unwrap()["type"], "language_modeling");
         let err = serde_json::from_value::<Task>(json!({"name": "w", "file": "w"}));
         assert!(err.unwrap_err().to_string().contains("missing field `type`"));

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::report::Scored;
-use super::tasks::{task_files, Outcomes, Task};
+use super::tasks::{task_files, Task, TaskScores};
 
 /// What goes into a unit's key besides the model and the task.
 pub struct KeyParts<'a> {
@@ -65,7 +65,7 @@ pub fn key(task: &Task, model: &str, parts: &KeyParts) -> Result<String> {
 
 #[derive(Serialize, Deserialize)]
 struct UnitFile {
-    outcomes: Outcomes,
+    outcomes: TaskScores,
     items: Vec<Value>,
     seconds: f64,
 }

@@ -15,10 +15,10 @@ use tch::{Kind, Tensor};
 use super::objective::{self, gae, whiten};
 use super::Params;
 use crate::data::sequences::{pad, token_logprobs, Padded, Sequence};
-use crate::dist;
 use crate::model::Gpt;
 use crate::sample::{generate_batch, Sampling};
-use crate::train::head::HeadModel;
+use crate::train::last_token::HeadModel;
+use crate::train::ranks;
 use crate::train::rl::entropy;
 
 /// The models PPO runs.
@@ -64,10 +64,9 @@ impl Rollout {
     /// scores them. Across ranks, each samples and scores its rows of every
     /// micro-batch, and every rank ends with the whole rollout.
     pub fn collect(sampler: &Gpt, m: &Models, prompts: &[Vec<i64>], seed: u64, p: &Params) -> Result<Rollout> {
-        let world = dist::world();
         let micro = p.train.batch_size;
         let responses = tch::no_grad(|| sample(sampler, prompts, seed, p.max_new_tokens, p.temperature, micro, m.eot));
-        let responses = world.merge_lists(responses)?;
+        let responses = ranks::merge_lists(responses)?;
         let sequences: Vec<Sequence> = prompts.iter().zip(&responses).map(|(q, r)| Sequence::new(q, r)).collect();
         let batch = pad(&sequences, m.eot, sampler.device());
         let mask = batch.mask();
@@ -77,7 +76,7 @@ impl Rollout {
         let mut sums = vec![0.0; sequences.len() + 1];
         tch::no_grad(|| {
             for (i, chunk) in sequences.chunks(micro).enumerate() {
-                let (start, end) = world.rows(chunk.len());
+                let (start, end) = ranks::rows(chunk.len());
                 if start == end {
                     continue;
                 }
@@ -98,9 +97,9 @@ impl Rollout {
             anyhow::Ok(())
         })?;
         for t in [&logp, &values, &ref_logp] {
-            world.merge(t)?;
+            ranks::merge(t)?;
         }
-        let mut scores = world.sum(&sums)?;
+        let mut scores = ranks::sum(&sums)?;
         let entropy = scores.pop().expect("the entropy's sum") / mask.sum(Kind::Float).double_value(&[]);
         Ok(Rollout { responses, values: values * &mask, logp, ref_logp, batch, mask, scores, entropy })
     }
@@ -158,7 +157,7 @@ fn sample(gpt: &Gpt, prompts: &[Vec<i64>], seed: u64, max_tokens: usize, tempera
     order.sort_by_key(|&i| prompts[i].len());
     let mut responses = vec![Vec::new(); prompts.len()];
     for (c, chunk) in order.chunks(micro).enumerate() {
-        let (start, end) = dist::world().rows(chunk.len());
+        let (start, end) = ranks::rows(chunk.len());
         if start == end {
             continue;
         }
