@@ -2,7 +2,8 @@
 //! within `memory_mb` on a corpus larger than what the budget leaves for
 //! buffers, an added input file downloaded, filtered, signed and tokenized
 //! alone with every output equal to a full rebuild's,
-//! `against` dedup, and corrupt files named with their line or skipped.
+//! `against` dedup, corrupt files named with their line or skipped, and
+//! cached units checked before they are reused.
 
 mod common;
 
@@ -257,4 +258,33 @@ fineweb = { enabled = false }
         .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
         .collect::<String>();
     assert!(log.contains("warning: skipped docs/part-00001.parquet:"), "{log}");
+}
+
+/// A stage that writes into its input's token runs (root ignores their
+/// 0444; the runs are the cache's own inodes): the engine notices, and the
+/// rebuild under the same key makes the runs again rather than link the
+/// damaged ones back, so its output equals a fresh store's.
+#[test]
+fn a_damaged_artifact_is_not_the_source_of_its_rebuild() {
+    let pipeline = format!(
+        "{}\n[stages.vandal]\nkind = \"command\"\ninputs = {{ t = \"tokens\" }}\ncmd = \"for f in {{inputs.t}}/units/*.tokens.bin; do chmod u+w $f; dd if=/dev/zero of=$f bs=4096 count=1 conv=notrunc 2>/dev/null; done; touch {{out}}/done\"\n",
+        common::TINY_DATA
+    );
+    let p = Project::new(&pipeline);
+    let fresh = Project::new(&pipeline);
+    for project in [&p, &fresh] {
+        project.write_corpus(30_000);
+        let run = project.llmflow(&["run", "tokens"]);
+        assert_eq!(run.code, 0, "{}", run.all());
+    }
+    let run = p.llmflow(&["run", "vandal"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("wrote into its input"), "{}", run.all());
+    let run = p.llmflow(&["run", "tokens"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.built(), ["tokens"]);
+    let (got, want) = (p.manifest("tokens"), fresh.manifest("tokens"));
+    assert_eq!(got["key"], want["key"]);
+    assert_eq!(got["output_digest"], want["output_digest"], "the rebuild reused damaged token runs");
+    assert_eq!(p.llmflow(&["verify"]).code, 0);
 }
