@@ -2,8 +2,8 @@
 //! within `memory_mb` on a corpus larger than what the budget leaves for
 //! buffers, an added input file downloaded, filtered, signed and tokenized
 //! alone with every output equal to a full rebuild's,
-//! `against` dedup, corrupt files named with their line or skipped, and
-//! cached units checked before they are reused.
+//! `against` dedup, corrupt files named with their line or skipped (but
+//! not all of them), and cached units checked before they are reused.
 
 mod common;
 
@@ -258,6 +258,50 @@ fineweb = { enabled = false }
         .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
         .collect::<String>();
     assert!(log.contains("warning: skipped docs/part-00001.parquet:"), "{log}");
+}
+
+#[test]
+fn skipping_every_file_fails_the_stage_naming_them() {
+    let p = Project::new(&STAGES.replace("PART", "1").replacen("part_mb = 1\n", "part_mb = 1\non_error = \"skip\"\n", 1));
+    p.write("raw/a.jsonl", "{\"text\": broken\n");
+    // Named as gzip, but plain text: the error says so rather than "invalid JSON".
+    p.write("raw/b.jsonl.gz", "{\"text\": \"plain, not gzip\"}\n");
+    p.edit("url = \"raw/*.jsonl\"", "url = \"raw/*.jsonl*\"");
+    let run = p.llmflow(&["run", "corpus"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    let all = run.all();
+    assert!(all.contains("every input was skipped") && all.contains("raw/a.jsonl, raw/b.jsonl.gz"), "{all}");
+    assert!(all.contains("raw/a.jsonl: line 1: invalid JSON"), "{all}");
+    assert!(all.contains("raw/b.jsonl.gz: cannot decompress: the name ends in `.gz` but the bytes are not gzip data"), "{all}");
+    assert_ne!(p.state("corpus"), "fresh", "nothing is published");
+
+    // A good file beside them is published alone.
+    p.write("raw/c.jsonl", &jsonl(3, 5_000));
+    let run = p.llmflow(&["run", "corpus"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(metrics(&p, "corpus")["skipped"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn filter_skipping_every_part_fails() {
+    let p = Project::new(
+        r#"
+[stages.broken]
+kind = "command"
+cmd = "mkdir -p {out}/docs && echo 'not parquet' > {out}/docs/part-00000.parquet"
+
+[stages.clean]
+kind = "filter"
+input = "broken"
+on_error = "skip"
+language = { enabled = false }
+fineweb = { enabled = false }
+"#,
+    );
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("every input was skipped") && run.all().contains("docs/part-00000.parquet"), "{}", run.all());
+    assert_ne!(p.state("clean"), "fresh");
 }
 
 /// A stage that writes into its input's token runs (root ignores their

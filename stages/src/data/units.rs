@@ -16,13 +16,14 @@
 //!
 //! A file that cannot be read or parsed fails the stage, or with
 //! [`OnError::Skip`] is left out: [`gather`] logs it and lists it in the
-//! metric `skipped`.
+//! metric `skipped`. When every file is left out the stage fails, naming
+//! them and their first errors.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -76,6 +77,17 @@ pub fn gather(
             }
             Err(e) => return Err(e.context(format!("cannot read {label} (on_error = \"skip\" leaves such a file out)"))),
         }
+    }
+    // Nothing left is no output to publish: the stage fails here, not its readers.
+    if units.is_empty() && !skipped.is_empty() {
+        let files: Vec<&str> = skipped.iter().filter_map(|s| s["file"].as_str()).collect();
+        let shown = if files.len() > 10 { format!("{}, … ({} in all)", files[..10].join(", "), files.len()) } else { files.join(", ") };
+        let errors: String = skipped
+            .iter()
+            .take(3)
+            .map(|s| format!("\n  {}: {}", s["file"].as_str().unwrap_or(""), s["error"].as_str().unwrap_or("")))
+            .collect();
+        bail!("every input was skipped (on_error = \"skip\"), so nothing is left to publish: {shown}; the first errors:{errors}");
     }
     if !skipped.is_empty() {
         ctx.metric("skipped", &skipped);
