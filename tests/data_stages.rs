@@ -2,7 +2,8 @@
 //! within `memory_mb` on a corpus larger than what the budget leaves for
 //! buffers, an added input file downloaded, filtered, signed and tokenized
 //! alone with every output equal to a full rebuild's,
-//! `against` dedup, and corrupt files named with their line or skipped.
+//! `against` dedup, corrupt files named with their line or skipped (but
+//! not all of them), and cached units checked before they are reused.
 
 mod common;
 
@@ -257,4 +258,77 @@ fineweb = { enabled = false }
         .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
         .collect::<String>();
     assert!(log.contains("warning: skipped docs/part-00001.parquet:"), "{log}");
+}
+
+#[test]
+fn skipping_every_file_fails_the_stage_naming_them() {
+    let p = Project::new(&STAGES.replace("PART", "1").replacen("part_mb = 1\n", "part_mb = 1\non_error = \"skip\"\n", 1));
+    p.write("raw/a.jsonl", "{\"text\": broken\n");
+    // Named as gzip, but plain text: the error says so rather than "invalid JSON".
+    p.write("raw/b.jsonl.gz", "{\"text\": \"plain, not gzip\"}\n");
+    p.edit("url = \"raw/*.jsonl\"", "url = \"raw/*.jsonl*\"");
+    let run = p.llmflow(&["run", "corpus"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    let all = run.all();
+    assert!(all.contains("every input was skipped") && all.contains("raw/a.jsonl, raw/b.jsonl.gz"), "{all}");
+    assert!(all.contains("raw/a.jsonl: line 1: invalid JSON"), "{all}");
+    assert!(all.contains("raw/b.jsonl.gz: cannot decompress: the name ends in `.gz` but the bytes are not gzip data"), "{all}");
+    assert_ne!(p.state("corpus"), "fresh", "nothing is published");
+
+    // A good file beside them is published alone.
+    p.write("raw/c.jsonl", &jsonl(3, 5_000));
+    let run = p.llmflow(&["run", "corpus"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(metrics(&p, "corpus")["skipped"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn filter_skipping_every_part_fails() {
+    let p = Project::new(
+        r#"
+[stages.broken]
+kind = "command"
+cmd = "mkdir -p {out}/docs && echo 'not parquet' > {out}/docs/part-00000.parquet"
+
+[stages.clean]
+kind = "filter"
+input = "broken"
+on_error = "skip"
+language = { enabled = false }
+fineweb = { enabled = false }
+"#,
+    );
+    let run = p.llmflow(&["run"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("every input was skipped") && run.all().contains("docs/part-00000.parquet"), "{}", run.all());
+    assert_ne!(p.state("clean"), "fresh");
+}
+
+/// A stage that writes into its input's token runs (root ignores their
+/// 0444; the runs are the cache's own inodes): the engine notices, and the
+/// rebuild under the same key makes the runs again rather than link the
+/// damaged ones back, so its output equals a fresh store's.
+#[test]
+fn a_damaged_artifact_is_not_the_source_of_its_rebuild() {
+    let pipeline = format!(
+        "{}\n[stages.vandal]\nkind = \"command\"\ninputs = {{ t = \"tokens\" }}\ncmd = \"for f in {{inputs.t}}/units/*.tokens.bin; do chmod u+w $f; dd if=/dev/zero of=$f bs=4096 count=1 conv=notrunc 2>/dev/null; done; touch {{out}}/done\"\n",
+        common::TINY_DATA
+    );
+    let p = Project::new(&pipeline);
+    let fresh = Project::new(&pipeline);
+    for project in [&p, &fresh] {
+        project.write_corpus(30_000);
+        let run = project.llmflow(&["run", "tokens"]);
+        assert_eq!(run.code, 0, "{}", run.all());
+    }
+    let run = p.llmflow(&["run", "vandal"]);
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("wrote into its input"), "{}", run.all());
+    let run = p.llmflow(&["run", "tokens"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.built(), ["tokens"]);
+    let (got, want) = (p.manifest("tokens"), fresh.manifest("tokens"));
+    assert_eq!(got["key"], want["key"]);
+    assert_eq!(got["output_digest"], want["output_digest"], "the rebuild reused damaged token runs");
+    assert_eq!(p.llmflow(&["verify"]).code, 0);
 }

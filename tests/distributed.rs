@@ -412,3 +412,38 @@ processes = 4
     ));
     assert!(err.contains("processes") && err.contains("train.batch_size of at least 4"), "{err}");
 }
+
+/// `RANK` and `WORLD_SIZE` left in the shell that runs `llmflow` are no
+/// launcher's: the stage fails at once naming them, instead of serving a
+/// rendezvous for a rank nobody starts until the collective timeout.
+#[test]
+fn rank_variables_left_in_the_shell_fail_at_once_naming_them() {
+    let p = pipeline("processes = 2");
+    let run = p.llmflow(&["run", "tokens"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let started = Instant::now();
+    let run: common::Run = p
+        .cmd(&["run", "pretrain"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let all = run.all();
+    assert!(
+        all.contains("RANK=0, WORLD_SIZE=2, MASTER_ADDR=127.0.0.1") && all.contains("neither llmflow's launcher nor torchrun"),
+        "{all}"
+    );
+    assert_ne!(p.state("pretrain"), "fresh");
+    // Without them the same stage builds.
+    assert_eq!(p.llmflow(&["run", "pretrain"]).code, 0);
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -1,6 +1,7 @@
 //! The eval stage through the real binaries: each (model, task) pair is a
 //! cached unit, so adding a task or a model scores only the new pairs, a
-//! broken task fails alone, and gc keeps exactly the units an artifact uses.
+//! broken task fails alone, gc keeps exactly the units an artifact uses, and
+//! a damaged unit is scored again.
 
 mod common;
 
@@ -83,8 +84,14 @@ fn unit(model: &str, task: &str, how: &str) -> (String, String, String) {
     (model.into(), task.into(), how.into())
 }
 
+/// The cached units, without their `.blake3` sidecars.
 fn cache_files(p: &Project) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(p.artifacts().join(".cache/eval")).unwrap().flatten().map(|e| e.path()).collect();
+    let mut files: Vec<PathBuf> = fs::read_dir(p.artifacts().join(".cache/eval"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .collect();
     files.sort();
     files
 }
@@ -154,4 +161,38 @@ fn each_model_and_task_is_a_cached_unit() {
     assert_eq!(cache_files(&p).len(), 6);
     assert_eq!(units(&p), 6);
     assert_eq!(p.llmflow(&["verify"]).code, 0);
+}
+
+/// A unit damaged in place in the cache (the artifact's `units/KEY.json` is
+/// the same file) no longer matches its recorded BLAKE3: the rebuild scores
+/// it again and publishes a fresh store's scores, not the damaged ones.
+#[test]
+fn a_damaged_unit_is_scored_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = project();
+    let run = p.llmflow(&["run", "eval"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    let fresh = results(&p);
+    let units = cache_files(&p);
+    assert_eq!(units.len(), 2);
+    for unit in &units {
+        assert!(unit.with_extension("json.blake3").is_file(), "{} has no sidecar", unit.display());
+        let mut value: serde_json::Value = serde_json::from_slice(&fs::read(unit).unwrap()).unwrap();
+        for metric in value["outcomes"]["metrics"].as_object_mut().unwrap().values_mut() {
+            *metric = serde_json::json!(0.123);
+        }
+        fs::set_permissions(unit, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(unit, value.to_string()).unwrap();
+    }
+    let run = p.llmflow(&["run", "eval", "--force", "eval"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(units_logged(&p), [unit("base", "lm", "scored"), unit("base", "mc", "scored")]);
+    let rebuilt = results(&p);
+    for task in ["mc", "lm"] {
+        assert_eq!(rebuilt["results"]["base"][task]["metrics"], fresh["results"]["base"][task]["metrics"], "{task}");
+    }
+    // The units made again are cached and reused as they are.
+    let run = p.llmflow(&["run", "eval", "--force", "eval"]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(units_logged(&p), [unit("base", "lm", "cached"), unit("base", "mc", "cached")]);
 }

@@ -250,3 +250,24 @@ inputs = {{ runs = "pretrain[*]" }}
     assert!(report.stdout.contains("| [d_model=32] | orange | 32 | 128 |"), "{}", report.stdout);
     assert!(report.stdout.contains("val_loss(C) = "), "{}", report.stdout);
 }
+
+/// Gathered variants whose slots differ only in punctuation would share one
+/// `LLMFLOW_INPUT_` variable, losing all but one: refused, naming them.
+#[test]
+fn gathered_slots_that_would_share_a_variable_are_refused() {
+    let err = config_error(
+        r#"
+[stages.x]
+kind = "command"
+cmd = "echo $S > {out}/v"
+sweep = { "env.S" = ["a-b", "a.b", "a_b"] }
+
+[stages.all]
+kind = "command"
+inputs = { s = "x[*]" }
+cmd = "env | grep LLMFLOW_INPUT_ > {out}/slots"
+"#,
+    );
+    assert!(err.contains("`s[S=a-b]`, `s[S=a.b]`, `s[S=a_b]`") && err.contains("$LLMFLOW_INPUT_S_S_A_B_"), "{err}");
+    assert!(err.contains("pipeline.toml:9"), "the error points at the gathering slot: {err}");
+}

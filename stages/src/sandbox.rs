@@ -3,9 +3,16 @@
 //! network, IPC and UTS namespaces; a read-only view of `/usr` (and `/bin`,
 //! `/lib`, which point into it) and nothing else of the system (no `/etc`,
 //! no home directory, no artifact store, no project); a private writable
-//! scratch directory as `/sandbox`, an empty `/tmp`; no network; run as
-//! `nobody` when llmflow runs as root. `setrlimit` bounds address space, CPU
-//! time, file size and processes (`RLIMIT_NPROC`). The sandbox dies as a
+//! scratch directory as `/sandbox` holding the program, an empty `/tmp`,
+//! both in-memory file systems of at most [`SCRATCH_BYTES`] each, so files
+//! the program writes cost the host neither disk nor more memory than that;
+//! no network; run as `nobody` when llmflow runs as root. `bwrap` itself
+//! starts with an empty environment but `PATH` and `LANG`, the program with
+//! `PATH` and `HOME` only, so no variable of the host's is visible inside,
+//! not even in `/proc/1/environ` (bwrap is PID 1 there). `setrlimit` bounds
+//! address space, CPU time, file size and processes (`RLIMIT_NPROC`). Of
+//! what the program writes to stderr only the last [`KEPT_OUTPUT`] bytes
+//! are kept, read through a pipe. The sandbox dies as a
 //! whole: at the wall-time limit, when the stage ends, and with the stage
 //! (Ctrl-C), since it stays in the stage's process group and `bwrap
 //! --die-with-parent` ends its PID namespace. Inside, human-eval's
@@ -16,11 +23,12 @@
 //! fails with a clear error; `sandbox = "none"` runs programs unconfined,
 //! with a warning. Used by `eval`'s code tasks and `grpo`'s unit-test reward.
 
+use std::io::Read;
 use std::os::unix::process::CommandExt;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -67,6 +75,14 @@ const NOBODY: u32 = 65534;
 /// Processes the sandbox's user may have beyond those it has already.
 const MAX_PROCESSES: u64 = 256;
 
+/// The size of each of the sandbox's in-memory file systems, `/sandbox`
+/// and `/tmp`: a test needs kilobytes.
+pub const SCRATCH_BYTES: u64 = 64 << 20;
+
+/// The end of a program's stderr that is kept: the failure it reports is
+/// its last line within these bytes.
+pub const KEPT_OUTPUT: usize = 2048;
+
 impl Sandbox {
     /// `name` is the task's `sandbox` param: "bwrap" finds bubblewrap and
     /// checks that it can make its namespaces here; "none" warns and runs
@@ -107,7 +123,7 @@ impl Sandbox {
         }
     }
 
-    /// `python -I -B program.py` in `dir`, confined, with `limits`.
+    /// `python -I -B program.py` of `dir`, confined, with `limits`.
     pub(crate) fn command(&self, python: &str, dir: &Path, limits: Limits) -> Result<Command> {
         let root = unsafe { libc::geteuid() } == 0;
         let mut cmd = match self {
@@ -117,19 +133,19 @@ impl Sandbox {
                 cmd
             }
             Sandbox::Bwrap { bwrap, .. } => {
-                if root {
-                    // The scratch directory is nobody's, so the sandbox can write it.
-                    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY))?;
-                }
                 let mut cmd = Command::new(bwrap);
+                // bwrap is PID 1 inside, its environment readable there: it gets none of ours.
+                cmd.env_clear().env("PATH", "/usr/bin:/bin").env("LANG", "C.UTF-8");
                 cmd.args(["--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]).args(["--ro-bind", "/usr", "/usr"]);
                 for system in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
                     cmd.args(["--ro-bind-try", system, system]);
                 }
-                cmd.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"])
-                    .arg("--bind")
-                    .arg(dir)
-                    .args(["/sandbox", "--chdir", "/sandbox", "--hostname", "sandbox"])
+                let size = SCRATCH_BYTES.to_string();
+                cmd.args(["--proc", "/proc", "--dev", "/dev"])
+                    .args(["--size", &size, "--tmpfs", "/tmp", "--size", &size, "--tmpfs", "/sandbox"])
+                    .arg("--ro-bind-try")
+                    .arg(dir.join("program.py"))
+                    .args(["/sandbox/program.py", "--chdir", "/sandbox", "--hostname", "sandbox"])
                     .args(["--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox", "--"])
                     .arg(python);
                 cmd
@@ -211,10 +227,15 @@ del _m, _f
 
 fn run_in(sandbox: &Sandbox, python: &str, dir: &Path, program: &str, limits: Limits) -> Result<Outcome> {
     std::fs::write(dir.join("program.py"), program)?;
-    let stderr = std::fs::File::create(dir.join("stderr.txt"))?;
+    let (reader, writer) = std::io::pipe()?;
     let mut cmd = sandbox.command(python, dir, limits)?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
-    let mut child = cmd.spawn().with_context(|| format!("cannot start `{python}` to run generated code"))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(writer);
+    let started = cmd.spawn();
+    drop(cmd); // closes our copy of the pipe's write end
+    let mut child = started.with_context(|| format!("cannot start `{python}` to run generated code"))?;
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let kept = Arc::clone(&tail);
+    let output = std::thread::spawn(move || kept_tail(reader, &kept));
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -231,9 +252,42 @@ fn run_in(sandbox: &Sandbox, python: &str, dir: &Path, program: &str, limits: Li
     if status.success() {
         return Ok(Outcome::Passed);
     }
-    let text = std::fs::read_to_string(dir.join("stderr.txt")).unwrap_or_default();
-    let why = text.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string);
+    // Unconfined, a process the program left behind may hold the pipe open: wait for it briefly.
+    let ended = Instant::now();
+    while !output.is_finished() && ended.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let why = tail.lock().expect("not poisoned").last_line();
     Ok(Outcome::Failed(why.unwrap_or_else(|| format!("exited with {status}"))))
+}
+
+/// The last [`KEPT_OUTPUT`] bytes of a stream, and how many came before them.
+#[derive(Default)]
+struct Tail {
+    bytes: Vec<u8>,
+    dropped: u64,
+}
+
+impl Tail {
+    /// The last line that is not blank, marked when its start was cut off.
+    fn last_line(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.bytes);
+        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+        let cut = self.dropped > 0 && line.as_ptr() == text.as_ptr();
+        Some(if cut { format!("[… {} bytes cut] {line}", self.dropped) } else { line.to_string() })
+    }
+}
+
+/// Reads `input` to its end, keeping its tail in `tail`.
+fn kept_tail(mut input: impl Read, tail: &Mutex<Tail>) {
+    let mut buf = vec![0; 64 << 10];
+    while let Ok(n @ 1..) = input.read(&mut buf) {
+        let mut tail = tail.lock().expect("not poisoned");
+        tail.bytes.extend_from_slice(&buf[..n]);
+        let over = tail.bytes.len().saturating_sub(KEPT_OUTPUT);
+        tail.bytes.drain(..over);
+        tail.dropped += over as u64;
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +396,87 @@ mod tests {
         assert_eq!(run(sleeper.into()), Outcome::TimedOut);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(running("31.4159"), 0, "a process outlived the sandbox's timeout");
+    }
+
+    /// No variable of the host's is visible inside: not in the program's
+    /// environment, nor in that of any process it can see (bwrap's, PID 1).
+    #[test]
+    fn no_host_variable_is_visible_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(sandbox) = sandbox(dir.path()) else { return };
+        std::env::set_var("LLMFLOW_SANDBOX_SECRET", "marker-5f3a");
+        let body = r#"    import os
+    seen = {}
+    for pid in os.listdir('/proc'):
+        if pid.isdigit():
+            try: seen[pid] = open('/proc/' + pid + '/environ', 'rb').read()
+            except OSError: pass
+    assert b'PATH=' in seen.get('1', b''), 'bwrap (PID 1) cannot be read: ' + repr(seen)
+    leaks = [pid for pid, env in seen.items() if b'marker-5f3a' in env]
+    assert not leaks and 'LLMFLOW_SANDBOX_SECRET' not in os.environ, repr(seen)
+    assert set(os.environ) <= {'HOME', 'PATH', 'PWD', 'LC_CTYPE'}, sorted(os.environ)  # bwrap sets PWD, Python LC_CTYPE
+"#;
+        assert_eq!(run(&sandbox, "python3", &program(body), LIMITS).unwrap(), Outcome::Passed);
+    }
+
+    /// Files written to `/tmp` or `/sandbox` stop at [`SCRATCH_BYTES`]
+    /// inside the sandbox, and nothing is left on the host's disk.
+    #[test]
+    fn writes_stop_at_the_scratch_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(sandbox) = sandbox(dir.path()) else { return };
+        let limit_mb = SCRATCH_BYTES >> 20;
+        for folder in ["/tmp", "/sandbox"] {
+            let body = format!(
+                "    written = 0
+    try:
+        for i in range(200):
+            with open('{folder}/f%d' % i, 'wb') as f: f.write(b'x' * (1 << 20))
+            written += 1
+    except OSError as e:
+        raise SystemExit('stopped after %d MB: %s' % (written, e))
+"
+            );
+            let outcome = run(&sandbox, "python3", &program(&body), LIMITS).unwrap();
+            let Outcome::Failed(why) = &outcome else { panic!("{folder}: {outcome:?}") };
+            let written: u64 = why.strip_prefix("stopped after ").and_then(|w| w.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+            assert!(written <= limit_mb && why.contains("No space left"), "{folder}: {why}");
+        }
+        let Sandbox::Bwrap { scratch, .. } = &sandbox else { unreachable!() };
+        assert_eq!(std::fs::read_dir(scratch).unwrap().count(), 1, "only the probe is left");
+    }
+
+    /// Of a program's stderr only the end is kept: a huge last line is cut,
+    /// with a marker.
+    #[test]
+    fn only_the_end_of_the_output_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(sandbox) = sandbox(dir.path()) else { return };
+        let body = r"    import sys
+    sys.stderr.write('early\n' * 1000)
+    sys.stderr.write('x' * (20 << 20) + 'END\n')
+    sys.stderr.flush()
+    raise SystemExit(1)
+";
+        let outcome = run(&sandbox, "python3", &program(body), LIMITS).unwrap();
+        let Outcome::Failed(why) = outcome else { panic!("{outcome:?}") };
+        assert!(
+            why.starts_with("[… ") && why.ends_with("xxxEND") && why.len() < KEPT_OUTPUT + 40,
+            "{} bytes: {}",
+            why.len(),
+            why.chars().take(80).collect::<String>()
+        );
+        let short = run(
+            &sandbox,
+            "python3",
+            &program(
+                "    raise ValueError('short')
+",
+            ),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(short, Outcome::Failed("ValueError: short".into()));
     }
 
     /// Ctrl-C: the engine kills the stage's process group; the sandbox is in

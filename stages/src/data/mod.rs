@@ -10,9 +10,12 @@
 //! * [`rng`]: SplitMix64 and the unbiased shuffle.
 //! * [`hash`]: word and n-gram hashes.
 //! * [`spill`]: external sorting of fixed-size records within a memory budget.
+//! * [`cache`]: a kind's files in the store's cache, each checked against its
+//!   recorded BLAKE3 before reuse.
 //! * [`units`]: per-input-file units of the data stages, cached in the store.
 //! * [`mean_stderr`]: a mean and its standard error, as evaluations report them.
 
+pub mod cache;
 pub mod hash;
 pub mod instruct;
 pub mod loader;

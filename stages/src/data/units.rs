@@ -7,24 +7,28 @@
 //! unit's metadata (counts, what was skipped). Its key hashes everything its
 //! bytes depend on (the kind's version, the params that matter, the input
 //! file's contents), so an unchanged file is never processed twice. A unit is
-//! built in the stage's work directory, its files renamed into the cache as
-//! `KEY.ROLE.NAME`, the record last, so the cache holds whole units only;
-//! the build that uses a unit hard-links its files into `out/` and its record
-//! into `out/units/`, and `gc` keeps a unit while an artifact links it.
+//! built in the stage's work directory, its files put into the cache
+//! ([`crate::data::cache`]) as `KEY.ROLE.NAME`, the record last, so the cache
+//! holds whole units only; a unit is reused only when the record and every
+//! file match their recorded BLAKE3, and built again otherwise. The build
+//! that uses a unit hard-links its files into `out/` and its record into
+//! `out/units/`, and `gc` keeps a unit while an artifact links it.
 //!
 //! A file that cannot be read or parsed fails the stage, or with
 //! [`OnError::Skip`] is left out: [`gather`] logs it and lists it in the
-//! metric `skipped`.
+//! metric `skipped`. When every file is left out the stage fails, naming
+//! them and their first errors.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::data::cache::Cache;
 use crate::StageCtx;
 
 /// A unit in the cache: its files by role, in order, and its metadata.
@@ -37,7 +41,7 @@ pub struct Unit {
 
 /// The cache of one stage's units.
 pub struct Units {
-    cache: PathBuf,
+    cache: Cache,
     work: PathBuf,
     out: PathBuf,
 }
@@ -74,6 +78,17 @@ pub fn gather(
             Err(e) => return Err(e.context(format!("cannot read {label} (on_error = \"skip\" leaves such a file out)"))),
         }
     }
+    // Nothing left is no output to publish: the stage fails here, not its readers.
+    if units.is_empty() && !skipped.is_empty() {
+        let files: Vec<&str> = skipped.iter().filter_map(|s| s["file"].as_str()).collect();
+        let shown = if files.len() > 10 { format!("{}, … ({} in all)", files[..10].join(", "), files.len()) } else { files.join(", ") };
+        let errors: String = skipped
+            .iter()
+            .take(3)
+            .map(|s| format!("\n  {}: {}", s["file"].as_str().unwrap_or(""), s["error"].as_str().unwrap_or("")))
+            .collect();
+        bail!("every input was skipped (on_error = \"skip\"), so nothing is left to publish: {shown}; the first errors:{errors}");
+    }
     if !skipped.is_empty() {
         ctx.metric("skipped", &skipped);
     }
@@ -95,15 +110,17 @@ pub fn file_digest(path: &Path) -> Result<String> {
 
 impl Units {
     pub fn new(ctx: &StageCtx) -> Result<Self> {
-        fs::create_dir_all(&ctx.cache).with_context(|| format!("cannot create {}", ctx.cache.display()))?;
-        Ok(Units { cache: ctx.cache.clone(), work: ctx.work.join("units"), out: ctx.out.clone() })
+        Ok(Units { cache: Cache::open(&ctx.cache)?, work: ctx.work.join("units"), out: ctx.out.clone() })
     }
 
-    /// The unit `key` if the cache holds it whole.
+    /// The unit `key` if the cache holds it whole, each file as it was made.
     pub fn load(&self, key: &str) -> Option<Unit> {
-        let text = fs::read(self.cache.join(format!("{key}.json"))).ok()?;
-        let unit: Unit = serde_json::from_slice(&text).ok()?;
-        unit.files.values().flatten().all(|f| self.cache.join(f).is_file()).then_some(unit)
+        let record = format!("{key}.json");
+        if !self.cache.verified(&record) {
+            return None;
+        }
+        let unit: Unit = serde_json::from_slice(&fs::read(self.cache.path(&record)).ok()?).ok()?;
+        unit.files.values().flatten().all(|f| self.cache.verified(f)).then_some(unit)
     }
 
     /// Builds unit `key`: `build` writes its files into `ROLE/` folders of
@@ -119,22 +136,22 @@ impl Units {
             let mut names = Vec::new();
             for file in sorted_entries(&role)? {
                 let name = format!("{key}.{role_name}.{}", name_of(&file));
-                move_file(&file, &self.cache.join(&name))?;
+                self.cache.insert(&file, &name)?;
                 names.push(name);
             }
             files.insert(role_name, names);
         }
-        let _ = fs::remove_dir_all(&scratch);
         let unit = Unit { key: key.to_string(), files, meta };
-        let tmp = self.cache.join(format!(".{key}.{}.tmp", std::process::id()));
-        fs::write(&tmp, serde_json::to_vec(&unit)?).with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, self.cache.join(format!("{key}.json"))).with_context(|| format!("cannot cache unit {key}"))?;
+        let record = scratch.join(format!("{key}.json"));
+        fs::write(&record, serde_json::to_vec(&unit)?).with_context(|| format!("cannot write {}", record.display()))?;
+        self.cache.insert(&record, &format!("{key}.json"))?;
+        let _ = fs::remove_dir_all(&scratch);
         Ok(unit)
     }
 
     /// A cache file of a unit, to read.
     pub fn path(&self, name: &str) -> PathBuf {
-        self.cache.join(name)
+        self.cache.path(name)
     }
 
     /// Links the units' records into `out/units/` and the files of `role`
@@ -149,11 +166,11 @@ impl Units {
         for unit in units {
             let record = records.join(format!("{}.json", unit.key));
             if !record.exists() {
-                link_or_copy(&self.cache.join(format!("{}.json", unit.key)), &record)?;
+                self.cache.link(&format!("{}.json", unit.key), &record)?;
             }
             for name in unit.files.get(role).into_iter().flatten() {
                 let to = target.join(if numbered { crate::formats::docs::part_name(made.len()) } else { name.clone() });
-                link_or_copy(&self.cache.join(name), &to)?;
+                self.cache.link(name, &to)?;
                 made.push(to);
             }
         }
@@ -172,22 +189,4 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect::<Result<_, _>>()?;
     entries.sort();
     Ok(entries)
-}
-
-fn move_file(from: &Path, to: &Path) -> Result<()> {
-    if fs::rename(from, to).is_err() {
-        // Another file system: copy under a temporary name, then rename.
-        let tmp = to.with_extension(format!("{}.tmp", std::process::id()));
-        fs::copy(from, &tmp).with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))?;
-        fs::rename(&tmp, to).with_context(|| format!("cannot move {} into the cache", from.display()))?;
-    }
-    Ok(())
-}
-
-fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
-    let _ = fs::remove_file(to);
-    if fs::hard_link(from, to).is_err() {
-        fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
-    }
-    Ok(())
 }

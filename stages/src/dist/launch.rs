@@ -54,6 +54,7 @@ pub fn run(spec: &Path, processes: usize) -> Result<()> {
             .env("LOCAL_WORLD_SIZE", processes.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env(super::LAUNCHER, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(writer.try_clone()?)
             .stderr(writer);

@@ -8,7 +8,8 @@
 //!
 //! * torchrun's: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
 //!   `MASTER_ADDR`, `MASTER_PORT`. The runner's own launcher ([`launch`])
-//!   sets these, so does `torchrun` itself;
+//!   sets these, so does `torchrun` itself; set by anything else (left in a
+//!   user's shell) they are an error naming them;
 //! * Slurm's, inside an `srun` step: `SLURM_PROCID`, `SLURM_NTASKS`,
 //!   `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE`, with `MASTER_ADDR` and
 //!   `MASTER_PORT` set by the job script (the allocation's first node).
@@ -57,6 +58,9 @@ pub fn placement() -> Result<Option<(usize, usize, usize, usize)>> {
             Err(_) => Ok(None),
         }
     };
+    if std::env::var_os("RANK").is_some() || std::env::var_os("WORLD_SIZE").is_some() {
+        launched_by_torchrun_or_us()?;
+    }
     if let (Some(rank), Some(size)) = (var("RANK")?, var("WORLD_SIZE")?) {
         let local_rank = var("LOCAL_RANK")?.unwrap_or(rank);
         let local_size = var("LOCAL_WORLD_SIZE")?.unwrap_or(size);
@@ -73,6 +77,32 @@ pub fn placement() -> Result<Option<(usize, usize, usize, usize)>> {
         }
     }
     Ok(None)
+}
+
+/// Set by [`launch`] on each rank it starts: the launcher's process id.
+pub const LAUNCHER: &str = "LLMFLOW_LAUNCHER";
+
+/// Whether torchrun's variables come from a launcher that sets them: llmflow's
+/// own (its process id in [`LAUNCHER`] is this process's parent) or torchrun
+/// (`TORCHELASTIC_RUN_ID`). Otherwise they were left in the shell that
+/// started `llmflow`, and taking them would make a rank wait for ranks
+/// nobody starts until the collective timeout.
+fn launched_by_torchrun_or_us() -> Result<()> {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() }.to_string();
+    if std::env::var(LAUNCHER).is_ok_and(|pid| pid == parent) || std::env::var_os("TORCHELASTIC_RUN_ID").is_some() {
+        return Ok(());
+    }
+    let set: Vec<String> = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
+        .iter()
+        .filter_map(|name| Some(format!("{name}={}", std::env::var(name).ok()?)))
+        .collect();
+    bail!(
+        "{} {} set in the environment, but neither llmflow's launcher nor torchrun set them: they were probably left in the shell that started llmflow. Unset them (`unset {}`); `llmflow run` starts a stage's ranks itself",
+        set.join(", "),
+        if set.len() == 1 { "is" } else { "are" },
+        set.iter().map(|s| s.split('=').next().unwrap_or("")).collect::<Vec<_>>().join(" ")
+    )
 }
 
 fn checked(rank: usize, size: usize, local_rank: usize, local_size: usize) -> Result<Option<(usize, usize, usize, usize)>> {

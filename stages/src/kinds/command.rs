@@ -16,7 +16,9 @@
 //! `{work}` (a directory that survives an interrupted run) and `{threads}`.
 //! Other braces, such as `${HOME}`, are left for the shell. The same paths are
 //! also in the environment as `LLMFLOW_OUT`, `LLMFLOW_WORK`, `LLMFLOW_THREADS`
-//! and `LLMFLOW_INPUT_<NAME>` (upper case, other characters as `_`).
+//! and `LLMFLOW_INPUT_<NAME>` (upper case, other characters as `_`); slots
+//! that would share a name (gathered variants `s[S=a-b]` and `s[S=a.b]`)
+//! are an error naming them.
 //!
 //! Key: `cmd`, `deps` (their contents) and `env`. `threads` (how many CPU
 //! threads the scheduler reserves) is volatile.
@@ -58,6 +60,23 @@ impl Stage for Command {
     fn check(params: &Params, inputs: &[String]) -> Result<(), ParamError> {
         if params.cmd.trim().is_empty() {
             return Err(ParamError::new(&["cmd"], "`cmd` is required: the shell command to run"));
+        }
+        // Two slots under one variable name would leave one input unreachable.
+        let mut variables: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for slot in inputs {
+            variables.entry(input_variable(slot)).or_default().push(slot);
+        }
+        if let Some((variable, slots)) = variables.iter().find(|(_, slots)| slots.len() > 1) {
+            let base = slots[0].split('[').next().unwrap_or(slots[0]);
+            let path: &[&str] = if base == "input" { &["input"] } else { &["inputs", base] };
+            let names: Vec<String> = slots.iter().map(|s| format!("`{s}`")).collect();
+            return Err(ParamError::new(
+                path,
+                format!(
+                    "inputs {} would all be ${variable}: give them names (or sweep values) that differ in more than punctuation",
+                    names.join(", ")
+                ),
+            ));
         }
         for name in placeholders(&params.cmd).filter_map(|p| p.strip_prefix("inputs.")) {
             if !inputs.iter().any(|i| i == name) {
@@ -177,6 +196,16 @@ mod tests {
         let ctx = StageCtx::new("s", "/p".as_ref(), "/st{work} $(touch X)/out".as_ref(), "/w".as_ref());
         let s = substitute("ls {out} {x} {", &ctx).unwrap();
         assert_eq!(s, "ls '/st{work} $(touch X)/out' {x} {");
+    }
+
+    #[test]
+    fn slots_that_share_a_variable_are_rejected() {
+        let p = Params { cmd: "true".into(), ..Default::default() };
+        let slots = ["s[S=a-b]", "s[S=a.b]", "s[S=a_c]"].map(String::from);
+        let err = Command::check(&p, &slots).unwrap_err();
+        assert_eq!(err.path, ["inputs", "s"]);
+        assert!(err.message.contains("`s[S=a-b]`, `s[S=a.b]`") && err.message.contains("$LLMFLOW_INPUT_S_S_A_B_"), "{}", err.message);
+        assert!(Command::check(&p, &slots[1..]).is_ok());
     }
 
     #[test]

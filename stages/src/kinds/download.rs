@@ -22,7 +22,8 @@
 //! * `format`: `text`, `jsonl` or `parquet`; by default inferred from the
 //!   `url`'s extension (`.jsonl`/`.ndjson`/`.json` → jsonl, `.parquet` →
 //!   parquet, anything else → text), ignoring `.gz`/`.zst`. Gzip and zstd data
-//!   is decompressed transparently, recognized by its magic bytes.
+//!   is decompressed transparently, recognized by its magic bytes; a file
+//!   named `.gz` or `.zst` whose bytes are not is an error saying so.
 //! * `text_field`: the JSONL key or Parquet column holding the text (default
 //!   `text`).
 //! * `split` (text only): `"file"` (one document per file, the default),
@@ -56,7 +57,8 @@
 //! `on_error`: `"fail"` (default) stops at a file that cannot be read or
 //! parsed, naming the file and the line (JSONL, text) or row group
 //! (Parquet); `"skip"` leaves such a file out, says so in the log and lists
-//! it in the metric `skipped` (file and error).
+//! it in the metric `skipped` (file and error), and fails when it leaves
+//! out every file.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -517,31 +519,44 @@ fn content_range_start(response: &reqwest::Response) -> Option<u64> {
 }
 
 /// A file's bytes as a stream: gzip and zstd decompressed on the fly (at
-/// most `max_bytes`), other data as it is.
-fn open_stream(path: &Path, max_bytes: u64) -> Result<Box<dyn BufRead>> {
+/// most `max_bytes`), other data as it is. A file named `.gz` or `.zst`
+/// whose bytes are not that format is an error saying so, not whatever
+/// parsing its bytes would say.
+fn open_stream(path: &Path, name: &str, max_bytes: u64) -> Result<Box<dyn BufRead>> {
     let mut file = BufReader::new(File::open(path).with_context(|| format!("cannot open {}", path.display()))?);
     let magic = file.fill_buf()?.to_vec();
-    let decoder: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(file))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(file)?)
+    let (gzip, zstd) = (magic.starts_with(&[0x1f, 0x8b]), magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+    for (suffix, format, is) in [(".gz", "gzip", gzip), (".zst", "zstd", zstd)] {
+        if name.ends_with(suffix) && !is {
+            let start: Vec<String> = magic.iter().take(4).map(|b| format!("{b:02x}")).collect();
+            bail!(
+                "cannot decompress: the name ends in `{suffix}` but the bytes are not {format} data (they start with [{}])",
+                start.join(" ")
+            );
+        }
+    }
+    let (decoder, format): (Box<dyn Read>, _) = if gzip {
+        (Box::new(flate2::bufread::MultiGzDecoder::new(file)), "gzip")
+    } else if zstd {
+        (Box::new(zstd::stream::read::Decoder::with_buffer(file)?), "zstd")
     } else {
         return Ok(Box::new(file));
     };
-    Ok(Box::new(BufReader::with_capacity(1 << 20, Limited { inner: decoder, left: max_bytes, max_bytes })))
+    Ok(Box::new(BufReader::with_capacity(1 << 20, Limited { inner: decoder, format, left: max_bytes, max_bytes })))
 }
 
 /// A decompressed stream that fails past `max_bytes`: a small archive that
-/// expands without end stops here.
+/// expands without end stops here. Its errors name the format.
 struct Limited {
     inner: Box<dyn Read>,
+    format: &'static str,
     left: u64,
     max_bytes: u64,
 }
 
 impl Read for Limited {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = self.inner.read(buf).map_err(|e| std::io::Error::other(format!("cannot decompress {}: {e}", self.format)))?;
         self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
             std::io::Error::other(format!(
                 "it decompresses to more than `max_bytes` ({} bytes); raise `max_bytes` if the source is really this big",
@@ -574,8 +589,8 @@ fn each_line(mut input: impl BufRead, mut f: impl FnMut(usize, &str) -> Result<(
 fn parse(path: &Path, source: &Source, name: &str, max_bytes: u64, out: &mut Documents) -> Result<()> {
     let field = &source.text_field;
     match source.format_of(name) {
-        Format::Text => split(open_stream(path, max_bytes)?, source.split, out),
-        Format::Jsonl => each_line(open_stream(path, max_bytes)?, |number, line| {
+        Format::Text => split(open_stream(path, name, max_bytes)?, source.split, out),
+        Format::Jsonl => each_line(open_stream(path, name, max_bytes)?, |number, line| {
             if line.trim().is_empty() {
                 return Ok(());
             }

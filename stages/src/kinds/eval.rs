@@ -129,6 +129,7 @@ use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::data::cache::Cache;
 use crate::formats::model::ModelArtifact;
 use crate::formats::tokenizer::END_OF_TEXT;
 use crate::train::replicas::Replicas;
@@ -237,8 +238,7 @@ impl Stage for Eval {
             device: format!("{device:?}"),
             version: Self::VERSION,
         };
-        let units = Units { cache: ctx.cache.clone(), units: ctx.out.join("units") };
-        std::fs::create_dir_all(&units.cache)?;
+        let units = Units { cache: Cache::open(&ctx.cache)?, units: ctx.out.join("units") };
         std::fs::create_dir_all(&units.units)?;
         let inputs: Vec<(String, std::path::PathBuf)> = ctx.inputs.clone().into_iter().collect();
         let total = (inputs.len() * params.tasks.len()) as u64;

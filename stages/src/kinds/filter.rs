@@ -54,7 +54,8 @@
 //! `on_error`: a part that cannot be read (a `command` stage's output is
 //! not checked when it is published) fails the stage, naming the part and
 //! the row group; `"skip"` leaves it out, says so in the log and lists it
-//! in the metric `skipped` (part and error).
+//! in the metric `skipped` (part and error), and fails when it leaves out
+//! every part.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};

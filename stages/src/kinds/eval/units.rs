@@ -10,8 +10,9 @@
 //!
 //! A unit is one JSON file (`KEY.json`: outcomes, per-item records, seconds
 //! spent scoring), written into the artifact's `units/` and hard-linked
-//! into the cache; a cached unit is linked back into the new artifact, so
-//! `gc` keeps a unit while an artifact holds it.
+//! into the cache ([`crate::data::cache`]); a cached unit whose bytes match
+//! their recorded BLAKE3 is linked back into the new artifact (one that does
+//! not is scored again), so `gc` keeps a unit while an artifact holds it.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::report::Scored;
 use super::tasks::{task_files, Task, TaskScores};
+use crate::data::cache::Cache;
 
 /// What goes into a unit's key besides the model and the task.
 pub struct KeyParts<'a> {
@@ -72,21 +74,26 @@ struct UnitFile {
 
 /// Where units go: `cache` (shared) and `units` (the artifact's folder).
 pub struct Units {
-    pub cache: PathBuf,
+    pub cache: Cache,
     pub units: PathBuf,
 }
 
 impl Units {
     /// The unit `key` from the cache, linked into the artifact; `None` when
-    /// it was never scored (or its file does not parse: it is scored again).
+    /// it was never scored (or its file is damaged or does not parse: it is
+    /// scored again).
     pub fn load(&self, key: &str) -> Result<Option<Scored>> {
-        let cached = self.cache.join(format!("{key}.json"));
+        let name = format!("{key}.json");
+        if !self.cache.verified(&name) {
+            return Ok(None);
+        }
+        let cached = self.cache.path(&name);
         let Ok(text) = fs::read_to_string(&cached) else { return Ok(None) };
         let Ok(unit) = serde_json::from_str::<UnitFile>(&text) else {
             eprintln!("warning: {} does not parse; scoring it again", cached.display());
             return Ok(None);
         };
-        link_or_copy(&cached, &self.units.join(format!("{key}.json")))?;
+        self.cache.link(&name, &self.units.join(&name))?;
         let mut outcomes = unit.outcomes;
         outcomes.items = unit.items;
         Ok(Some(Scored { outcomes, seconds: unit.seconds }))
@@ -95,19 +102,9 @@ impl Units {
     /// Writes unit `key` into the artifact and links it into the cache.
     pub fn save(&self, key: &str, scored: &Scored) -> Result<()> {
         let unit = UnitFile { outcomes: scored.outcomes.clone(), items: scored.outcomes.items.clone(), seconds: scored.seconds };
-        let path = self.units.join(format!("{key}.json"));
+        let name = format!("{key}.json");
+        let path = self.units.join(&name);
         fs::write(&path, serde_json::to_vec(&unit)?).with_context(|| format!("cannot write {}", path.display()))?;
-        // Whole or absent: a reader never sees a unit half written.
-        let tmp = self.cache.join(format!(".{key}.{}.tmp", std::process::id()));
-        link_or_copy(&path, &tmp)?;
-        fs::rename(&tmp, self.cache.join(format!("{key}.json"))).with_context(|| format!("cannot cache {}", path.display()))
+        self.cache.insert(&path, &name)
     }
-}
-
-fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
-    let _ = fs::remove_file(to);
-    if fs::hard_link(from, to).is_err() {
-        fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
-    }
-    Ok(())
 }
