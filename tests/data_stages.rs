@@ -324,6 +324,10 @@ fn a_damaged_artifact_is_not_the_source_of_its_rebuild() {
     let run = p.llmflow(&["run", "vandal"]);
     assert_eq!(run.code, 1, "{}", run.all());
     assert!(run.all().contains("wrote into its input"), "{}", run.all());
+    // `verify` sees the cached units the vandal damaged through the artifact's links.
+    let verify = p.llmflow(&["verify"]);
+    assert_eq!(verify.code, 1, "{}", verify.all());
+    assert!(verify.stdout.contains(".tokens.bin: its bytes differ from its recorded BLAKE3"), "{}", verify.stdout);
     let run = p.llmflow(&["run", "tokens"]);
     assert_eq!(run.code, 0, "{}", run.all());
     assert_eq!(run.built(), ["tokens"]);
@@ -331,4 +335,16 @@ fn a_damaged_artifact_is_not_the_source_of_its_rebuild() {
     assert_eq!(got["key"], want["key"]);
     assert_eq!(got["output_digest"], want["output_digest"], "the rebuild reused damaged token runs");
     assert_eq!(p.llmflow(&["verify"]).code, 0);
+    // `gc` keeps the units in use with their sidecars, and nothing it leaves fails `verify`.
+    assert_eq!(p.llmflow(&["gc"]).code, 0);
+    let cache: Vec<String> = std::fs::read_dir(p.artifacts().join(".cache/shard"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let sidecars = cache.iter().filter(|n| n.ends_with(".blake3")).count();
+    assert!(sidecars > 0 && sidecars * 2 == cache.len(), "a sidecar for each unit file: {cache:?}");
+    let verify = p.llmflow(&["verify", "--json"]);
+    assert_eq!(verify.code, 0, "{}", verify.all());
+    let json: serde_json::Value = serde_json::from_str(&verify.stdout).unwrap();
+    assert_eq!(json["unrecorded_units"], 0, "{json}");
 }
