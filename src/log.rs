@@ -1,6 +1,6 @@
-//! A stage's log: written through a cap, so a stage that prints without end
-//! cannot fill the disk, and read from its end, so a huge log costs the
-//! engine no more than its last lines.
+//! A stage's log: cut to its cap when the stage ends, so a stage that
+//! prints without end leaves no more than that behind, and read from its
+//! end, so a huge log costs the engine no more than its last lines.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -44,83 +44,35 @@ fn cut(line: &str) -> String {
     }
 }
 
-/// A log file that keeps at most `limit` bytes: past it, the older half is
-/// dropped and a line says how much. Compacting copies in small chunks, so
-/// memory stays bounded whatever the stage prints.
-pub struct CappedLog {
-    file: File,
-    len: u64,
-    limit: u64,
-    dropped: u64,
-}
-
-impl CappedLog {
-    /// A new, empty log at `path`.
-    pub fn create(path: &Path, limit: u64) -> std::io::Result<CappedLog> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        Ok(CappedLog::new(file, limit))
-    }
-
-    fn new(file: File, limit: u64) -> CappedLog {
-        let len = file.metadata().map_or(0, |m| m.len());
-        CappedLog { file, len, limit: limit.max(4096), dropped: 0 }
-    }
-
-    /// Copies everything `from` yields into the log until it ends.
-    pub fn pump(mut self, mut from: impl Read) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) => return self.file.flush(),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            self.file.write_all(&buf[..n])?;
-            self.len += n as u64;
-            if self.len > self.limit {
-                self.compact()?;
-            }
-        }
-    }
-
-    /// Keeps the newest half of the limit, after a line saying what went.
-    fn compact(&mut self) -> std::io::Result<()> {
-        let keep = self.limit / 2;
-        self.dropped += self.len - keep;
-        let marker = format!(
-            "[llmflow: {} of older output dropped; a stage's log keeps its last {} (`log_limit_mb`)]\n",
-            human(self.dropped),
-            human(self.limit)
-        );
-        let (mut from, mut to) = (self.len - keep, marker.len() as u64);
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.write_all(marker.as_bytes())?;
-        let mut chunk = vec![0u8; 1 << 20];
-        while from < self.len {
-            let n = chunk.len().min((self.len - from) as usize);
-            self.file.seek(SeekFrom::Start(from))?;
-            self.file.read_exact(&mut chunk[..n])?;
-            self.file.seek(SeekFrom::Start(to))?;
-            self.file.write_all(&chunk[..n])?;
-            (from, to) = (from + n as u64, to + n as u64);
-        }
-        self.file.set_len(to)?;
-        self.file.seek(SeekFrom::Start(to))?;
-        self.len = to;
-        Ok(())
-    }
-}
-
-/// Cuts a log written by someone else (a Slurm job's) to `limit` bytes, as
-/// [`CappedLog`] would have.
+/// Cuts a stage's log to at most `limit` bytes once the stage has ended:
+/// the older part is dropped, down to half the limit, after a line saying
+/// how much went. It copies in 1 MiB chunks, so memory stays bounded
+/// whatever the stage printed.
 pub fn cap_file(path: &Path, limit: u64) -> std::io::Result<()> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-    let mut log = CappedLog::new(file, limit);
-    if log.len > log.limit {
-        log.compact()?;
+    let limit = limit.max(4096);
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    if len <= limit {
+        return Ok(());
     }
-    Ok(())
+    let keep = limit / 2;
+    let marker = format!(
+        "[llmflow: {} of older output dropped; a stage's log keeps its last {} (`log_limit_mb`)]\n",
+        human(len - keep),
+        human(limit)
+    );
+    let (mut from, mut to) = (len - keep, marker.len() as u64);
+    file.write_all(marker.as_bytes())?;
+    let mut chunk = vec![0u8; 1 << 20];
+    while from < len {
+        let n = chunk.len().min((len - from) as usize);
+        file.seek(SeekFrom::Start(from))?;
+        file.read_exact(&mut chunk[..n])?;
+        file.seek(SeekFrom::Start(to))?;
+        file.write_all(&chunk[..n])?;
+        (from, to) = (from + n as u64, to + n as u64);
+    }
+    file.set_len(to)
 }
 
 fn human(bytes: u64) -> String {
@@ -157,12 +109,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let input: Vec<u8> = (0..200_000u32).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
-        CappedLog::create(&path, 100_000).unwrap().pump(&input[..]).unwrap();
+        std::fs::write(&path, &input).unwrap();
+        cap_file(&path, 100_000).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.len() <= 100_000, "{}", text.len());
         assert!(text.starts_with("[llmflow: "), "{}", &text[..100]);
         assert!(text.ends_with("line 199999\n"));
         let kept = text.split_once('\n').unwrap().1;
         assert!(input.ends_with(kept.as_bytes()), "the kept part is the input's end, in order");
+        assert_eq!(kept.len(), 50_000);
     }
 }

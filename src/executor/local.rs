@@ -1,20 +1,20 @@
 //! The local executor: the stage as a child process of the engine, in a
 //! process group of its own, so a crash in native code cannot take the
 //! scheduler down and Ctrl-C kills everything the stage started. Its output
-//! goes through the engine into the log, which keeps the log under its cap.
+//! goes straight into the log, cut to the stage's cap when it ends.
 
-use std::fs;
+use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use super::{report_progress, Ended, Executor, Launch, Running, Settings, Started, Threads, POLL};
 use crate::error::{ConfigError, INTERRUPTED};
-use crate::log::CappedLog;
+use crate::log;
 
 pub struct Local;
 
@@ -37,9 +37,8 @@ impl Executor for Local {
 
     fn start(&self, launch: Launch<'_>) -> Result<Started> {
         let Launch { mut runner, log, log_limit, dir, .. } = launch;
-        let log = CappedLog::create(log, log_limit).with_context(|| format!("cannot create {}", log.display()))?;
-        let (reader, writer) = std::io::pipe()?;
-        runner.stdin(Stdio::null()).stdout(writer.try_clone()?).stderr(writer).process_group(0);
+        let file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        runner.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file).process_group(0);
         // SAFETY: prctl and getppid are async-signal-safe. If we die, the runner
         // gets SIGTERM and kills its whole process group (llmflow-stage's
         // `die_with_group`); if we died before the prctl, it does not start.
@@ -55,19 +54,16 @@ impl Executor for Local {
             });
         }
         let child = runner.spawn().context("cannot start the stage process")?;
-        // The pipe ends when the last process of the stage holding it is gone.
-        drop(runner);
-        let (done, pumped) = std::sync::mpsc::channel();
-        std::thread::spawn(move || done.send(log.pump(reader)));
-        Ok(Started::Running { run: Box::new(LocalRun { child, pumped, dir: dir.to_path_buf() }), said: None })
+        let run = LocalRun { child, dir: dir.to_path_buf(), log: log.to_path_buf(), log_limit };
+        Ok(Started::Running { run: Box::new(run), said: None })
     }
 }
 
 struct LocalRun {
     child: Child,
-    /// The log pump's end: once the stage's processes closed their output.
-    pumped: Receiver<std::io::Result<()>>,
-    dir: std::path::PathBuf,
+    dir: PathBuf,
+    log: PathBuf,
+    log_limit: u64,
 }
 
 impl Running for LocalRun {
@@ -76,10 +72,7 @@ impl Running for LocalRun {
             if exited(&self.child) {
                 // Whatever the stage left running dies before its output is hashed.
                 let status = end_group(&mut self.child)?;
-                // A process that left the stage's group may still hold its output: the log then ends here.
-                if let Ok(written) = self.pumped.recv_timeout(Duration::from_secs(5)) {
-                    written.context("writing the stage's log")?;
-                }
+                log::cap_file(&self.log, self.log_limit).context("cutting the stage's log to its cap")?;
                 let why = match status.code() {
                     Some(c) => format!("exit status {c}"),
                     None => "killed by a signal".to_string(),
