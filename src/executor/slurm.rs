@@ -4,9 +4,10 @@
 //! The job runs the very command the local executor runs (`llmflow-stage run
 //! SPEC` with the same environment; see [`crate::runner::command`]), on the
 //! same spec in the store's temporary build directory, with its output going
-//! to the stage's log (cut to the stage's log cap when the job ends). The engine holds the stage's lock while the job is in
-//! flight and publishes the output as it publishes a local build's, so a
-//! stage has the same key and the same output digest wherever it ran.
+//! to the stage's log (cut to the stage's log cap when the job ends). The
+//! engine holds the stage's lock while the job is in flight and publishes
+//! the output as it publishes a local build's, so a stage has the same key
+//! and the same output digest wherever it ran.
 //!
 //! The job script writes the runner's exit status beside the spec, so the end
 //! of a job is seen without asking the controller; `squeue` is asked only
