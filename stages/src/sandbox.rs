@@ -301,7 +301,8 @@ mod tests {
     fn sandbox(scratch: &Path) -> Option<Sandbox> {
         match Sandbox::new("bwrap", scratch) {
             Ok(sandbox) => Some(sandbox),
-            Err(e) if std::env::var_os("LLMFLOW_PYTHON").is_none() => {
+            // Under CI (or `make test`, which sets LLMFLOW_PYTHON) a missing sandbox fails the test.
+            Err(e) if std::env::var_os("LLMFLOW_PYTHON").is_none() && std::env::var("CI").as_deref() != Ok("true") => {
                 eprintln!("SKIPPED: {e:#}");
                 None
             }
