@@ -51,7 +51,14 @@ impl Store {
 
     /// Every cached file checked against its recorded BLAKE3, in parallel.
     pub fn check_units(&self) -> Vec<(PathBuf, Unit)> {
-        self.cached_files().into_par_iter().filter(|p| p.is_file()).map(|p| (check_unit(&p), p)).map(|(u, p)| (p, u)).collect()
+        self.cached_files()
+            .into_par_iter()
+            .filter(|p| p.is_file())
+            .map(|p| {
+                let unit = check_unit(&p);
+                (p, unit)
+            })
+            .collect()
     }
 
     /// The cache files to remove when `doomed` goes: those no artifact
@@ -78,12 +85,12 @@ impl Store {
                 unlinked.push(path);
             }
         }
+        // Sidecars whose file is gone.
         for kind in fs::read_dir(self.root.join(".cache")).into_iter().flatten().flatten() {
             for entry in fs::read_dir(kind.path()).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if is_sidecar(&path) && !path.with_file_name(path.file_name().unwrap().to_string_lossy().trim_end_matches(SIDECAR)).exists()
-                {
-                    unlinked.push(path);
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.strip_suffix(SIDECAR).is_some_and(|file| !kind.path().join(file).exists()) {
+                    unlinked.push(entry.path());
                 }
             }
         }
