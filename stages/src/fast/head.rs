@@ -36,7 +36,7 @@ pub fn backward(hidden: &Tensor, weight: &Tensor, targets: &Tensor, ignore_index
 
 /// What [`head_loss`] computes.
 struct HeadLoss {
-    /// scale · the mean cross-entropy, a scalar.
+    /// scale · the mean cross-entropy, an f64 scalar.
     loss: Tensor,
     /// Its gradient with respect to the hidden states, [B, T, C].
     d_hidden: Tensor,
@@ -72,7 +72,13 @@ fn head_loss(hidden: &Tensor, weight: &Tensor, targets: &Tensor, ignore_index: i
     let y_counted = y_counted.unsqueeze(1); // [N, 1]
     let s = scale / n as f64;
     let mut g = super::onednn::mm_t(&h, weight).softmax(-1, Kind::Float); // P [N, V]
-    let loss = g.gather(1, &y_counted, false).clamp_min(f32::MIN_POSITIVE as f64).log().sum(Kind::Float) * -s;
+    // The logs by hand, in f64: libtorch's `log` on the CPU can return less
+    // accurate values on its first call in a process when two threads (the
+    // replicas') make that call at once, and the logged loss would differ
+    // from run to run.
+    let picked = Vec::<f32>::try_from(g.gather(1, &y_counted, false).reshape([-1])).expect("f32 probabilities");
+    let nats: f64 = picked.iter().map(|&p| f64::from(p.max(f32::MIN_POSITIVE)).ln()).sum();
+    let loss = Tensor::from(-s * nats);
     let minus_one = Tensor::full([n, 1], -1.0, (Kind::Float, g.device()));
     let _ = g.scatter_add_(1, &y_counted, &minus_one); // P − onehot
     let d_counted = super::onednn::mm_t(&g, &weight.tr()) * s; // [N, C]
