@@ -35,6 +35,7 @@ fn compile_cpp(lib: &std::path::Path) {
     let mut build = cc::Build::new();
     build
         .cpp(true)
+        .file("cpp/addmm.cpp")
         .file("cpp/onednn_linear.cpp")
         .file("cpp/c10d.cpp")
         .include(&include)

@@ -17,13 +17,18 @@ use common::{Project, TINY_DATA};
 /// (attention is blind to it), which AdamW's normalization makes as large as
 /// any step, so it cannot agree between two orders of summation.
 fn pipeline(extra: &str) -> Project {
+    pipeline_training("", extra)
+}
+
+/// [`pipeline`] with `train_extra` in its `train` table too.
+fn pipeline_training(train_extra: &str, extra: &str) -> Project {
     let p = Project::new(&format!(
         r#"{TINY_DATA}
 [stages.pretrain]
 kind = "pretrain"
 inputs = {{ data = "tokens", tokenizer = "tok" }}
 model = {{ arch = "llama", n_layer = 2, n_head = 2, d_model = 32, context = 32, dropout = 0.0 }}
-train = {{ steps = 12, batch_size = 4, grad_accum = 2, lr = 3e-3, warmup = 3 }}
+train = {{ steps = 12, batch_size = 4, grad_accum = 2, lr = 3e-3, warmup = 3{train_extra} }}
 eval_every = 6
 eval_batches = 2
 checkpoint_every = 4
@@ -169,6 +174,29 @@ fn two_ranks_train_what_one_process_trains_with_and_without_zero() {
             assert_eq!(moments, whole, "DDP holds all the moments on every rank");
         }
     }
+}
+
+/// Muon across ranks: DDP orthogonalizes the all-reduced gradients on every
+/// rank; ZeRO-1 gathers the reduced shares first. Both train what one
+/// process trains, and a stopped run resumes bitwise.
+#[test]
+fn two_ranks_train_with_muon_what_one_process_trains() {
+    let muon = r#", optimizer = "muon""#;
+    let one = pipeline_training(muon, "");
+    assert_eq!(one.llmflow(&["run"]).code, 0);
+    for extra in ["processes = 2", "processes = 2\nzero = 1"] {
+        let two = pipeline_training(muon, extra);
+        let run = two.llmflow(&["run"]);
+        assert_eq!(run.code, 0, "{extra}: {}", run.all());
+        let diff = max_relative_difference(&two, &one, "pretrain");
+        assert!(diff <= 1e-5, "{extra}: the weights differ from one process's by {diff:e} (relative)");
+    }
+    let stopped = pipeline_training(muon, "processes = 2\nzero = 1");
+    let run = stopped.cmd(&["run"]).env("LLMFLOW_STOP_AFTER_STEP", "6").output().unwrap();
+    assert_eq!(run.status.code(), Some(1), "{}", String::from_utf8_lossy(&run.stderr));
+    let whole = pipeline_training(muon, "processes = 2\nzero = 1");
+    assert_eq!(whole.llmflow(&["run"]).code, 0);
+    resumes_to(&stopped, &whole);
 }
 
 /// How far a fine-tuned model on 2 ranks may be from one process's. One

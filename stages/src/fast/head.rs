@@ -72,6 +72,7 @@ fn head_loss(hidden: &Tensor, weight: &Tensor, targets: &Tensor, ignore_index: i
     let y_counted = y_counted.unsqueeze(1); // [N, 1]
     let s = scale / n as f64;
     let mut g = super::onednn::mm_t(&h, weight).softmax(-1, Kind::Float); // P [N, V]
+
     // The logs by hand, in f64: libtorch's `log` on the CPU can return less
     // accurate values on its first call in a process when two threads (the
     // replicas') make that call at once, and the logged loss would differ

@@ -18,8 +18,9 @@
 //! * `model`: a [`ModelConfig`]; `vocab_size` 0 (the default) takes the
 //!   tokenizer's.
 //! * `train`: a [`crate::train::Hyper`] — AdamW with decoupled weight decay on
-//!   matrices only, linear warmup then cosine decay, global-norm clipping,
-//!   gradient accumulation, `seed`.
+//!   matrices only (or `optimizer = "muon"`: Muon for the blocks' matrices,
+//!   [`crate::train::muon`]), linear warmup then cosine decay, global-norm
+//!   clipping, gradient accumulation, `seed`.
 //! * `eval_every` (125), `eval_batches` (20): validation loss every so many
 //!   steps and at the end, over the first `eval_batches` batches of the val
 //!   split (the same ones every time).
@@ -100,7 +101,7 @@ pub struct Pretrain;
 pub struct Params {
     /// The network: `arch` (`gpt2` or `llama`) and its sizes; `vocab_size` 0 takes the tokenizer's.
     pub model: ModelConfig,
-    /// AdamW, warmup then cosine decay, clipping, accumulation, seed.
+    /// AdamW or Muon, warmup then cosine decay, clipping, accumulation, seed.
     pub train: Hyper,
     /// Validation batches (the same ones every time) per evaluation.
     #[schemars(range(min = 1, max = 1_000_000))]
@@ -278,7 +279,8 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
     if replicas.is_some() && ranks::is_first() {
         eprintln!("pretrain: each batch split across {} cores, one single-threaded model replica each", ctx.threads);
     }
-    let trained = match trainer.run(ctx, &mut vs, &mut Pretraining { gpt: &gpt, loader, val, replicas })? {
+    let task = &mut Pretraining { gpt: &gpt, loader, val, replicas, micro_batches: hyper.grad_accum };
+    let trained = match trainer.run(ctx, &mut vs, task)? {
         Ended::Finished(trained) => trained,
         stopped => return Ok(stopped),
     };
@@ -311,10 +313,12 @@ struct Pretraining<'a> {
     val: Evaluator,
     /// Splits each batch across the CPU cores where that applies.
     replicas: Option<Replicas>,
+    /// Micro-batches an update (`train.grad_accum`).
+    micro_batches: usize,
 }
 
 impl Objective for Pretraining<'_> {
-    fn backward(&mut self, _step: u64, _micro: usize, scale: f64) -> Result<f64> {
+    fn backward(&mut self, _step: u64, micro: usize, scale: f64) -> Result<f64> {
         let (x, y) = tensors(&self.loader.next_batch(), self.gpt.device());
         // Every rank reads the whole batch and trains on its rows.
         let rows = x.size()[0] as usize;
@@ -322,7 +326,15 @@ impl Objective for Pretraining<'_> {
         let (x, y) = (x.narrow(0, start as i64, (end - start) as i64), y.narrow(0, start as i64, (end - start) as i64));
         let scale = scale * (end - start) as f64 / rows as f64;
         match &mut self.replicas {
-            Some(replicas) => replicas.backward(self.gpt, &x, &y, scale, train_pass),
+            Some(replicas) => {
+                let loss = replicas.backward(self.gpt, &x, &y, scale, train_pass)?;
+                // Each slice's gradients summed over the update's micro-batches,
+                // then the slices' in order: the sums ranks take, each rank a slice.
+                if micro + 1 == self.micro_batches {
+                    replicas.add_gradients()?;
+                }
+                Ok(loss)
+            }
             None => Ok(train_pass(self.gpt, &x, &y, scale)),
         }
     }
@@ -490,35 +502,44 @@ pub(crate) mod tests {
             .collect()
     }
 
-    #[test]
-    fn resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
-        let _rng = torch_rng();
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
+    /// The contexts of a run never interrupted and of one stopped after step
+    /// 6 and resumed, of `params` on a small corpus in `dir`; asserts that
+    /// they end bitwise equal.
+    fn straight_and_resumed(dir: &Path, params: &Params) -> (StageCtx, StageCtx) {
         let text = &corpus("tinyshakespeare.txt")[..60_000];
         let tok = tokenizer(dir, text, 300);
         let shard_ctx = ctx(dir, "tokens", &[("docs", &dir.join("docs")), ("tokenizer", &tok)]);
         let shard_ctx = run_kind("shard", serde_json::json!({}), shard_ctx);
         let inputs = [("data", shard_ctx.out.as_path()), ("tokenizer", tok.as_path())];
-        let params = tiny();
 
         let mut straight = ctx(dir, "straight", &inputs);
-        assert!(matches!(pretrain(&params, &mut straight, None).unwrap(), Ended::Finished(_)));
+        assert!(matches!(pretrain(params, &mut straight, None).unwrap(), Ended::Finished(_)));
 
         // Killed after step 6: the checkpoint of step 4 is the latest, steps 5
         // and 6 are done again.
         let mut resumed = ctx(dir, "resumed", &inputs);
-        assert!(matches!(pretrain(&params, &mut resumed, Some(6)).unwrap(), Ended::Stopped(6)));
+        assert!(matches!(pretrain(params, &mut resumed, Some(6)).unwrap(), Ended::Stopped(6)));
         let steps: Vec<u64> =
             Checkpoints::open(&resumed.work.join("checkpoints"), 2).unwrap().list().unwrap().iter().map(|c| c.0).collect();
         assert_eq!(steps, [4]);
-        assert!(matches!(pretrain(&params, &mut resumed, None).unwrap(), Ended::Finished(_)));
+        assert!(matches!(pretrain(params, &mut resumed, None).unwrap(), Ended::Finished(_)));
 
-        let weights = |c: &StageCtx| std::fs::read(c.out.join(MODEL_FILE)).unwrap();
         assert!(weights(&straight) == weights(&resumed), "resumed weights differ");
         assert_eq!(losses(&straight.out), losses(&resumed.out));
         assert_eq!(losses(&straight.out).len(), 12 + 3, "a row per step and per evaluation (5, 10, 12)");
         assert_eq!(std::fs::read(straight.out.join("samples.txt")).unwrap(), std::fs::read(resumed.out.join("samples.txt")).unwrap());
+        (straight, resumed)
+    }
+
+    fn weights(c: &StageCtx) -> Vec<u8> {
+        std::fs::read(c.out.join(MODEL_FILE)).unwrap()
+    }
+
+    #[test]
+    fn resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
+        let _rng = torch_rng();
+        let tmp = tempfile::tempdir().unwrap();
+        let (straight, _) = straight_and_resumed(tmp.path(), &tiny());
 
         // The outputs of a finished run.
         let out = &straight.out;
@@ -539,6 +560,32 @@ pub(crate) mod tests {
         let bytes_per_token = val_loss / std::f64::consts::LN_2 / bpb;
         assert!((1.2..1.6).contains(&bytes_per_token), "{metrics:?}");
         assert_eq!(metrics["params"], config.num_params());
+    }
+
+    /// Muon: the loss falls, and a resumed run (its momentum buffers in the
+    /// checkpoint) ends bitwise equal.
+    #[test]
+    fn muon_trains_and_resumes_bitwise() {
+        let _rng = torch_rng();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut params = tiny();
+        params.train.optimizer = crate::train::OptimizerName::Muon;
+        let (straight, _) = straight_and_resumed(tmp.path(), &params);
+        let (first, last) = (losses(&straight.out)[0]["loss"].as_f64().unwrap(), straight.metrics()["train_loss"].as_f64().unwrap());
+        assert!(last < first - 0.5, "the loss falls: {first} → {last}");
+    }
+
+    #[test]
+    fn an_unknown_optimizer_or_muon_settings_under_adamw_are_errors_naming_the_field() {
+        let unknown = crate::params::<Pretrain>(json!({"train": {"optimizer": "sgd"}})).unwrap_err();
+        assert_eq!(unknown.path, ["train", "optimizer"]);
+        assert!(unknown.message.contains("adamw") && unknown.message.contains("muon"), "{}", unknown.message);
+        let stray = crate::params::<Pretrain>(json!({"train": {"muon": {"lr": 0.01}}})).unwrap();
+        let err = Pretrain::check(&stray, &[]).unwrap_err();
+        assert_eq!(err.path, ["train", "muon"]);
+        assert!(err.message.contains("optimizer = \"muon\""), "{}", err.message);
+        let typo = crate::params::<Pretrain>(json!({"train": {"optimizer": "muon", "muon": {"nesterow": false}}})).unwrap_err();
+        assert_eq!(typo.path, ["train", "muon", "nesterow"]);
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //! * [`Hyper`]: the `train = { ... }` table — steps, batch, learning-rate
 //!   schedule, AdamW and clipping settings, seed — with [`Hyper::lr_at`], linear
 //!   warmup then cosine decay to `min_lr`.
-//! * [`AdamW`]: the optimizer, on moment tensors this crate owns, so that they
-//!   can be checkpointed (libtorch's C++ optimizers keep theirs out of reach);
+//! * [`Optimizer`]: AdamW, or Muon for the blocks' matrices ([`muon`]) and
+//!   AdamW for the rest, on state tensors this crate owns, so that they can
+//!   be checkpointed (libtorch's C++ optimizers keep theirs out of reach);
 //!   global-norm gradient clipping.
 //! * [`SpikeGuard`]: skips updates whose loss is far above the running mean.
 //! * [`Checkpoints`]: numbered checkpoint directories in a stage's work dir,
@@ -33,11 +34,12 @@
 //!   dropout reproducible across a resume without saving libtorch's generator
 //!   (tch cannot read it back).
 
-mod adamw;
 mod checkpoint;
 pub mod finetune;
 pub mod last_token;
 mod metrics;
+pub mod muon;
+mod optimizer;
 pub mod params;
 pub mod plot;
 pub mod ranks;
@@ -49,9 +51,9 @@ use anyhow::Result;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use adamw::{decays, AdamW};
 pub use checkpoint::Checkpoints;
 pub use metrics::MetricsLog;
+pub use optimizer::{decays, Optimizer};
 pub use params::{Training, MERGED, VOLATILE};
 
 use crate::model::ModelConfig;
@@ -110,6 +112,30 @@ pub struct Hyper {
     pub grad_clip: f64,
     /// Seeds the initial weights, the data order and dropout.
     pub seed: u64,
+    /// `adamw`, or `muon`: Muon for the blocks' matrices, AdamW (the
+    /// settings above) for the rest.
+    #[serde(skip_serializing_if = "OptimizerName::is_adamw")]
+    pub optimizer: OptimizerName,
+    /// Muon's settings, with `optimizer = "muon"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub muon: Option<muon::MuonHyper>,
+}
+
+/// The `train.optimizer` names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    #[default]
+    Adamw,
+    Muon,
+}
+
+impl OptimizerName {
+    // Unset, the name stays out of the params that key a stage: keys from
+    // before Muon are unchanged.
+    fn is_adamw(&self) -> bool {
+        *self == OptimizerName::Adamw
+    }
 }
 
 impl Default for Hyper {
@@ -127,6 +153,8 @@ impl Default for Hyper {
             eps: 1e-8,
             grad_clip: 1.0,
             seed: 1337,
+            optimizer: OptimizerName::Adamw,
+            muon: None,
         }
     }
 }
@@ -137,6 +165,9 @@ impl Hyper {
     pub fn check(&self, table: &str) -> Result<(), ParamError> {
         if self.min_lr > self.lr {
             return Err(ParamError::new(&[table, "lr"], "`min_lr` must not be above `lr`"));
+        }
+        if self.muon.is_some() && self.optimizer != OptimizerName::Muon {
+            return Err(ParamError::new(&[table, "muon"], "Muon's settings apply with `optimizer = \"muon\"`"));
         }
         Ok(())
     }

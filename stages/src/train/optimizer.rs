@@ -1,4 +1,6 @@
-//! AdamW (Loshchilov & Hutter 2019) on moment buffers this crate owns.
+//! The optimizer: AdamW (Loshchilov & Hutter 2019) on moment buffers this
+//! crate owns, or with `train.optimizer = "muon"` Muon for the blocks'
+//! matrices ([`super::muon`]) and AdamW for the rest.
 
 use std::path::Path;
 
@@ -8,7 +10,8 @@ use tch::{nn, Kind, Tensor};
 
 use crate::dist::{self, Group, World};
 
-use super::Hyper;
+use super::muon::{self, MuonHyper};
+use super::{Hyper, OptimizerName};
 use crate::fast::floats::{self, cpu_floats, CHUNK};
 
 /// Whether weight decay applies to a variable: matrices, but not embedding
@@ -24,29 +27,40 @@ struct Param {
     /// The variable, or under ZeRO-1 the part of its elements this rank
     /// updates (a view of them, flattened).
     value: Tensor,
-    /// First and second moments, f32 like the weights, on their device.
+    /// First and second moments, f32 like the weights, on their device;
+    /// empty for a matrix Muon trains.
     m: Tensor,
     v: Tensor,
     decay: bool,
+    /// Muon trains it: AdamW leaves it alone. (Under ZeRO-1 such parts stay
+    /// in the list, for the layout of the rank's share.)
+    muon: bool,
     /// Under ZeRO-1, where the part's gradient starts in [`Zero::grads`].
     shard_offset: Option<i64>,
 }
 
 /// AdamW with decoupled weight decay over every trainable variable of a
-/// VarStore, taken in name order so that sums over them (the gradient norm)
-/// add up the same way on every run.
+/// VarStore (or with Muon, over those Muon does not train), taken in name
+/// order so that sums over them (the gradient norm) add up the same way on
+/// every run.
 ///
 /// Across ranks ([`crate::dist`]) each rank holds the gradients of its own
 /// slice of the batch, accumulated by the backward passes straight into one
 /// flat buffer (every variable's gradient is a view of it, in name order).
-/// [`AdamW::reduce_gradients`] makes them the batch's:
+/// [`Optimizer::reduce_gradients`] makes them the batch's:
 /// * plain data parallelism (DDP) all-reduces the buffer in buckets, and
 ///   every rank then makes the same update with all the moments;
 /// * ZeRO-1 reduce-scatters them: each rank holds the summed gradients and
 ///   the moments of its 1/N of the elements only (the variables
 ///   concatenated in name order), updates those, and the ranks all-gather
 ///   the updated weights.
-pub struct AdamW {
+///
+/// Muon needs a matrix's whole gradient. Under DDP every rank has it and
+/// makes the same update; under ZeRO-1 the ranks all-gather their shares
+/// of the summed gradients after clipping, and every rank then
+/// orthogonalizes every matrix, with the momentum buffers whole on each:
+/// ZeRO-1 partitions AdamW's moments only.
+pub struct Optimizer {
     /// Every trainable variable, whole, in name order.
     vars: Vec<Tensor>,
     params: Vec<Param>,
@@ -62,6 +76,18 @@ pub struct AdamW {
     /// ZeRO-1 padded to a multiple of the ranks).
     grads: Option<Tensor>,
     zero: Option<Zero>,
+    /// With `optimizer = "muon"`: its settings and matrices.
+    muon: Option<(MuonHyper, Vec<MuonMatrix>)>,
+    /// `train.lr`: a step's learning rate over it is the schedule's factor,
+    /// which Muon's learning rate follows too.
+    peak_lr: f64,
+}
+
+/// A matrix Muon trains, whole, and its momentum buffer.
+struct MuonMatrix {
+    name: String,
+    value: Tensor,
+    buf: Tensor,
 }
 
 /// ZeRO-1's share of this rank.
@@ -75,20 +101,27 @@ struct Zero {
 /// Gradient elements all-reduced at once under DDP (16 MiB of f32).
 const BUCKET: i64 = 1 << 22;
 
-impl AdamW {
+impl Optimizer {
     /// The optimizer of `vs`'s trainable variables; `world`'s ranks share
-    /// its updates, with the moments partitioned among them if `zero`.
-    pub fn new(vs: &nn::VarStore, hyper: &Hyper, world: &'static World, zero: bool) -> AdamW {
+    /// its updates, with AdamW's moments partitioned among them if `zero`.
+    pub fn new(vs: &nn::VarStore, hyper: &Hyper, world: &'static World, zero: bool) -> Optimizer {
         let named = super::trainable(vs);
         let vars: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let param = |name: &str, value: Tensor, whole: &Tensor, shard_offset| Param {
-            decay: decays(name, whole),
-            m: value.zeros_like().detach(),
-            v: value.zeros_like().detach(),
-            name: name.to_string(),
-            value,
-            shard_offset,
+        let with_muon = hyper.optimizer == OptimizerName::Muon;
+        let by_muon = |name: &str, whole: &Tensor| with_muon && muon::applies(name, whole);
+        let param = |name: &str, value: Tensor, whole: &Tensor, shard_offset| {
+            let muon = by_muon(name, whole);
+            let moment = || if muon { Tensor::zeros([0], (Kind::Float, value.device())) } else { value.zeros_like().detach() };
+            Param { decay: decays(name, whole), m: moment(), v: moment(), muon, name: name.to_string(), value, shard_offset }
         };
+        let muon = with_muon.then(|| {
+            let matrices = named
+                .iter()
+                .filter(|(name, t)| by_muon(name, t))
+                .map(|(name, t)| MuonMatrix { name: name.clone(), value: t.shallow_clone(), buf: t.zeros_like().detach() })
+                .collect();
+            (hyper.muon.clone().unwrap_or_default(), matrices)
+        });
         let group = world.group();
         let total: i64 = vars.iter().map(Tensor::numel).sum::<usize>() as i64;
         let ranks = world.size as i64;
@@ -125,7 +158,7 @@ impl AdamW {
                 (params, Some(Zero { shard, grads }))
             }
         };
-        AdamW {
+        Optimizer {
             vars,
             params,
             beta1: hyper.beta1,
@@ -136,7 +169,22 @@ impl AdamW {
             group,
             grads,
             zero,
+            muon,
+            peak_lr: hyper.lr,
         }
+    }
+
+    /// What Muon trains and what AdamW does, for the log; `None` without Muon.
+    pub fn summary(&self) -> Option<String> {
+        let (_, matrices) = self.muon.as_ref()?;
+        let muon: usize = matrices.iter().map(|m| m.value.numel()).sum();
+        let all: usize = self.vars.iter().map(Tensor::numel).sum();
+        let others = self.vars.len() - matrices.len();
+        Some(format!(
+            "Muon for {} matrices ({muon} parameters), AdamW for {others} other variables ({} parameters)",
+            matrices.len(),
+            all - muon
+        ))
     }
 
     /// Updates applied so far.
@@ -197,7 +245,7 @@ impl AdamW {
         }
     }
 
-    /// Makes each rank's gradients the sum over the ranks (see [`AdamW`]);
+    /// Makes each rank's gradients the sum over the ranks (see [`Optimizer`]);
     /// nothing in one process.
     pub fn reduce_gradients(&self) -> Result<()> {
         let (Some(group), Some(grads)) = (self.group, &self.grads) else { return Ok(()) };
@@ -213,12 +261,15 @@ impl AdamW {
         }
     }
 
-    /// Bytes of this rank's moments: under ZeRO-1 its share.
+    /// Bytes of this rank's optimizer state: AdamW's moments (under ZeRO-1
+    /// its share) and Muon's momentum buffers.
     pub fn state_bytes(&self) -> u64 {
-        self.params.iter().map(|p| 2 * p.m.numel() as u64 * p.m.kind().elt_size_in_bytes() as u64).sum()
+        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        let adam: u64 = self.params.iter().map(|p| bytes(&p.m) + bytes(&p.v)).sum();
+        adam + self.muon.iter().flat_map(|(_, matrices)| matrices).map(|m| bytes(&m.buf)).sum::<u64>()
     }
 
-    /// The moments' file in a checkpoint: one for all ranks, or one per
+    /// The optimizer state's file in a checkpoint: one for all ranks, or one per
     /// rank under ZeRO-1.
     pub fn file_name(&self) -> String {
         match (&self.zero, self.group) {
@@ -227,16 +278,37 @@ impl AdamW {
         }
     }
 
-    /// Whether this rank writes its moments into a checkpoint: under
+    /// Whether this rank writes its state into a checkpoint: under
     /// ZeRO-1 every rank, else the first (they are the same on all).
     pub fn saves(&self) -> bool {
         self.zero.is_some() || self.group.is_none_or(|g| g.rank() == 0)
     }
 
     /// One update at learning rate `lr` from the accumulated gradients
-    /// (after [`AdamW::reduce_gradients`] across ranks).
+    /// (after [`Optimizer::reduce_gradients`] across ranks).
     pub fn step(&mut self, lr: f64) -> Result<()> {
         self.t += 1;
+        if let Some((hyper, matrices)) = &self.muon {
+            if let (Some(zero), Some(group), Some(grads)) = (&self.zero, self.group, &self.grads) {
+                // Every rank's share of the summed gradients into every rank's.
+                group.all_gather(grads, &zero.grads)?;
+            }
+            let muon_lr = hyper.lr * lr / self.peak_lr;
+            // Handles to each matrix, its gradient and buffer (a tensor is not `Sync`).
+            let work: Vec<_> = matrices.iter().map(|m| (m.value.shallow_clone(), m.value.grad(), m.buf.shallow_clone())).collect();
+            let one = |(value, grad, buf): (Tensor, Tensor, Tensor)| muon::update(&value, &grad, &buf, muon_lr, hyper);
+            if matrices.first().is_some_and(|m| m.value.device() == tch::Device::Cpu) {
+                // The matrices are small: one a core, each on one libtorch
+                // thread, beats each on all of them. Each matrix's update is
+                // its own, so the result does not depend on which core takes it.
+                work.into_par_iter().for_each(|m| {
+                    tch::set_num_threads(1);
+                    one(m);
+                });
+            } else {
+                work.into_iter().for_each(one);
+            }
+        }
         let rule = Rule {
             lr,
             beta1: self.beta1,
@@ -257,7 +329,7 @@ impl AdamW {
         let mut chunks = Vec::new();
         tch::no_grad(|| {
             for (p, g) in self.params.iter().zip(&grads) {
-                if !g.defined() {
+                if p.muon || !g.defined() {
                     continue;
                 }
                 let decay = if p.decay { 1.0 - lr * self.weight_decay } else { 1.0 };
@@ -300,32 +372,35 @@ impl AdamW {
         Ok(())
     }
 
-    /// Writes the moments and the update count (safetensors: `m.NAME`,
-    /// `v.NAME`, `t`).
+    /// Writes the state and the update count (safetensors: AdamW's moments
+    /// `m.NAME`, `v.NAME`, Muon's buffers `momentum.NAME`, and `t`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.params.len() + 1);
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| !p.muon) {
             tensors.push((format!("m.{}", p.name), p.m.shallow_clone()));
             tensors.push((format!("v.{}", p.name), p.v.shallow_clone()));
+        }
+        for m in self.muon.iter().flat_map(|(_, matrices)| matrices) {
+            tensors.push((format!("momentum.{}", m.name), m.buf.shallow_clone()));
         }
         tensors.push(("t".to_string(), Tensor::from(self.t as i64)));
         Tensor::write_safetensors(&tensors, path).with_context(|| format!("cannot write {}", path.display()))
     }
 
-    /// Reads back what [`AdamW::save`] wrote, for the same variables.
+    /// Reads back what [`Optimizer::save`] wrote, for the same variables.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let mut saved: std::collections::HashMap<String, Tensor> =
             Tensor::read_safetensors(path).with_context(|| format!("cannot read {}", path.display()))?.into_iter().collect();
         let mut take = |name: &str| saved.remove(name).with_context(|| format!("{}: no tensor `{name}`", path.display()));
         self.t = take("t")?.int64_value(&[]) as u64;
-        for p in &mut self.params {
-            for (moment, prefix) in [(&mut p.m, "m"), (&mut p.v, "v")] {
-                let value = take(&format!("{prefix}.{}", p.name))?;
-                if value.size() != moment.size() {
-                    bail!("{}: `{prefix}.{}` has shape {:?}, the model {:?}", path.display(), p.name, value.size(), moment.size());
-                }
-                tch::no_grad(|| moment.copy_(&value));
+        let adam = self.params.iter_mut().filter(|p| !p.muon).flat_map(|p| [(&mut p.m, "m", &p.name), (&mut p.v, "v", &p.name)]);
+        let muon = self.muon.iter_mut().flat_map(|(_, matrices)| matrices).map(|m| (&mut m.buf, "momentum", &m.name));
+        for (state, prefix, name) in adam.chain(muon) {
+            let value = take(&format!("{prefix}.{name}"))?;
+            if value.size() != state.size() {
+                bail!("{}: `{prefix}.{name}` has shape {:?}, the model {:?}", path.display(), value.size(), state.size());
             }
+            tch::no_grad(|| state.copy_(&value));
         }
         Ok(())
     }
@@ -403,7 +478,7 @@ mod tests {
         let _rng = torch_rng();
         let (vs, _) = build(&tiny("gpt2", json!({})), 0);
         let hyper = Hyper { weight_decay: 0.1, ..Default::default() };
-        let mut opt = AdamW::new(&vs, &hyper, crate::dist::world(), false);
+        let mut opt = Optimizer::new(&vs, &hyper, crate::dist::world(), false);
         let vars = vs.variables();
         let w = &vars["transformer.h.0.mlp.c_fc.weight"];
         let b = &vars["transformer.h.0.mlp.c_fc.bias"];
@@ -439,7 +514,8 @@ mod tests {
             Rule { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, bias1: 1.0 - 0.9f64.powi(3), bias2_sqrt: (1.0 - 0.95f64.powi(3)).sqrt() };
         let randn = || Tensor::randn([1000], (Kind::Float, tch::Device::Cpu));
         let (value, g, m, v) = (randn(), randn(), randn() * 0.1, randn().square() * 0.01);
-        let by_ops = Param { name: "w".into(), value: value.copy(), m: m.copy(), v: v.copy(), decay: true, shard_offset: None };
+        let by_ops =
+            Param { name: "w".into(), value: value.copy(), m: m.copy(), v: v.copy(), decay: true, muon: false, shard_offset: None };
         tch::no_grad(|| rule.apply_tensors(&by_ops, &g, 0.999));
         let (value, m, v) = (value.copy(), m.copy(), v.copy());
         // SAFETY: four distinct tensors, used by nothing else here.
@@ -456,7 +532,7 @@ mod tests {
         let _rng = torch_rng();
         let dir = tempfile::tempdir().unwrap();
         let (vs, _) = build(&tiny("llama", json!({})), 1);
-        let mut opt = AdamW::new(&vs, &Hyper::default(), crate::dist::world(), false);
+        let mut opt = Optimizer::new(&vs, &Hyper::default(), crate::dist::world(), false);
         let vars = vs.variables();
         let total: Tensor = vars.values().map(|t| t.square().sum(Kind::Float)).fold(Tensor::from(0f32), |a, b| a + b);
         (total * 100.0).backward();
@@ -466,7 +542,7 @@ mod tests {
         opt.step(1e-3).unwrap();
         let path = dir.path().join("optimizer.safetensors");
         opt.save(&path).unwrap();
-        let mut again = AdamW::new(&vs, &Hyper::default(), crate::dist::world(), false);
+        let mut again = Optimizer::new(&vs, &Hyper::default(), crate::dist::world(), false);
         again.load(&path).unwrap();
         assert_eq!(again.updates(), 1);
         for (a, b) in opt.params.iter().zip(&again.params) {

@@ -12,11 +12,13 @@
 //!   variables share their memory with the main model's (so an optimizer
 //!   update of the main model is the replicas' update too, with no copy) but
 //!   are leaves of their own, with gradients of their own.
-//! * After the passes, each replica's gradients are added into the main
-//!   model's, replica by replica in a fixed order, and reset. The sums thus
-//!   happen in the same order on every run: training is deterministic for a
-//!   given thread count and a resumed run ends bitwise equal to an
-//!   uninterrupted one. (Splitting a batch changes the order of
+//! * Each replica accumulates its slices' gradients over an update's
+//!   micro-batches; then [`Replicas::add_gradients`] adds them into the main
+//!   model's, replica by replica in a fixed order, and resets them. The sums
+//!   thus happen in the same order on every run: training is deterministic
+//!   for a given thread count and a resumed run ends bitwise equal to an
+//!   uninterrupted one. They are also the sums of ranks that each train a
+//!   slice (`processes`), whose all-reduce adds the ranks' in order. (Splitting a batch changes the order of
 //!   floating-point sums, so the weights differ in their last bits from an
 //!   unsplit run's, as they do between different intra-op thread counts.)
 //!
@@ -47,6 +49,8 @@ pub struct Replicas {
     /// The main model's trainable variables, in name order.
     main: Vec<Tensor>,
     workers: Vec<Worker>,
+    /// Workers holding gradients not yet added into the main model's.
+    pending: usize,
     /// The caller's libtorch threads, given back on drop.
     caller_threads: i32,
 }
@@ -106,16 +110,16 @@ impl Replicas {
             })?;
             workers.push(Worker { jobs: Some(jobs), vars, thread: Some(thread) });
         }
-        Ok(Some(Replicas { main, workers, caller_threads }))
+        Ok(Some(Replicas { main, workers, pending: 0, caller_threads }))
     }
 
     /// Runs `pass` on the rows of `x` and `y` split across the cores, the
-    /// first slice on `gpt` (the main model), and accumulates every slice's
-    /// gradients into the main model's; returns the summed loss: the mean
-    /// over the batch times `scale`.
+    /// first slice on `gpt` (the main model), each slice's gradients
+    /// accumulating in its own model until [`Replicas::add_gradients`];
+    /// returns the summed loss: the mean over the batch times `scale`.
     pub fn backward(&mut self, gpt: &Gpt, x: &Tensor, y: &Tensor, scale: f64, pass: Pass) -> Result<f64> {
         let (loss, busy) = self.split(gpt, x, y, scale, pass)?;
-        self.add_gradients(busy)?;
+        self.pending = self.pending.max(busy);
         Ok(loss)
     }
 
@@ -179,9 +183,10 @@ impl Replicas {
         Ok(out)
     }
 
-    /// Adds the gradients of the first `busy` replicas into the main model's
-    /// and resets theirs.
-    fn add_gradients(&self, busy: usize) -> Result<()> {
+    /// Adds the replicas' gradients into the main model's and resets theirs:
+    /// after an update's last [`Replicas::backward`].
+    pub fn add_gradients(&mut self) -> Result<()> {
+        let busy = std::mem::take(&mut self.pending);
         // Each replica's gradients into the main model's, replica by replica.
         for w in &self.workers[..busy] {
             let mut pairs = Vec::with_capacity(self.main.len());
@@ -252,6 +257,7 @@ mod tests {
         let runs: Vec<Vec<Tensor>> = (0..2)
             .map(|_| {
                 let split = replicas.backward(&gpt, &x, &y, 0.5, pass).unwrap();
+                replicas.add_gradients().unwrap();
                 assert!((split - whole).abs() < 1e-6, "{split} vs {whole}");
                 grads(&vs)
             })
@@ -266,6 +272,7 @@ mod tests {
         let _ = tch::no_grad(|| sorted_vars(&vs)[0].g_mul_scalar_(0.5));
         let moved = gpt.backward_lm(&x, &y, 0.5).double_value(&[]);
         assert!((replicas.backward(&gpt, &x, &y, 0.5, pass).unwrap() - moved).abs() < 1e-6);
+        replicas.add_gradients().unwrap();
         // An evaluation pass: the batch's mean loss, and no gradient moves.
         let eval: Pass = |gpt, x, y, weight| tch::no_grad(|| crate::model::loss(&gpt.forward(x, false), y).double_value(&[])) * weight;
         let mean = tch::no_grad(|| crate::model::loss(&gpt.forward(&x, false), &y).double_value(&[]));

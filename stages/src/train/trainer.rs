@@ -1,5 +1,5 @@
 //! The training loop every training stage runs: learning-rate schedule,
-//! gradient accumulation, spike guard, clipping, AdamW, periodic evaluation,
+//! gradient accumulation, spike guard, clipping, the optimizer, periodic evaluation,
 //! metrics, checkpoints and resume. A stage supplies only what differs, as an
 //! [`Objective`]: the loss of a micro-batch and its evaluation.
 //!
@@ -7,11 +7,11 @@
 //! learning extends it by overriding [`Objective::step`]: collect a rollout,
 //! then make as many updates as the method asks through [`Update::apply`]
 //! (PPO: epochs × minibatches), each with the same accumulation, guard,
-//! clipping and AdamW as a supervised update. Everything else (schedule per
+//! clipping and the optimizer as a supervised update. Everything else (schedule per
 //! step, checkpoints, resume, metrics, stopping) stays the loop's.
 //!
 //! Resume is exact on the CPU: a checkpoint holds every variable of the
-//! VarStore, the AdamW moments, the step, the spike guard and the task's own
+//! VarStore, the optimizer state, the step, the spike guard and the task's own
 //! state (a data position), and dropout is reseeded from (seed, step,
 //! micro-batch) before every micro-batch. A task whose batches are a function
 //! of (step, micro-batch), like [`batch_indices`], needs no state at all.
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::nn;
 
-use super::{plot, step_seed, AdamW, Checkpoints, Hyper, MetricsLog, SpikeGuard, Training};
+use super::{plot, step_seed, Checkpoints, Hyper, MetricsLog, Optimizer, SpikeGuard, Training};
 use crate::data::rng::shuffled;
 use crate::dist::{self, World};
 use crate::StageCtx;
@@ -62,7 +62,7 @@ pub trait Objective {
 
 /// Optimizer updates within a step of the loop; see [`Objective::step`].
 pub struct Update<'a> {
-    opt: &'a mut AdamW,
+    opt: &'a mut Optimizer,
     guard: &'a mut SpikeGuard,
     skipped: &'a mut u64,
     spike_factor: f64,
@@ -80,7 +80,7 @@ impl Update<'_> {
     /// One optimizer update: `micro_batches` calls of `backward(micro,
     /// scale)`, each returning its loss × `scale` (1 / `micro_batches`) after
     /// adding its gradients; dropout is seeded from (seed, step, micro)
-    /// before each. Then the spike guard, clipping and AdamW. Returns `loss`
+    /// before each. Then the spike guard, clipping and the optimizer. Returns `loss`
     /// and `grad_norm`, or `skipped` for an update the guard refused.
     pub fn apply(&mut self, micro_batches: usize, mut backward: impl FnMut(usize, f64) -> Result<f64>) -> Result<Map<String, Value>> {
         self.opt.zero_grad();
@@ -207,7 +207,7 @@ pub struct Trained {
     /// Training throughput of this run's own steps (a resumed run has not
     /// timed the others); 0 without `tokens_per_step`.
     pub tokens_per_s: f64,
-    /// Bytes of AdamW's moments this rank holds.
+    /// Bytes of optimizer state this rank holds.
     pub optimizer_bytes: u64,
 }
 
@@ -230,7 +230,10 @@ impl Trainer<'_> {
     pub fn run(&self, ctx: &mut StageCtx, vs: &mut nn::VarStore, task: &mut impl Objective) -> Result<Ended> {
         let (hyper, training, name) = (self.hyper, self.training, self.name);
         let world = dist::world();
-        let mut opt = AdamW::new(vs, hyper, world, training.zero());
+        let mut opt = Optimizer::new(vs, hyper, world, training.zero());
+        if let Some(summary) = opt.summary().filter(|_| world.is_first()) {
+            eprintln!("{name}: {summary}");
+        }
         let checkpoints = Checkpoints::open(&ctx.work.join("checkpoints"), training.keep_checkpoints)?;
         let mut state = State { step: 0, guard: SpikeGuard::default(), skipped: 0, task: Value::Null };
         if let Some((step, dir)) = checkpoints.latest()? {
@@ -334,7 +337,7 @@ impl Trainer<'_> {
 /// state; the moments are its too, or under ZeRO-1 each rank's share is its
 /// own file, written between two barriers while the first rank waits to
 /// complete the checkpoint.
-fn save(checkpoints: &Checkpoints, world: &World, vs: &nn::VarStore, opt: &AdamW, state: &State) -> Result<()> {
+fn save(checkpoints: &Checkpoints, world: &World, vs: &nn::VarStore, opt: &Optimizer, state: &State) -> Result<()> {
     if world.is_first() {
         checkpoints.save(state.step, |dir| {
             vs.save(dir.join(MODEL_FILE))?;
