@@ -2,11 +2,12 @@
 """Muon against AdamW on the default pipeline's pretrain (4 layers, d_model
 128, context 128, batch 16, 500 steps), both sides in one run.
 
-* Quality: `examples/muon.toml` sweeps each optimizer's learning rate (the
-  sweep is built, or found fresh, by llmflow itself); for each run the
-  final validation loss, and for each optimizer's best run the first
-  evaluation (every 25 steps) at or below the best AdamW run's final
-  validation loss. The ratio of those steps is Muon's steps over AdamW's.
+* Quality: `examples/muon.toml` sweeps each optimizer's learning rate on
+  the default pretrain and on nanoGPT's baby GPT (the sweeps are built, or
+  found fresh, by llmflow itself); for each run the final validation loss,
+  and for each optimizer's best run the first evaluation (every 25 steps)
+  at or below the best AdamW run's final validation loss. The ratio of
+  those steps is Muon's steps over AdamW's.
 * Speed: the same model and batch trained for `--steps` steps with each
   optimizer, the two taking turns for `--rounds` rounds; a step's time is
   the tokens of a step over the stage's training throughput (forward,
@@ -51,23 +52,24 @@ def quality():
     llmflow("-f", str(EXAMPLE), "run", "-j", "1")
     runs = {}
     for s in stages(EXAMPLE):
-        if s["name"].startswith(("adamw[", "muon[")):
-            evals = [(r["step"], r["val_loss"]) for r in rows(s["out"]) if "val_loss" in r]
-            runs[s["name"]] = evals
-    print("\n| run | final val_loss |\n|---|---|")
+        if s["kind"] == "pretrain":
+            runs[s["name"]] = [(r["step"], r["val_loss"]) for r in rows(s["out"]) if "val_loss" in r]
+    for config, prefix in (("the default pipeline's pretrain", ""), ("nanoGPT's baby GPT", "baby_")):
+        compare(config, {n: e for n, e in runs.items() if n.split("[")[0] in (prefix + "adamw", prefix + "muon")}, prefix)
+
+
+def compare(config, runs, prefix):
+    print(f"\n### {config}\n\n| run | final val_loss |\n|---|---|")
     for name, evals in runs.items():
         print(f"| {name} | {evals[-1][1]:.4f} |")
-    best = {opt: min((n for n in runs if n.startswith(opt + "[")), key=lambda n: runs[n][-1][1]) for opt in ("adamw", "muon")}
+    best = {opt: min((n for n in runs if n.startswith(prefix + opt + "[")), key=lambda n: runs[n][-1][1]) for opt in ("adamw", "muon")}
     target = runs[best["adamw"]][-1][1]
-
-    def reached(name):
-        return next((step for step, loss in runs[name] if loss <= target), None)
-
-    steps = {opt: reached(best[opt]) for opt in best}
+    steps = {opt: next((step for step, loss in runs[best[opt]] if loss <= target), None) for opt in best}
     print(f"\ntarget: the best AdamW run's final val_loss, {target:.4f} ({best['adamw']})\n")
     print("| optimizer | best run | final val_loss | steps to the target |\n|---|---|---|---|")
     for opt in ("adamw", "muon"):
-        print(f"| {opt} | {best[opt]} | {runs[best[opt]][-1][1]:.4f} | {steps[opt] if steps[opt] is not None else 'not reached'} |")
+        reached = steps[opt] if steps[opt] is not None else "not reached"
+        print(f"| {opt} | {best[opt]} | {runs[best[opt]][-1][1]:.4f} | {reached} |")
     if steps["muon"] is not None:
         print(f"\nMuon's steps over AdamW's: {steps['muon'] / steps['adamw']:.2f}")
 

@@ -90,7 +90,7 @@
 //! steps is an iteration, which overrides [`Objective::step`] to collect the
 //! rollout and make the iteration's updates through [`Update::apply`].
 //! Resume: every `checkpoint_every` iterations the weights that train (value
-//! head included), AdamW moments and iteration go to the work dir; a run
+//! head included), optimizer state and iteration go to the work dir; a run
 //! started again continues from the latest. Rollout prompts and seeds are functions
 //! of (`train.seed`, iteration), so the resumed run repeats the uninterrupted
 //! one. `LLMFLOW_STOP_AFTER_STEP=N` stops after iteration `N`. With

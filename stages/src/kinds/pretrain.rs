@@ -42,14 +42,14 @@
 //! `grad_norm`, `tokens_per_s`; per evaluation: `val_loss`, `val_bpb`),
 //! `loss.png` and `samples.txt`. Metrics: `train_loss` (last step),
 //! `val_loss`, `val_bpb`, `tokens_per_s`, `params`, `wall_seconds`,
-//! `skipped_steps`, `processes`, `optimizer_mb_per_rank` (AdamW's moments).
+//! `skipped_steps`, `processes`, `optimizer_mb_per_rank` (the optimizer state a rank holds).
 //!
 //! Bits per byte: the summed loss (nats) of the evaluated targets over ln 2
 //! and over the UTF-8 bytes those targets stand for. Each token's byte length
 //! is read off the byte-level vocabulary (one character per byte);
 //! special tokens such as `<|endoftext|>` count no bytes.
 //!
-//! Resume: a checkpoint (weights, AdamW moments, step, loader position,
+//! Resume: a checkpoint (weights, optimizer state, step, loader position,
 //! spike-guard state) is written to the work dir every `checkpoint_every`
 //! steps. Running the stage again with the same work dir continues from the
 //! latest one and, on the CPU, ends with weights bitwise equal to an
@@ -152,7 +152,7 @@ impl Default for Params {
 impl Stage for Pretrain {
     const KIND: &'static str = "pretrain";
     const VERSION: u32 = 5;
-    const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW, cosine schedule, resumable)";
+    const SUMMARY: &'static str = "train a GPT from scratch on token shards (AdamW or Muon, cosine schedule, resumable)";
     const INPUTS: Inputs = Inputs::Fixed(&["data", "tokenizer"]);
     const VOLATILE: &'static [&'static str] = &train::VOLATILE;
     const MERGED: &'static [&'static str] = &train::MERGED;
@@ -219,7 +219,7 @@ fn estimate(config: &ModelConfig, hyper: &Hyper, device: &Device, threads: usize
          FLOPs per token   {per_token} (6N + 12·n_layer·d_model·context)\n\
          tokens            {tokens} ({} steps × {} tokens)\n\
          total FLOPs       {total:.3e}\n\
-         memory            {:.2} GiB (weights, gradients, AdamW: {:.2} GiB; activations at batch {}: {:.2} GiB)\n",
+         memory            {:.2} GiB (weights, gradients, optimizer state: {:.2} GiB; activations at batch {}: {:.2} GiB)\n",
         n as f64 / 1e6,
         hyper.steps,
         hyper.tokens_per_step(config.context),
