@@ -24,7 +24,10 @@ devices=$("$bin/llmflow-stage" device)
 echo "$devices"
 [[ $devices == *"CUDA device(s)"* ]] || { echo "no CUDA device visible: nothing more to measure" >&2; exit 1; }
 echo "== 3. NCCL's collectives"
-cargo test --release --locked -p llmflow-stages --lib nccl_collectives -- --nocapture 2>&1 | grep -E "^test |NCCL|result"
+nccl=$(cargo test --release --locked --workspace --lib nccl_collectives -- --nocapture 2>&1) || { tail -30 <<<"$nccl"; exit 1; }
+grep -E "^test |NCCL|result" <<<"$nccl"
+# A filter that matches nothing passes with "0 passed": that is a failure here.
+grep -qE "test result: ok\. [1-9][0-9]* passed" <<<"$nccl" || { echo "no NCCL collectives test ran" >&2; exit 1; }
 echo "== 4. GPT-2 124M, bf16: llmflow vs PyTorch"
 "$VENV/bin/python" bench/train_throughput.py --preset gpt2-124m --steps "$steps" --rounds 1
 echo "== 5. the default pipeline on CUDA"

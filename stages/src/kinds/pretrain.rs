@@ -606,6 +606,10 @@ pub(crate) mod tests {
         assert_eq!(crate::params::<Pretrain>(json!({"train": {"steps": 0}})).unwrap_err().path, ["train", "steps"]);
         assert!(crate::params::<Pretrain>(json!({"train": {"stpes": 1}})).is_err());
         assert!(Pretrain::VOLATILE.contains(&"log_every"));
+        // Unset, the optimizer stays out of the params that key the stage:
+        // keys from before Muon are unchanged.
+        let train = &serde_json::to_value(Params::default()).unwrap()["train"];
+        assert!(train.get("optimizer").is_none() && train.get("muon").is_none(), "{train}");
     }
 
     /// Tiny Shakespeare with the last tenth of the text as validation, at the
