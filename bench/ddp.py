@@ -89,8 +89,12 @@ def build(workdir, preset, steps, mode):
 
 def collectives(sizes):
     """{elements: (all-reduce ms, reduce-scatter + all-gather ms)} from the collectives benchmark."""
+    # libtorch where the Makefile puts it: torch-sys rebuilds, and everything
+    # above it, when LIBTORCH differs from the build's.
+    env = dict(os.environ)
+    env.setdefault("LIBTORCH", os.path.join(os.environ.get("LIBTORCH_DIR", os.path.join(ROOT, ".libtorch")), "torch"))
     out = subprocess.run(["cargo", "bench", "--workspace", "--bench", "collectives", "--", *map(str, sizes)],
-                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+                         cwd=ROOT, check=True, capture_output=True, text=True, env=env).stdout
     rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     return [(r["all_reduce_ms"], r["reduce_scatter_all_gather_ms"]) for r in rows]
 

@@ -17,7 +17,8 @@ python3 bench/make_corpus.py "$out/corpus" "$repeat"
 if ! .venv/bin/python -c 'import datatrove' 2>/dev/null; then
   python3 -m venv .venv
   # Its MinHash stages need these extras (the English word tokenizer is spaCy's).
-  .venv/bin/pip install -q 'datatrove==0.10.1' regex tokenizers nltk spacy xxhash orjson
+  # datatrove 0.10.1 hashes str, which xxhash 4 refuses ("Strings must be encoded before hashing").
+  .venv/bin/pip install -q 'datatrove==0.10.1' regex tokenizers nltk spacy 'xxhash<4' orjson
 fi
 
 export LLMFLOW_BENCH_CORPUS="$PWD/$out/corpus"
