@@ -102,15 +102,6 @@ fn held_out_metrics_agree(a: &Project, b: &Project, stage: &str) {
     }
 }
 
-fn log_of(p: &Project) -> String {
-    log_of_stage(p, "pretrain")
-}
-
-fn log_of_stage(p: &Project, stage: &str) -> String {
-    let shown = p.llmflow(&["show", stage, "--json"]).stdout;
-    fs::read_to_string(shown.split('"').find(|s| s.ends_with(".log")).unwrap()).unwrap()
-}
-
 /// [`pipeline`] with `extra`, built.
 fn built(extra: &str) -> Project {
     let p = pipeline(extra);
@@ -124,7 +115,7 @@ fn built(extra: &str) -> Project {
 fn resumes_to(p: &Project, whole: &Project) {
     let again = p.llmflow(&["run"]);
     assert_eq!(again.code, 0, "{}", again.all());
-    assert!(log_of(p).contains("resuming from the checkpoint of step 4"));
+    assert!(p.log("pretrain").contains("resuming from the checkpoint of step 4"));
     assert!(weights_file(whole) == weights_file(p), "resumed weights differ from the uninterrupted run's");
 }
 
@@ -156,7 +147,7 @@ fn two_ranks_train_what_one_process_trains_with_and_without_zero() {
     let one = built("");
     for extra in ["processes = 2", "processes = 2\nzero = 1"] {
         let two = built(extra);
-        let log = log_of(&two);
+        let log = two.log("pretrain");
         assert!(log.contains("launching 2 ranks"), "{log}");
         // Two micro-batches an update: each rank adds up its own before the
         // ranks' sums are added, an order one process does not take.
@@ -225,7 +216,7 @@ fn sft_on_two_ranks_tunes_what_one_process_tunes() {
         p
     };
     let (one, two) = (tuned(""), tuned("processes = 2"));
-    assert!(log_of_stage(&two, "sft").contains("launching 2 ranks"));
+    assert!(two.log("sft").contains("launching 2 ranks"));
     let diff = max_relative_difference(&two, &one, "sft");
     assert!(diff <= FINE_TUNING_TOLERANCE, "the tuned weights differ from one process's by {diff:e} (relative)");
     held_out_metrics_agree(&one, &two, "sft");
@@ -257,7 +248,7 @@ fn preference_and_classification_stages_on_two_ranks_train_what_one_process_trai
     };
     let (one, two) = (stages(""), stages("processes = 2"));
     for stage in ["reward", "dpo", "spam"] {
-        assert!(log_of_stage(&two, stage).contains("launching 2 ranks"), "{stage}");
+        assert!(two.log(stage).contains("launching 2 ranks"), "{stage}");
         let diff = max_relative_difference(&two, &one, stage);
         assert!(diff <= FINE_TUNING_TOLERANCE, "{stage}: the weights differ from one process's by {diff:e} (relative)");
         held_out_metrics_agree(&one, &two, stage);
@@ -330,7 +321,7 @@ train = {{ steps = 2, batch_size = 3, grad_accum = 2, lr = 1e-3 }}
     let (one, two) = (stages(""), stages("processes = 2"));
     assert!(weights_of(&one, "reward") == weights_of(&two, "reward"));
     for stage in ["ppo", "grpo", "grpo_mean"] {
-        assert!(log_of_stage(&two, stage).contains("launching 2 ranks"), "{stage}");
+        assert!(two.log(stage).contains("launching 2 ranks"), "{stage}");
         let diff = max_relative_difference(&two, &one, stage);
         assert!(diff <= FINE_TUNING_TOLERANCE, "{stage}: the weights differ from one process's by {diff:e} (relative)");
         // A uniform factor on the loss barely moves AdamW's steps; the

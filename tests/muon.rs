@@ -7,12 +7,6 @@ mod common;
 
 use common::{Project, TINY_DATA};
 
-/// The log of `stage`'s last run.
-fn log(p: &Project, stage: &str) -> String {
-    let shown = p.llmflow(&["show", stage, "--json"]).stdout;
-    std::fs::read_to_string(shown.split('"').find(|s| s.ends_with(".log")).unwrap()).unwrap()
-}
-
 #[test]
 fn every_training_kind_trains_with_muon() {
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
@@ -86,10 +80,10 @@ train = {{ steps = 2, batch_size = 2, optimizer = "muon" }}
     assert_eq!(run.code, 0, "{}", run.all());
     // Llama blocks: q, k, v, o, gate, up, down, 7 matrices each.
     for stage in ["pretrain", "reward", "dpo", "spam", "ppo", "grpo"] {
-        let log = log(&p, stage);
+        let log = p.log(stage);
         assert!(log.contains(": Muon for 14 matrices"), "{stage}: {log}");
     }
     // LoRA on q and v (the default targets): an A and a B each, 2 layers.
-    let sft = log(&p, "sft");
+    let sft = p.log("sft");
     assert!(sft.contains(": Muon for 8 matrices"), "{sft}");
 }

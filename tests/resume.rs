@@ -48,8 +48,7 @@ fn stopped_training_resumes_to_bitwise_equal_weights() {
     let again = resumed.llmflow(&["run"]);
     assert_eq!(again.code, 0, "{}", again.all());
     assert_eq!(again.built(), ["pretrain"]);
-    let log = fs::read_to_string(resumed.llmflow(&["show", "pretrain", "--json"]).stdout.split('"').find(|s| s.ends_with(".log")).unwrap())
-        .unwrap();
+    let log = resumed.log("pretrain");
     assert!(log.contains("resuming from the checkpoint of step 8"), "{log}");
     if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
         assert!(log.contains("each batch split across"), "{log}");

@@ -161,9 +161,7 @@ processes = 2
     }
     let weights = |p: &Project| fs::read(p.out_dir("pretrain").join("model.safetensors")).unwrap();
     assert!(weights(&local) == weights(&cluster_built), "the weights trained on Slurm differ from the local run's");
-    let log =
-        fs::read_to_string(cluster_built.llmflow(&["show", "pretrain", "--json"]).stdout.split('"').find(|s| s.ends_with(".log")).unwrap())
-            .unwrap();
+    let log = cluster_built.log("pretrain");
     assert!(log.contains("2 process(es)") && !log.contains("launching"), "2 srun tasks, no launcher: {log}");
     assert_same_outputs(&cluster_built, &local, "built on Slurm vs locally");
 }

@@ -99,6 +99,12 @@ impl Project {
         PathBuf::from(st["out"].as_str().unwrap_or_else(|| panic!("{stage} has no artifact: {st}")))
     }
 
+    /// The log of a stage's last run, from `show --json`.
+    pub fn log(&self, stage: &str) -> String {
+        let shown = self.llmflow(&["show", stage, "--json"]).stdout;
+        fs::read_to_string(shown.split('"').find(|s| s.ends_with(".log")).unwrap_or_else(|| panic!("{stage} has no log: {shown}"))).unwrap()
+    }
+
     /// The manifest of a stage's current artifact.
     pub fn manifest(&self, stage: &str) -> serde_json::Value {
         manifest_of(&self.out_dir(stage))

@@ -14,7 +14,7 @@
 //! There is no autograd behind it: it is for products computed by hand, as
 //! the output head's.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -35,16 +35,11 @@ pub fn mm_t(x: &Tensor, w: &Tensor) -> Tensor {
     if x.device() != Device::Cpu || x.kind() != Kind::Float || w.kind() != Kind::Float {
         return x.mm(&w.tr());
     }
-    let mut error = [0 as c_char; 512];
-    // SAFETY: both pointers are live tensors; the result is a new tensor or null.
-    let y = unsafe { llmflow_onednn_linear(x.as_ptr(), w.as_ptr(), std::ptr::null(), error.as_mut_ptr(), error.len()) };
-    if y.is_null() {
-        // SAFETY: the C++ side wrote a NUL-terminated message.
-        let message = unsafe { CStr::from_ptr(error.as_ptr()) };
-        panic!("oneDNN matmul of {:?} and {:?}ᵀ: {}", x.size(), w.size(), message.to_string_lossy());
-    }
-    // SAFETY: a tensor the C++ side allocated for us to own.
-    unsafe { Tensor::from_ptr(y) }
+    super::from_cpp(
+        || format!("oneDNN matmul of {:?} and {:?}ᵀ", x.size(), w.size()),
+        // SAFETY: both pointers are live tensors; the result is a new tensor or null.
+        |error, len| unsafe { llmflow_onednn_linear(x.as_ptr(), w.as_ptr(), std::ptr::null(), error, len) },
+    )
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 //! their own: each is orthogonalized on its own, so each step moves all r
 //! directions of a factor by the same amount.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -127,16 +127,11 @@ extern "C" {
 
 /// beta·input + alpha·(mat1·mat2), rounded once (`cpp/addmm.cpp`).
 fn addmm(input: &Tensor, mat1: &Tensor, mat2: &Tensor, beta: f64, alpha: f64) -> Tensor {
-    let mut error = [0 as c_char; 512];
-    // SAFETY: the three pointers are live tensors; the result is a new tensor or null.
-    let y = unsafe { llmflow_addmm(input.as_ptr(), mat1.as_ptr(), mat2.as_ptr(), beta, alpha, error.as_mut_ptr(), error.len()) };
-    if y.is_null() {
-        // SAFETY: the C++ side wrote a NUL-terminated message.
-        let message = unsafe { CStr::from_ptr(error.as_ptr()) };
-        panic!("addmm of {:?} and {:?}: {}", mat1.size(), mat2.size(), message.to_string_lossy());
-    }
-    // SAFETY: a tensor the C++ side allocated for us to own.
-    unsafe { Tensor::from_ptr(y) }
+    crate::fast::from_cpp(
+        || format!("addmm of {:?} and {:?}", mat1.size(), mat2.size()),
+        // SAFETY: the three pointers are live tensors; the result is a new tensor or null.
+        |error, len| unsafe { llmflow_addmm(input.as_ptr(), mat1.as_ptr(), mat2.as_ptr(), beta, alpha, error, len) },
+    )
 }
 
 /// One Muon step of a matrix `w` (in place) from its gradient `g` and
