@@ -295,7 +295,12 @@ impl Optimizer {
             }
             let muon_lr = hyper.lr * lr / self.peak_lr;
             // Handles to each matrix, its gradient and buffer (a tensor is not `Sync`).
-            let work: Vec<_> = matrices.iter().map(|m| (m.value.shallow_clone(), m.value.grad(), m.buf.shallow_clone())).collect();
+            // A matrix the loss did not reach has no gradient and, as under AdamW, no update.
+            let work: Vec<_> = matrices
+                .iter()
+                .map(|m| (m.value.shallow_clone(), m.value.grad(), m.buf.shallow_clone()))
+                .filter(|(_, grad, _)| grad.defined())
+                .collect();
             let one = |(value, grad, buf): (Tensor, Tensor, Tensor)| muon::update(&value, &grad, &buf, muon_lr, hyper);
             if matrices.first().is_some_and(|m| m.value.device() == tch::Device::Cpu) {
                 // The matrices are small: one a core, each on one libtorch
@@ -525,6 +530,23 @@ mod tests {
         for (name, a, b) in [("value", &value, &by_ops.value), ("m", &m, &by_ops.m), ("v", &v, &by_ops.v)] {
             assert!(a.allclose(b, 1e-6, 1e-7, false), "{name}: {}", max_diff(a, b));
         }
+    }
+
+    /// Muon leaves a matrix the loss did not reach unchanged, as AdamW does.
+    #[test]
+    fn muon_skips_matrices_without_a_gradient() {
+        let _rng = torch_rng();
+        let (vs, _) = build(&tiny("gpt2", json!({})), 2);
+        let hyper = Hyper { optimizer: OptimizerName::Muon, ..Default::default() };
+        let mut opt = Optimizer::new(&vs, &hyper, crate::dist::world(), false);
+        let vars = vs.variables();
+        let (reached, untouched) = (&vars["transformer.h.0.mlp.c_fc.weight"], &vars["transformer.h.1.mlp.c_fc.weight"]);
+        let before = (reached.copy(), untouched.copy());
+        opt.zero_grad();
+        reached.sum(Kind::Float).backward();
+        opt.step(1e-3).unwrap();
+        assert!(!reached.equal(&before.0), "the matrix with a gradient moves");
+        assert!(untouched.equal(&before.1), "the one without stays");
     }
 
     #[test]
