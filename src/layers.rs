@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["error", "files", "log", "protocol"],
     &["hash"],
     &["graph", "runner", "store", "ui"],
-    &["executor"],
+    &["executor", "remote"],
     &["config"],
     &["plan"],
     &["scheduler"],

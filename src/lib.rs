@@ -14,7 +14,7 @@
 //! The modules form layers, each using only those below it (`layers.rs`
 //! checks it in the tests): at the bottom [`error`], [`files`] and [`log`];
 //! then [`hash`]; [`graph`], [`runner`], [`store`] and [`ui`]; then
-//! [`executor`]; [`config`]; [`plan`]; [`scheduler`]; [`commands`] at the top.
+//! [`executor`] and [`remote`]; [`config`]; [`plan`]; [`scheduler`]; [`commands`] at the top.
 //!
 //! The rules that make caching correct:
 //! * A stage's key hashes its kind, the kind's version, its params with
@@ -38,6 +38,7 @@ pub mod hash;
 mod layers;
 pub mod log;
 pub mod plan;
+pub mod remote;
 pub use llmflow_protocol as protocol;
 pub mod runner;
 pub mod scheduler;

@@ -23,6 +23,7 @@ use llmflow::protocol::Sampling;
   llmflow generate pretrain -p \"ROMEO:\"
   llmflow report                       the report card (of the pipeline's eval stage)
   llmflow kinds pretrain               pretrain's params, their defaults and what each does
+  llmflow push                         share what is built here on the pipeline's remote
 
 A STAGE is a stage's name, one variant of a swept stage ('pretrain[lr=3e-3]'),
 or a pattern naming several ('pretrain[lr=3e-3,*]'), wherever a verb takes one.
@@ -33,6 +34,9 @@ struct Cli {
     /// The pipeline file.
     #[arg(short, long, global = true, default_value = "pipeline.toml", value_name = "PATH")]
     file: PathBuf,
+    /// Leave the pipeline's remote (`[pipeline] remote`) alone: build and look only here.
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -63,6 +67,31 @@ enum Cmd {
     /// Show each stage: fresh, stale (and why), missing, queued (on Slurm), running or failed.
     Status {
         /// Stages to show, with what they need, as `run` would build them [default: every stage].
+        #[arg(value_name = "STAGE")]
+        targets: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload built artifacts to the pipeline's remote (`[pipeline] remote`).
+    ///
+    /// Pushes the stages named and what they need (default: every stage)
+    /// that are built here and missing on the remote: each file once, by its
+    /// BLAKE3, then the artifact's entry. `run` pushes what it builds unless
+    /// `remote_push = false`.
+    Push {
+        #[arg(value_name = "STAGE")]
+        targets: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch artifacts from the pipeline's remote into this store.
+    ///
+    /// Pulls the stages named and what they need (default: every stage) that
+    /// the remote has and this store lacks, every file checked against its
+    /// BLAKE3. `run` pulls by itself what it would otherwise build.
+    Pull {
         #[arg(value_name = "STAGE")]
         targets: Vec<String>,
         /// Machine-readable output.
@@ -186,11 +215,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    llmflow::remote::OFFLINE.store(cli.offline, std::sync::atomic::Ordering::Relaxed);
     let result = match cli.command {
         Cmd::Run { targets, dry_run, json, force, jobs, keep_going } => {
             commands::run(&cli.file, RunArgs { targets, dry_run, json, force, jobs, keep_going })
         }
         Cmd::Status { targets, json } => commands::status(&cli.file, &targets, json),
+        Cmd::Push { targets, json } => commands::push(&cli.file, &targets, json),
+        Cmd::Pull { targets, json } => commands::pull(&cli.file, &targets, json),
         Cmd::Dag { format } => commands::dag(&cli.file, format),
         Cmd::Show { stage, json } => commands::show(&cli.file, &stage, json),
         Cmd::Report { stage, json } => commands::report(&cli.file, stage.as_deref(), json),

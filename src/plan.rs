@@ -20,25 +20,9 @@ use crate::error::ConfigError;
 use crate::files::{read_chunked, write_chunked};
 use crate::graph::Dag;
 use crate::hash::StatCache;
-use crate::store::{Head, InputRef, Integrity, Manifest, Store};
+use crate::remote::Remote;
+use crate::store::{Head, InputRef, Integrity, KeyParts, Manifest, Store};
 use rayon::prelude::*;
-
-/// The fingerprint inputs of one stage.
-#[derive(Debug, Clone, Serialize)]
-pub struct KeyParts<'a> {
-    pub kind: &'a str,
-    pub version: u32,
-    pub params: &'a serde_json::Value,
-    pub inputs: &'a BTreeMap<String, InputRef>,
-    pub deps: &'a BTreeMap<String, String>,
-}
-
-impl KeyParts<'_> {
-    /// blake3 over canonical JSON (object keys sorted).
-    pub fn key(&self) -> String {
-        crate::hash::hash_bytes(&serde_json::to_vec(self).expect("serializable"))
-    }
-}
 
 /// External files of a stage and their digests, via the stat cache.
 pub fn dep_digests(p: &Pipeline, s: &StageDef, cache: &mut StatCache) -> Result<BTreeMap<String, String>, ConfigError> {
@@ -66,10 +50,12 @@ pub enum State {
     Queued,
     Running,
     Failed,
+    /// Not here, but built on the remote (`[pipeline] remote`): `run` pulls it.
+    Remote,
 }
 
 /// Every state, in the order of their discriminants.
-pub const STATES: [State; 6] = [State::Fresh, State::Stale, State::Missing, State::Queued, State::Running, State::Failed];
+pub const STATES: [State; 7] = [State::Fresh, State::Stale, State::Missing, State::Queued, State::Running, State::Failed, State::Remote];
 
 impl State {
     pub fn as_str(self) -> &'static str {
@@ -80,6 +66,7 @@ impl State {
             State::Queued => "queued",
             State::Running => "running",
             State::Failed => "failed",
+            State::Remote => "remote",
         }
     }
 }
@@ -99,7 +86,9 @@ pub struct Status {
 /// The standing of every stage, in dependency order. Reads manifests and
 /// stats files; re-hashes only files whose stat changed. Stages whose inputs
 /// are all settled are looked at in parallel, a level of the graph at a time.
-pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, ConfigError> {
+/// With a `remote`, a stage not built here is looked up there; one found
+/// there is `Remote`, and its dependents' keys follow from its output digest.
+pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store, remote: Option<&Remote>) -> Result<Vec<Status>, ConfigError> {
     let mut cache = StatCache::open(store.stat_cache_path());
     let deps: Vec<BTreeMap<String, String>> = p.stages.iter().map(|s| dep_digests(p, s, &mut cache)).collect::<Result<_, _>>()?;
     cache.save();
@@ -125,7 +114,7 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
     let mut out: Vec<Option<Status>> = vec![None; p.stages.len()];
     for members in levels {
         let done = &out;
-        let found: Vec<Status> = members.par_iter().map(|&i| status_of(p, store, done, &known, i, &deps[i])).collect();
+        let found: Vec<Status> = members.par_iter().map(|&i| status_of(p, store, remote, done, &known, i, &deps[i])).collect();
         for (i, status) in members.into_iter().zip(found) {
             out[i] = Some(status);
         }
@@ -142,6 +131,7 @@ pub fn statuses(p: &Pipeline, dag: &Dag, store: &Store) -> Result<Vec<Status>, C
 fn status_of(
     p: &Pipeline,
     store: &Store,
+    remote: Option<&Remote>,
     done: &[Option<Status>],
     known: &HashMap<String, Arc<Head>>,
     i: usize,
@@ -153,7 +143,7 @@ fn status_of(
     for (slot, up) in &s.inputs {
         let ui = p.index(up).expect("checked reference");
         match done[ui].as_ref().and_then(|st| st.manifest.as_ref()) {
-            Some(m) if done[ui].as_ref().unwrap().state == State::Fresh => {
+            Some(m) if matches!(done[ui].as_ref().unwrap().state, State::Fresh | State::Remote) => {
                 inputs.insert(slot.clone(), InputRef { stage: up.clone(), digest: m.output_digest.clone() });
             }
             _ => waiting.push(format!("input `{slot}` ({up}) must be built first")),
@@ -172,7 +162,14 @@ fn status_of(
                 }
                 Integrity::Damaged(files) => Err((Some(key), Some(files))),
             },
-            None => Err((Some(key), None)),
+            None => match remote.and_then(|r| Some((r, r.entry(&s.name, &key)?))) {
+                Some((r, entry)) => {
+                    let why = format!("on remote {}: `run` or `pull` fetches it", r.url());
+                    let head = Arc::new(entry.manifest.head());
+                    return Status { state: State::Remote, key: Some(key), reasons: vec![why], manifest: Some(head), log: None };
+                }
+                None => Err((Some(key), None)),
+            },
         }
     } else {
         Err((None, None))

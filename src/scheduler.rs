@@ -28,6 +28,7 @@ use crate::graph::Dag;
 use crate::hash::{self, StatCache};
 use crate::plan::{self, State};
 use crate::protocol::{Resources, Spec, StageCtx};
+use crate::remote::Remote;
 use crate::store::{Access, Failure, Head, InputRef, Integrity, Manifest, Store};
 use crate::ui::Ui;
 
@@ -42,6 +43,8 @@ pub struct RunOptions {
 enum Fate {
     Built(Arc<Head>),
     Fresh(Arc<Head>),
+    /// Fetched from the remote.
+    Pulled(Arc<Head>),
     Failed,
     /// The executor refused the stage at once: a mistake in its settings.
     Refused,
@@ -56,7 +59,7 @@ impl Fate {
 
     fn shared_head(&self) -> Option<&Arc<Head>> {
         match self {
-            Fate::Built(m) | Fate::Fresh(m) => Some(m),
+            Fate::Built(m) | Fate::Fresh(m) | Fate::Pulled(m) => Some(m),
             _ => None,
         }
     }
@@ -107,9 +110,11 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // What is fresh now, checked in parallel; a stage whose inputs are still
     // the ones the plan saw is not looked at again.
-    let planned = plan::statuses(p, dag, &store)?;
+    let remote = Remote::of(p.remote.as_ref(), ui).map(Arc::new);
+    let planned = plan::statuses(p, dag, &store, remote.as_deref())?;
     // What an executor cannot run here (no `sbatch`, settings at odds) is said before anything runs.
-    for &i in wanted.iter().filter(|&&i| planned[i].state != State::Fresh || forced.contains(&i)) {
+    let building = |i: usize| !matches!(planned[i].state, State::Fresh | State::Remote) || forced.contains(&i);
+    for &i in wanted.iter().filter(|&&i| building(i)) {
         let s = &p.stages[i];
         s.executor.executor().check(&s.name, &s.executor, s.resolved.resources.processes)?;
     }
@@ -168,7 +173,9 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 }
                 let res = s.resolved.resources;
                 let threads = s.executor.executor().threads(&s.name, &s.executor, res.threads, res.processes, cores)?;
-                let held = threads.local.then_some(res);
+                // A stage the plan found on the remote is fetched, which takes none of this machine's cores.
+                let pulling = !force && known.state == State::Remote && known.key.as_ref() == Some(&key);
+                let held = (threads.local && !pulling).then_some(res);
                 let busy: usize = running.values().flatten().map(|r| r.threads.unwrap_or(cores).min(cores)).sum();
                 let gpu_busy = running.values().flatten().any(|r| r.accelerator) && res.accelerator && p.device != "cpu";
                 if !running.is_empty() && (running.len() >= opts.jobs || (held.is_some() && (busy + threads.per_node > cores || gpu_busy)))
@@ -194,8 +201,11 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
                 };
                 running.insert(i, held);
                 let (tx, store, ui, root, device) = (tx.clone(), store.clone(), ui.clone(), p.root.clone(), p.device.clone());
+                let remote = remote.clone();
                 std::thread::spawn(move || {
-                    let fate = build(&job, &store, &ui, &root, &device);
+                    // A panic fails the stage instead of leaving the run waiting for it.
+                    let build = || build(&job, &store, remote.as_deref(), &ui, &root, &device);
+                    let fate = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).unwrap_or(Fate::Failed);
                     let _ = tx.send((job.index, fate));
                 });
             }
@@ -216,6 +226,7 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
     }
     let count = |f: fn(&Fate) -> bool| fates.values().filter(|o| f(o)).count();
     let built = count(|o| matches!(o, Fate::Built(_)));
+    let pulled = count(|o| matches!(o, Fate::Pulled(_)));
     let fresh = count(|o| matches!(o, Fate::Fresh(_)));
     let failed = count(|o| matches!(o, Fate::Failed));
     let refused = count(|o| matches!(o, Fate::Refused));
@@ -232,10 +243,12 @@ pub fn run(p: &Pipeline, dag: &Dag, opts: &RunOptions, ui: &Ui) -> Result<()> {
         ))
         .into());
     }
-    if built == 0 {
+    if built + pulled == 0 {
         ui.status("Fresh", &format!("nothing to do: all {fresh} stage(s) are up to date ({secs:.2}s)"));
-    } else {
+    } else if pulled == 0 {
         ui.status("Finished", &format!("{built} built, {fresh} fresh in {secs:.1}s"));
+    } else {
+        ui.status("Finished", &format!("{built} built, {pulled} pulled, {fresh} fresh in {secs:.1}s"));
     }
     for &t in &targets {
         if let Some(m) = fates.get(&t).and_then(Fate::head) {
@@ -251,8 +264,8 @@ fn fresh_artifact(store: &Store, stage: &str, key: &str) -> Option<Head> {
 }
 
 /// Builds one stage in a child process and publishes its artifact.
-fn build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Fate {
-    match try_build(job, store, ui, root, device) {
+fn build(job: &Job, store: &Store, remote: Option<&Remote>, ui: &Ui, root: &Path, device: &str) -> Fate {
+    match try_build(job, store, remote, ui, root, device) {
         Ok(fate) => fate,
         Err(e) => {
             ui.error(&format!("stage `{}`: {e:#}", job.stage));
@@ -261,7 +274,7 @@ fn build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Fate {
     }
 }
 
-fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Result<Fate> {
+fn try_build(job: &Job, store: &Store, remote: Option<&Remote>, ui: &Ui, root: &Path, device: &str) -> Result<Fate> {
     let _lock = store.lock(&job.stage, |pid| {
         let who = pid.map_or("another process".to_string(), |p| format!("process {p}"));
         ui.status("Waiting", &format!("for {}: {who} is building it", job.stage));
@@ -277,6 +290,25 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
     }
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Ok(Fate::Failed);
+    }
+    if let Some(remote) = remote.filter(|_| !job.force) {
+        let started = Instant::now();
+        match remote.pull(store, &job.stage, &job.key) {
+            Ok(Some(head)) => {
+                let secs = started.elapsed().as_secs_f64();
+                ui.status(
+                    "Pulled",
+                    &format!("{} in {secs:.1}s from {} → {}", job.stage, remote.url(), shown(&store.artifact_dir(&head.stage, &head.key))),
+                );
+                return Ok(Fate::Pulled(Arc::new(head)));
+            }
+            Ok(None) => {}
+            // A remote out of use has said so once already.
+            Err(e) if remote.down().is_none() => {
+                ui.warning(&format!("cannot pull {} from {}: {e:#}; building it here", job.stage, remote.url()))
+            }
+            Err(_) => {}
+        }
     }
     let tmp = store.make_tmp(&job.stage, &job.key)?;
     let dir = tmp.path.clone();
@@ -376,11 +408,22 @@ fn try_build(job: &Job, store: &Store, ui: &Ui, root: &Path, device: &str) -> Re
                 s.last_failure = None;
             })?;
             let _ = remove_tree(&work);
-            let shown = dest.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(&dest);
-            ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown.display()));
+            ui.status("Built", &format!("{} in {secs:.1}s → {}", job.stage, shown(&dest)));
+            if let Some(remote) = remote.filter(|r| r.pushes() && r.down().is_none()) {
+                match remote.push(store, &manifest) {
+                    Ok(pushed) => ui.status("Pushed", &format!("{} to {}: {}", job.stage, remote.url(), pushed.describe())),
+                    Err(e) if remote.down().is_none() => ui.warning(&format!("cannot push {} to {}: {e:#}", job.stage, remote.url())),
+                    Err(_) => {}
+                }
+            }
             Ok(Fate::Built(Arc::new(manifest.head())))
         }
     }
+}
+
+/// `path`, relative to the working directory when under it.
+fn shown(path: &Path) -> String {
+    path.strip_prefix(std::env::current_dir().unwrap_or_default()).unwrap_or(path).display().to_string()
 }
 
 fn record_failure(store: &Store, job: &Job, log: &Path, message: &str) -> Result<()> {

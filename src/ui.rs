@@ -2,6 +2,7 @@
 //! progress bar per running stage when stderr is a terminal. `NO_COLOR`
 //! turns colour off.
 
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -35,13 +36,18 @@ impl Ui {
         if self.tty {
             let _ = self.bars.println(line);
         } else {
-            eprintln!("{line}");
+            // Not `eprintln!`: a reader gone (`run 2>&1 | head`) must not panic a build thread.
+            let _ = writeln!(std::io::stderr(), "{line}");
         }
     }
 
     /// `    Building stage (kind)`: a right-aligned verb, as cargo prints.
     pub fn status(&self, verb: &str, message: &str) {
         self.println(format!("{:>12} {message}", style(verb).green().bold()));
+    }
+
+    pub fn warning(&self, message: &str) {
+        self.println(format!("{} {message}", style("warning:").yellow().bold()));
     }
 
     pub fn error(&self, message: &str) {

@@ -4,63 +4,8 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 
-use common::Project;
-
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-/// A copy of the repository's pipeline with its data and scripts. The public
-/// URL is swapped for a local address that refuses connections, so the test
-/// exercises the fall-back to the shipped mirror without touching the network.
-fn default_pipeline() -> Project {
-    let text = fs::read_to_string(Path::new(ROOT).join("pipeline.toml")).unwrap();
-    let url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
-    assert!(text.contains(url), "the default pipeline names the corpus's public URL");
-    let mut text = text.replace(url, "http://127.0.0.1:9/input.txt");
-    // The model and every training stage scaled down to seconds; the data
-    // stages run as shipped.
-    for (from, to) in [
-        ("n_layer = 4, n_head = 4, d_model = 128, context = 128", "n_layer = 1, n_head = 2, d_model = 32, context = 32"),
-        ("steps = 500, batch_size = 16", "steps = 12, batch_size = 4"),
-        ("eval_every = 100", "eval_every = 6"),
-        ("checkpoint_every = 100", "checkpoint_every = 6"),
-        ("max_tokens = 120", "max_tokens = 8"),
-        ("steps = 300, batch_size = 16", "steps = 8, batch_size = 4"),
-        ("max_tokens = 64, temperature = 0.0", "max_tokens = 8, temperature = 0.0"),
-        ("steps = 150, batch_size = 16", "steps = 4, batch_size = 4"),
-        ("steps = 30, batch_size = 16", "steps = 2, batch_size = 2"),
-        ("max_new_tokens = 32", "max_new_tokens = 6"),
-        ("steps = 100, batch_size = 8", "steps = 4, batch_size = 4"),
-        ("max_tokens = 128", "max_tokens = 32"),
-        ("steps = 400, batch_size = 32", "steps = 8, batch_size = 4"),
-        ("steps = 200, batch_size = 8, grad_accum = 2", "steps = 2, batch_size = 2, grad_accum = 1"),
-    ] {
-        assert!(text.contains(from), "pipeline.toml lacks {from:?}");
-        text = text.replace(from, to);
-    }
-    let p = Project::new(&text);
-    for rel in ["data/corpora/tinyshakespeare.txt", "scripts/corpus_stats.sh"] {
-        p.write(rel, &fs::read_to_string(Path::new(ROOT).join(rel)).unwrap());
-    }
-    for dir in ["data/eval", "data/instruct", "data/rl"] {
-        copy_dir(&Path::new(ROOT).join(dir), &p.path().join(dir));
-    }
-    p
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            fs::copy(&path, &target).unwrap();
-        }
-    }
-}
+use common::{default_pipeline, Project};
 
 fn metric(p: &Project, stage: &str, name: &str) -> serde_json::Value {
     let show = p.llmflow(&["show", stage, "--json"]);

@@ -1,6 +1,7 @@
 //! The CLI's verbs, one function each: building ([`run`]), looking at the
 //! pipeline and its artifacts ([`status`], [`show`], [`report`], [`dag`]),
-//! looking after the store ([`verify`], [`gc`]) and using a model
+//! looking after the store ([`verify`], [`gc`]), sharing it ([`push`],
+//! [`pull`]) and using a model
 //! ([`generate`], [`export`]). Every verb that prints for scripts takes
 //! `--json`.
 
@@ -18,15 +19,18 @@ use crate::error::{suggest, ConfigError, StageFailed, INTERRUPTED};
 use crate::graph::Dag;
 use crate::plan::{self, State, Status};
 use crate::protocol::{GenerateRequest, Sampling, Spec, StageCtx};
+use crate::remote::Remote;
 use crate::scheduler::{self, RunOptions};
 use crate::store::Store;
 use crate::ui::Ui;
 
 mod dag;
+mod remote;
 mod status;
 mod store;
 
 pub use dag::{dag, Format};
+pub use remote::{pull, push};
 pub use status::{report, show, status};
 pub use store::{gc, verify};
 
@@ -82,11 +86,13 @@ pub fn run(file: &Path, args: RunArgs) -> Result<()> {
 /// `run --dry-run`: what would be built, why, and what it would cost.
 fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String], json: bool) -> Result<()> {
     let store = Store::new(p.artifacts.clone());
-    let statuses = plan::statuses(p, dag, &store)?;
+    let remote = Remote::of(p.remote.as_ref(), &Ui::new());
+    let statuses = plan::statuses(p, dag, &store, remote.as_ref())?;
     let idx = p.select_all(targets)?;
     let forced: BTreeSet<usize> = p.select_all(force)?.into_iter().collect();
+    let pulls = |i: usize| statuses[i].state == State::Remote && !forced.contains(&i);
     let building: Vec<usize> =
-        dag.closure(&idx).into_iter().filter(|&i| statuses[i].state != State::Fresh || forced.contains(&i)).collect();
+        dag.closure(&idx).into_iter().filter(|&i| (statuses[i].state != State::Fresh && !pulls(i)) || forced.contains(&i)).collect();
     let estimates = estimates(p, &statuses, &store, &building)?;
     if json {
         let stages: Vec<_> = dag
@@ -97,16 +103,20 @@ fn plan_only(p: &Pipeline, dag: &Dag, targets: &[String], force: &[String], json
                 let k = building.iter().position(|&b| b == i);
                 let reasons = if st.state == State::Fresh && k.is_some() { vec!["forced".to_string()] } else { st.reasons.clone() };
                 json!({
-                    "name": s.name, "kind": s.kind.kind, "build": k.is_some(), "state": st.state, "reasons": reasons,
+                    "name": s.name, "kind": s.kind.kind, "build": k.is_some(), "pull": pulls(i), "state": st.state, "reasons": reasons,
                     "estimate": k.and_then(|k| estimates[k].clone()),
                 })
             })
             .collect();
-        return print_json(&json!({ "stages": stages, "would_build": building.len() }));
+        let would_pull = dag.closure(&idx).into_iter().filter(|&i| pulls(i)).count();
+        return print_json(&json!({ "stages": stages, "would_build": building.len(), "would_pull": would_pull }));
     }
     for i in dag.closure(&idx) {
         let (s, st) = (&p.stages[i], &statuses[i]);
         match building.iter().position(|&b| b == i) {
+            None if pulls(i) => {
+                outln!("{:>12} {} from {}", style("Would pull").blue().bold(), s.name, p.remote.as_ref().map_or("", |r| &r.url))
+            }
             None => outln!("{:>12} {}", style("Fresh").green(), s.name),
             Some(k) => {
                 let why = if st.state == State::Fresh { "forced".to_string() } else { st.reasons.join("; ") };
@@ -151,7 +161,7 @@ pub fn estimate(file: &Path, name: &str, json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
     let i = p.select_one(name)?;
     let store = Store::new(p.artifacts.clone());
-    let statuses = plan::statuses(p, dag, &store)?;
+    let statuses = plan::statuses(p, dag, &store, None)?;
     let estimate = estimates(p, &statuses, &store, &[i])?.pop().flatten();
     if json {
         return print_json(&json!({ "name": p.stages[i].name, "kind": p.stages[i].kind.kind, "estimate": estimate }));
@@ -168,7 +178,7 @@ fn fresh_out(file: &Path, name: &str) -> Result<PathBuf> {
     let (p, dag) = load(file)?;
     let i = p.select_one(name)?;
     let store = Store::new(p.artifacts.clone());
-    let statuses = plan::statuses(p, dag, &store)?;
+    let statuses = plan::statuses(p, dag, &store, None)?;
     match &statuses[i].manifest {
         Some(m) if statuses[i].state == State::Fresh => Ok(store.out_dir(&m.stage, &m.key)),
         _ => bail!(ConfigError(format!("stage `{name}` is {}: run `llmflow run {name}` first", statuses[i].state.as_str()))),

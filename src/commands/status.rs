@@ -13,7 +13,9 @@ use super::{human_bytes, load, outln, print_json};
 use crate::config::{Pipeline, StageDef};
 use crate::error::ConfigError;
 use crate::plan::{self, State, Status, STATES};
+use crate::remote::Remote;
 use crate::store::{Manifest, Store};
+use crate::ui::Ui;
 
 /// `status [STAGE…]`: the stages named and what they need, as `run` would
 /// build them (default: every stage).
@@ -26,7 +28,8 @@ pub fn status(file: &Path, targets: &[String], json: bool) -> Result<()> {
         mark
     };
     let store = Store::new(p.artifacts.clone());
-    let statuses = plan::statuses(p, dag, &store)?;
+    let remote = Remote::of(p.remote.as_ref(), &Ui::new());
+    let statuses = plan::statuses(p, dag, &store, remote.as_ref())?;
     // One write at the end: a line at a time costs a 10,000-stage pipeline more than computing it.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
@@ -79,6 +82,7 @@ pub fn status(file: &Path, targets: &[String], json: bool) -> Result<()> {
                 State::Missing => style(st.state.as_str()).dim(),
                 State::Queued | State::Running => style(st.state.as_str()).cyan(),
                 State::Failed => style(st.state.as_str()).red().bold(),
+                State::Remote => style(st.state.as_str()).blue(),
             };
             let detail = match (&st.state, &st.key) {
                 (State::Fresh, Some(key)) => key[..12].to_string(),
@@ -97,14 +101,18 @@ pub fn status(file: &Path, targets: &[String], json: bool) -> Result<()> {
     let (counts, _) = count(&mut shown.iter().map(|&i| &statuses[i]));
     writeln!(
         out,
-        "\n{} stages: {} fresh, {} stale, {} missing, {} queued, {} running, {} failed",
+        "\n{} stages: {} fresh, {} stale, {} missing, {} queued, {} running, {} failed{}",
         shown.len(),
         counts[State::Fresh as usize],
         counts[State::Stale as usize],
         counts[State::Missing as usize],
         counts[State::Queued as usize],
         counts[State::Running as usize],
-        counts[State::Failed as usize]
+        counts[State::Failed as usize],
+        match counts[State::Remote as usize] {
+            0 => String::new(),
+            n => format!(", {n} on remote"),
+        }
     )?;
     Ok(out.flush()?)
 }
@@ -113,7 +121,7 @@ pub fn show(file: &Path, spec: &str, json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
     let selected = p.select(spec)?;
     let store = Store::new(p.artifacts.clone());
-    let statuses = plan::statuses(p, dag, &store)?;
+    let statuses = plan::statuses(p, dag, &store, None)?;
     if let [i] = selected[..] {
         show_one(p, &store, &statuses[i], i, json)
     } else {
@@ -256,7 +264,7 @@ pub fn report(file: &Path, stage: Option<&str>, json: bool) -> Result<()> {
         bail!(ConfigError(format!("stage `{name}` ({}) writes no report", kind.kind)));
     };
     let store = Store::new(p.artifacts.clone());
-    let statuses = plan::statuses(p, dag, &store)?;
+    let statuses = plan::statuses(p, dag, &store, None)?;
     let Some(m) = current_or_latest(&store, &statuses[i], &name) else {
         bail!(ConfigError(format!("no report of `{name}` is built yet: run `llmflow run {name}` first")));
     };

@@ -222,7 +222,7 @@ pub fn gc(file: &Path, dry_run: bool, wait: bool, only_this_pipeline: bool, json
 /// The artifacts `p` uses: each stage's current one and, where the key is
 /// not known yet (an input must be rebuilt first), the last one built.
 fn in_use(p: &Pipeline, dag: &Dag, store: &Store) -> Result<BTreeSet<(String, String)>> {
-    let statuses = plan::statuses(p, dag, store)?;
+    let statuses = plan::statuses(p, dag, store, None)?;
     let mut keep = BTreeSet::new();
     for (s, st) in p.stages.iter().zip(&statuses) {
         if let Some(key) = &st.key {

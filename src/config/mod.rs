@@ -41,6 +41,8 @@ pub struct Pipeline {
     pub artifacts: PathBuf,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// The shared cache, when `[pipeline] remote` sets one.
+    pub remote: Option<crate::remote::Settings>,
     /// Stages in file order.
     pub stages: Vec<StageDef>,
     /// Stage name → its index in `stages`.
@@ -150,7 +152,7 @@ impl Pipeline {
         }
         let src = Source::new(&file, &text);
         let spans = DeTable::parse(&text).map_err(|e| src.error(e.span().map(|s| s.start), e.message()))?;
-        let Parsed { name, artifacts, device, raw, expanded } = parse(&src, &spans, &root)?;
+        let Parsed { name, artifacts, device, remote, raw, expanded } = parse(&src, &spans, &root)?;
         let spans = spans.get_ref();
         let request = ResolveRequest {
             stages: expanded
@@ -181,7 +183,7 @@ impl Pipeline {
                 )));
             }
         }
-        let pipeline = Pipeline { file: file.clone(), root, name, artifacts, device, stages, by_name };
+        let pipeline = Pipeline { file: file.clone(), root, name, artifacts, device, remote, stages, by_name };
         if let Some(snapshot) = snapshot {
             snapshot.write(&pipeline, response.kinds);
         }

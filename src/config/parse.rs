@@ -15,11 +15,12 @@ use super::StageDef;
 use crate::error::{suggest, ConfigError};
 use crate::executor::{self, Executor, Setting};
 use crate::protocol::{KindInfo, Resolved};
+use crate::remote;
 
 /// Keys of a stage table that belong to the engine, not to the stage kind:
 /// these and each executor's settings table.
 const ENGINE_KEYS: &[&str] = &["kind", "input", "inputs", "sweep", "sweep_mode", "executor", "log_limit_mb"];
-const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "device", "executor", "log_limit_mb", "max_stages"];
+const PIPELINE_KEYS: &[&str] = &["name", "artifacts", "device", "executor", "log_limit_mb", "max_stages", "remote", "remote_push"];
 
 /// The engine's keys of a stage table (`pipeline`: of `[pipeline]`).
 pub(super) fn engine_keys(pipeline: bool) -> Vec<&'static str> {
@@ -38,6 +39,7 @@ pub(super) struct Parsed {
     pub name: String,
     pub artifacts: PathBuf,
     pub device: String,
+    pub remote: Option<remote::Settings>,
     pub raw: Vec<RawStage>,
     pub expanded: Vec<Expanded>,
 }
@@ -82,6 +84,24 @@ pub(super) fn parse(src: &Source, spans: &Spanned<DeTable>, root: &Path) -> Resu
         let at = src.key_span(spans, &["pipeline", "device"]);
         return Err(src.error(at, format!("unknown device `{device}`: use auto, cpu, cuda or cuda:N")));
     }
+    let remote = match section.get("remote") {
+        None => None,
+        Some(_) => {
+            let url = string("remote", "")?;
+            let at = src.key_span(spans, &["pipeline", "remote"]);
+            remote::check_url(&url).map_err(|e| src.error(at, format!("`pipeline.remote`: {e}")))?;
+            Some(remote::Settings { url, push: true })
+        }
+    };
+    let remote = match (section.get("remote_push"), remote) {
+        (None, remote) => remote,
+        (Some(toml::Value::Boolean(push)), Some(remote)) => Some(remote::Settings { push: *push, ..remote }),
+        (Some(value), _) => {
+            let at = src.key_span(spans, &["pipeline", "remote_push"]);
+            let why = if value.is_bool() { "is set but `pipeline.remote` is not" } else { "must be true or false" };
+            return Err(src.error(at, format!("`pipeline.remote_push` {why}")));
+        }
+    };
     let mut tables = Vec::new();
     for e in executor::all() {
         if let Some(table) = section.get(e.name()) {
@@ -109,7 +129,7 @@ pub(super) fn parse(src: &Source, spans: &Spanned<DeTable>, root: &Path) -> Resu
         raw.push(parse_stage(src, spans, name, &stage_tables[name], &defaults)?);
     }
     let expanded = expand(src, spans, &raw, max_stages)?;
-    Ok(Parsed { name, artifacts, device, raw, expanded })
+    Ok(Parsed { name, artifacts, device, remote, raw, expanded })
 }
 
 /// The path of the first nan or infinity in `value`: JSON, which carries

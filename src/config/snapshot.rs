@@ -35,6 +35,7 @@ struct Snapshotted {
     name: String,
     artifacts: PathBuf,
     device: String,
+    remote: Option<crate::remote::Settings>,
     kinds: Vec<KindInfo>,
 }
 
@@ -103,7 +104,7 @@ impl Snapshot {
             .collect::<Option<_>>()?;
         let by_name = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let root = s.id.file.parent().map(Path::to_path_buf).unwrap_or_default();
-        Some(Pipeline { file: s.id.file, root, name: s.name, artifacts: s.artifacts, device: s.device, stages, by_name })
+        Some(Pipeline { file: s.id.file, root, name: s.name, artifacts: s.artifacts, device: s.device, remote: s.remote, stages, by_name })
     }
 
     pub fn write(self, p: &Pipeline, kinds: Vec<KindInfo>) {
@@ -128,7 +129,14 @@ impl Snapshot {
                 location: s.location.strip_prefix(&*p.file.to_string_lossy()).unwrap_or(&s.location).to_string(),
             })
             .collect();
-        let header = Snapshotted { id: self.id, name: p.name.clone(), artifacts: p.artifacts.clone(), device: p.device.clone(), kinds };
+        let header = Snapshotted {
+            id: self.id,
+            name: p.name.clone(),
+            artifacts: p.artifacts.clone(),
+            device: p.device.clone(),
+            remote: p.remote.clone(),
+            kinds,
+        };
         let _ = crate::files::write_chunked(&self.path, &header, &stages);
     }
 }

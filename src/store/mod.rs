@@ -87,6 +87,24 @@ impl Manifest {
     }
 }
 
+/// The fingerprint inputs of one stage: what its key hashes. A manifest
+/// holds them all, so its key can be checked against what it says.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyParts<'a> {
+    pub kind: &'a str,
+    pub version: u32,
+    pub params: &'a serde_json::Value,
+    pub inputs: &'a BTreeMap<String, InputRef>,
+    pub deps: &'a BTreeMap<String, String>,
+}
+
+impl KeyParts<'_> {
+    /// blake3 over canonical JSON (object keys sorted).
+    pub fn key(&self) -> String {
+        hash::hash_bytes(&serde_json::to_vec(self).expect("serializable"))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputRef {
     pub stage: String,
