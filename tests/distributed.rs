@@ -383,7 +383,7 @@ fn a_hung_rank_fails_the_stage_after_the_collective_timeout() {
 #[test]
 fn ranks_started_by_torchrun_train_what_the_runner_launches() {
     let Ok(python) = std::env::var("LLMFLOW_PYTHON") else {
-        eprintln!("SKIPPED: set LLMFLOW_PYTHON to an interpreter with torch to run torchrun");
+        common::skip("set LLMFLOW_PYTHON to an interpreter with torch to run torchrun");
         return;
     };
     let launched = built("processes = 2");

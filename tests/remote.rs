@@ -25,16 +25,23 @@ struct Server {
 
 /// The server the tests share, started once for this test binary.
 fn server() -> Option<&'static Server> {
-    static SERVER: OnceLock<Option<Server>> = OnceLock::new();
-    SERVER.get_or_init(start_server).as_ref().or_else(|| {
-        eprintln!("skipped: no S3 server (see above)");
-        None
-    })
+    static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+    match SERVER.get_or_init(try_server) {
+        Ok(server) => Some(server),
+        Err(why) => {
+            common::skip(why);
+            None
+        }
+    }
 }
 
 /// A server of its own, down when this test binary exits; `None` when it
-/// cannot be set up here (outside CI).
+/// cannot be set up here (the test is skipped, naming why).
 fn start_server() -> Option<Server> {
+    try_server().map_err(|why| common::skip(&why)).ok()
+}
+
+fn try_server() -> Result<Server, String> {
     let mut cmd = Command::new(Path::new(ROOT).join("scripts/s3-local.sh"));
     cmd.args(["up", "--owner", &std::process::id().to_string()]);
     if let Some(venv) = python().and_then(|p| Some(p.parent()?.parent()?.to_path_buf())) {
@@ -44,11 +51,7 @@ fn start_server() -> Option<Server> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     match out.status.code() {
         Some(0) => {}
-        Some(3) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true but no S3 server: {}", stderr.trim()),
-        Some(3) => {
-            eprintln!("skipping the remote tests: {}", stderr.trim());
-            return None;
-        }
+        Some(3) => return Err(format!("no S3 server: {}", stderr.trim())),
         _ => panic!("s3-local.sh up failed:\n{stderr}"),
     }
     let env = String::from_utf8_lossy(&out.stdout)
@@ -56,7 +59,7 @@ fn start_server() -> Option<Server> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    Some(Server { env })
+    Ok(Server { env })
 }
 
 /// The test environment's Python (with boto3), as `make test` sets it.

@@ -267,7 +267,7 @@ fn runs_in_two_pid_namespaces_share_a_store() {
     p.write("other.toml", &AB.replace("echo alpha", "echo ALPHA"));
     let probe = std::process::Command::new("unshare").args(["--pid", "--fork", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED: cannot make a PID namespace here (unshare --pid needs root or user namespaces)");
+        common::skip("cannot make a PID namespace here (unshare --pid needs root or user namespaces)");
         return;
     }
     let inside = std::process::Command::new("unshare")

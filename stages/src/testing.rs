@@ -158,6 +158,10 @@ pub fn instruct_data(dir: &Path, name: &str, n: usize) -> String {
     file
 }
 
+#[path = "../../tests/common/skip.rs"]
+mod skip;
+pub use skip::skip;
+
 /// The interpreter named by `LLMFLOW_PYTHON` when it can import `module`.
 /// `make test` sets it, and there a missing module fails the test; run by
 /// hand without it, the check is skipped with a note (`python3` is tried).
@@ -169,7 +173,7 @@ pub fn python_with(module: &str) -> Option<String> {
         return Some(python);
     }
     assert!(given.is_none(), "LLMFLOW_PYTHON={python} cannot import {module}: `make test` installs it");
-    eprintln!("SKIPPED: `{python}` cannot import {module}; set LLMFLOW_PYTHON to an interpreter that has it");
+    skip(&format!("`{python}` cannot import {module}; set LLMFLOW_PYTHON to an interpreter that has it"));
     None
 }
 

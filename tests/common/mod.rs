@@ -6,6 +6,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod skip;
+#[allow(unused_imports)] // as dead_code above
+pub use skip::skip;
+
 pub struct Project {
     pub dir: tempfile::TempDir,
 }

@@ -852,7 +852,7 @@ mod tests {
         let sandbox = match Sandbox::new("bwrap", scratch.path()) {
             Ok(sandbox) => sandbox,
             Err(e) if std::env::var_os("LLMFLOW_PYTHON").is_none() => {
-                eprintln!("SKIPPED: {e:#}");
+                crate::testing::skip(&format!("{e:#}"));
                 return;
             }
             Err(e) => panic!("{e:#}"),
