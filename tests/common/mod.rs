@@ -287,17 +287,13 @@ pub fn assert_same_outputs(got: &Project, expected: &Project, context: &str) {
     }
 }
 
-/// A copy of the repository's `pipeline.toml` with its data and scripts. The public
-/// URL is swapped for a local address that refuses connections, so the test
-/// exercises the fall-back to the shipped mirror without touching the network.
+/// A copy of the repository's `pipeline.toml` with its data and scripts,
+/// its training stages scaled down to seconds (the data stages run as
+/// shipped). The public URL is swapped for a local address that refuses
+/// connections, so the test exercises the fall-back to the shipped mirror
+/// without touching the network.
 pub fn default_pipeline() -> Project {
-    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml")).unwrap();
-    let url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
-    assert!(text.contains(url), "the default pipeline names the corpus's public URL");
-    let mut text = text.replace(url, "http://127.0.0.1:9/input.txt");
-    // The model and every training stage scaled down to seconds; the data
-    // stages run as shipped.
-    for (from, to) in [
+    default_pipeline_with(&[
         ("n_layer = 4, n_head = 4, d_model = 128, context = 128", "n_layer = 1, n_head = 2, d_model = 32, context = 32"),
         ("steps = 500, batch_size = 16", "steps = 12, batch_size = 4"),
         ("eval_every = 100", "eval_every = 6"),
@@ -312,7 +308,17 @@ pub fn default_pipeline() -> Project {
         ("max_tokens = 128", "max_tokens = 32"),
         ("steps = 400, batch_size = 32", "steps = 8, batch_size = 4"),
         ("steps = 200, batch_size = 8, grad_accum = 2", "steps = 2, batch_size = 2, grad_accum = 1"),
-    ] {
+    ])
+}
+
+/// The repository's pipeline with every `from` replaced by its `to`, its
+/// data and scripts beside it, and the corpus's URL refusing connections.
+pub fn default_pipeline_with(replacements: &[(&str, &str)]) -> Project {
+    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml")).unwrap();
+    let url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt";
+    assert!(text.contains(url), "the default pipeline names the corpus's public URL");
+    let mut text = text.replace(url, "http://127.0.0.1:9/input.txt");
+    for (from, to) in replacements {
         assert!(text.contains(from), "pipeline.toml lacks {from:?}");
         text = text.replace(from, to);
     }
