@@ -144,7 +144,7 @@ def table(results):
         print(f"| no-op status, {meta.get('status_stages', 0):,} stages, `--offline` | {fmt(off['seconds'])} | |")
     print(f"\nllmflow {meta.get('llmflow', '?')}; {dvc}, dvc-s3 {meta.get('dvc_s3_version', '?')}; "
           f"SeaweedFS {meta.get('seaweedfs', '?')} on loopback; {meta.get('cpus', '?')} CPUs; default parallelism "
-          f"(llmflow: 8 files at a time, 16 MB parts; DVC: jobs = 4 x CPUs).")
+          f"(llmflow: 8 files at a time, 64 MB parts; DVC: jobs = 4 x CPUs).")
 
 
 def main():

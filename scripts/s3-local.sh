@@ -62,11 +62,11 @@ install() {
 start_server() {
     . "$DIR/server.conf"
     # Run from DIR so weed finds no stray filer.toml/security.toml in the caller's directory.
-    (cd "$DIR" && GOMEMLIMIT=256MiB exec "$WEED" -logtostderr server \
+    (cd "$DIR" && exec "$WEED" -logtostderr server \
         -dir="$DIR/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
         -master.port="$MASTER_PORT" -master.port.grpc="$MASTER_GRPC" \
         -master.electionTimeout=1s -master.telemetry=false \
-        -master.volumeSizeLimitMB=128 -volume.max=0 -volume.preStopSeconds=0 \
+        -master.volumeSizeLimitMB=1024 -volume.max=0 -volume.preStopSeconds=0 \
         -volume.port="$VOLUME_PORT" -volume.port.grpc="$VOLUME_GRPC" \
         -filer -filer.port="$FILER_PORT" -filer.port.grpc="$FILER_GRPC" -filer.localSocket="$DIR/filer.sock" \
         -s3 -s3.port="$S3_PORT" -s3.port.grpc="$S3_GRPC" -s3.localSocket="$DIR/s3.sock" \
