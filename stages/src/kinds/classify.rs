@@ -398,7 +398,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let train_examples = task.train.classes.len();
 
     scorer.save(&ctx.out, &model_dir)?;
-    trained.write(&ctx.out, "val_loss")?;
+    trained.write(&ctx.out, "classify: cross-entropy", "nats/example")?;
     std::fs::write(ctx.out.join("results.json"), serde_json::to_string_pretty(&confusion.report(&labels))? + "\n")?;
     ctx.metric("test_accuracy", confusion.accuracy());
     ctx.metric("baseline_accuracy", confusion.majority_baseline());

@@ -96,8 +96,9 @@ impl Stage for Compare {
             }
         }
 
-        let curves: Vec<&[(f64, f64)]> = runs.iter().map(|r| r.curve.as_slice()).collect();
-        plot::overlay(&ctx.out.join("curves.png"), &curves)?;
+        let curves: Vec<(&str, &[(f64, f64)])> = runs.iter().map(|r| (r.label.as_str(), r.curve.as_slice())).collect();
+        let title = format!("{} of each run", params.curve);
+        plot::overlay(&ctx.out.join("curves.png"), plot::Labels { title: &title, x: "step", y: &params.curve }, &curves)?;
         let points: Vec<(f64, f64)> = runs
             .iter()
             .filter_map(|r| Some((r.compute?, r.metrics.get(&params.fit)?.as_f64()?)))
@@ -108,7 +109,9 @@ impl Stage for Compare {
             let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.0.log10()), hi.max(p.0.log10())));
             let curve: Vec<(f64, f64)> = (0..=100).map(|i| lo + (hi - lo) * i as f64 / 100.0).map(|x| (x, f.at(10f64.powf(x)))).collect();
             let logged: Vec<(f64, f64)> = points.iter().map(|&(c, l)| (c.log10(), l)).collect();
-            plot::fit(&ctx.out.join("scaling.png"), &logged, &curve)?;
+            let title = format!("{} against training compute: L(C) = a·C^(−b) + c", params.fit);
+            let labels = plot::Labels { title: &title, x: "training compute (FLOPs, log scale)", y: &params.fit };
+            plot::fit(&ctx.out.join("scaling.png"), labels, ("runs", &logged), ("fit", &curve))?;
             ctx.metric("fit_b", f.b);
             ctx.metric("fit_c", f.c);
         }

@@ -247,7 +247,7 @@ pub(crate) fn dpo(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
         return Ok(Ended::Finished(trained));
     }
     let out = ctx.out.clone();
-    trained.write(&out, "val_loss")?;
+    trained.write(&out, "dpo: preference loss", "nats/pair")?;
     tuning.save(&out, &input)?;
 
     ctx.metric("val_accuracy_before", val_accuracy_before);

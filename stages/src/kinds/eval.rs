@@ -361,7 +361,9 @@ mod tests {
                         "{\"step\": 1, \"loss\": 5.0, \"tokens\": 512}\n{\"step\": 1, \"val_loss\": 5.1}\n",
                     )
                     .unwrap();
-                    crate::train::plot::loss_curve(&out.join("loss.png"), &[(1.0, 5.0)], &[(1.0, 5.1)]).unwrap();
+                    let labels = crate::train::plot::Labels { title: "loss", x: "step", y: "loss (nats/token)" };
+                    crate::train::plot::loss_curve(&out.join("loss.png"), labels, &[(1.0, 5.0)], ("validation loss", &[(1.0, 5.1)]))
+                        .unwrap();
                 }
                 (label.to_string(), out)
             })

@@ -481,8 +481,17 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended
     std::fs::copy(trained.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
     let rows = trained.log.rows()?;
     let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
-    let curves = ["reward", "accuracy", "kl", "clip_fraction", "completion_length", "entropy"].map(series);
-    plot::panels(&out.join("metrics.png"), &curves.each_ref().map(Vec::as_slice), 3)?;
+    let panels = [
+        ("reward", "mean reward"),
+        ("accuracy", "share of answers right"),
+        ("kl", "KL to the start (nats)"),
+        ("clip_fraction", "share of ratios clipped"),
+        ("completion_length", "completion length (tokens)"),
+        ("entropy", "entropy (nats/token)"),
+    ]
+    .map(|(key, y)| (plot::Labels { title: key, x: "step", y }, series(key)));
+    let panels = panels.each_ref().map(|(labels, points)| (*labels, points.as_slice()));
+    plot::panels(&out.join("metrics.png"), &panels, 3)?;
     let mut samples = String::new();
     for i in 0..p.samples.min(held_out.ids.len()) {
         let row = json!({

@@ -377,8 +377,17 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended>
     std::fs::copy(trained.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
     let rows = trained.log.rows()?;
     let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
-    let curves = ["reward", "kl", "entropy", "clipfrac", "value_loss", "response_length"].map(series);
-    plot::panels(&out.join("metrics.png"), &curves.each_ref().map(Vec::as_slice), 3)?;
+    let panels = [
+        ("reward", "reward model score"),
+        ("kl", "KL to the SFT model (nats)"),
+        ("entropy", "entropy (nats/token)"),
+        ("clipfrac", "share of ratios clipped"),
+        ("value_loss", "value loss (squared error)"),
+        ("response_length", "response length (tokens)"),
+    ]
+    .map(|(key, y)| (plot::Labels { title: key, x: "iteration", y }, series(key)));
+    let panels = panels.each_ref().map(|(labels, points)| (*labels, points.as_slice()));
+    plot::panels(&out.join("metrics.png"), &panels, 3)?;
     let mut samples = String::new();
     for i in 0..p.samples.min(prompts.val.len()) {
         let row = json!({

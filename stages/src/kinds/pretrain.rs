@@ -290,7 +290,7 @@ fn pretrain(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Res
 
     let out = ctx.out.clone();
     save_model(&out, &vs, &config, &tokenizer_dir)?;
-    trained.write(&out, "val_loss")?;
+    trained.write(&out, "pretrain: next-token loss", "nats/token")?;
     let samples = write_samples(&gpt, &tokenizer, &params.samples, hyper.seed)?;
     std::fs::write(out.join("samples.txt"), samples)?;
 

@@ -212,7 +212,7 @@ fn train(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result
     let (train_len, val_len) = (task.train.len(), task.val.len());
 
     scorer.save(&ctx.out, &model_dir)?;
-    trained.write(&ctx.out, "val_loss")?;
+    trained.write(&ctx.out, "reward model: Bradley–Terry loss", "nats/pair")?;
     ctx.metric("val_accuracy", after.accuracy);
     ctx.metric("val_margin", after.margin);
     ctx.metric("val_loss", after.loss);

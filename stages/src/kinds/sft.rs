@@ -252,7 +252,7 @@ pub(crate) fn sft(params: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) 
         }
     }
     std::fs::write(out.join("responses.jsonl"), lines)?;
-    trained.write(&out, "val_loss")?;
+    trained.write(&out, "sft: loss on the response tokens", "nats/token")?;
     tuning.save(&out, &input)?;
 
     ctx.metric("val_loss_before", val_loss_before);

@@ -358,12 +358,14 @@ fn save(checkpoints: &Checkpoints, world: &World, vs: &nn::VarStore, opt: &Optim
 
 impl Trained {
     /// Copies `metrics.jsonl` into `out` and draws `loss.png`: the training
-    /// loss and the evaluation metric `val_key` over the steps.
-    pub fn write(&self, out: &std::path::Path, val_key: &str) -> Result<()> {
+    /// and validation loss over the steps, under `title`, the loss in `unit`.
+    pub fn write(&self, out: &std::path::Path, title: &str, unit: &str) -> Result<()> {
         std::fs::copy(self.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
         let rows = self.log.rows()?;
         let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
-        plot::loss_curve(&out.join("loss.png"), &series("loss"), &series(val_key))
+        let y = format!("loss ({unit})");
+        let labels = plot::Labels { title, x: "step", y: &y };
+        plot::loss_curve(&out.join("loss.png"), labels, &series("loss"), ("validation loss", &series("val_loss")))
     }
 
     /// The loss of the last update.

@@ -1,21 +1,20 @@
 //! The report card: `results.json`, `report.md` and its charts, for every
 //! model evaluated by one stage side by side.
 //!
-//! Charts are drawn without text (plotters' fonts need system libraries):
-//! the bars of each task are the models in input order, in the colours the
-//! report names, and the numbers are in the tables next to them.
+//! Its charts have a bar per model in each task's group, in input order, in
+//! the colours the legend and the report name; the numbers are in the
+//! tables next to them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
-use plotters::prelude::*;
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use super::tasks::{Task, TaskScores};
 use crate::model::ModelConfig;
-use crate::train::plot::COLOURS;
+use crate::train::plot::{self, COLOURS};
 
 /// What the report says about a model besides its scores.
 #[derive(Debug, Clone)]
@@ -91,18 +90,22 @@ pub fn core(tasks: &[Task], scores: &[Scored]) -> Option<f64> {
 pub fn write(out: &Path, tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>]) -> Result<Value> {
     let results = results_json(tasks, models, scores);
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)? + "\n")?;
-    let colours: Vec<RGBColor> = (0..models.len()).map(|m| COLOURS[m % COLOURS.len()].1).collect();
-    let chart = |name: &str, pick: &dyn Fn(&TaskScores) -> Option<f64>| -> Result<Option<String>> {
-        let groups: Vec<Vec<Option<f64>>> = (0..tasks.len()).map(|t| scores.iter().map(|m| pick(&m[t].outcomes)).collect()).collect();
-        let groups: Vec<Vec<Option<f64>>> = groups.into_iter().filter(|g| g.iter().any(Option::is_some)).collect();
+    let series: Vec<String> = models.iter().map(|m| m.label.clone()).collect();
+    let chart = |name: &str, labels: plot::Labels, pick: &dyn Fn(&TaskScores) -> Option<f64>| -> Result<Option<String>> {
+        let rows: Vec<(String, Vec<Option<f64>>)> =
+            tasks.iter().enumerate().map(|(t, task)| (task.name.clone(), scores.iter().map(|m| pick(&m[t].outcomes)).collect())).collect();
+        let (groups, values): (Vec<String>, Vec<Vec<Option<f64>>>) =
+            rows.into_iter().filter(|(_, g)| g.iter().any(Option::is_some)).unzip();
         if groups.is_empty() {
             return Ok(None);
         }
-        bars(&out.join(name), &groups, &colours)?;
+        plot::bars(&out.join(name), labels, &groups, &series, &values)?;
         Ok(Some(name.to_string()))
     };
-    let centered = chart("centered.png", &|o| o.centered())?;
-    let bpb = chart("bits_per_byte.png", &|o| o.chance.is_none().then(|| o.metrics[&o.primary]))?;
+    let labels = plot::Labels { title: "centered score per task: 0 is chance, 1 is perfect", x: "task", y: "centered score" };
+    let centered = chart("centered.png", labels, &|o| o.centered())?;
+    let labels = plot::Labels { title: "bits per byte per text (lower is better)", x: "text", y: "bits per byte" };
+    let bpb = chart("bits_per_byte.png", labels, &|o| o.chance.is_none().then(|| o.metrics[&o.primary]))?;
     std::fs::write(out.join("report.md"), markdown(tasks, models, scores, centered.as_deref(), bpb.as_deref()))?;
     Ok(results)
 }
@@ -247,40 +250,6 @@ fn markdown(tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>], center
         let _ = writeln!(md, "| {} | {} | {} |", task.name, scores[0][t].outcomes.examples, cells.join(" | "));
     }
     md
-}
-
-/// A grouped bar chart: one group per entry of `groups` between grey
-/// separators, one bar per model (missing values leave a gap), a black line
-/// at 0.
-fn bars(path: &Path, groups: &[Vec<Option<f64>>], colours: &[RGBColor]) -> Result<()> {
-    let values = || groups.iter().flatten().flatten().copied().filter(|v| v.is_finite());
-    let y_min = values().fold(0.0, f64::min);
-    let y_max = values().fold(0.0, f64::max);
-    let pad = ((y_max - y_min) * 0.05).max(0.01);
-    let (y_min, y_max) = (if y_min < 0.0 { y_min - pad } else { 0.0 }, y_max + pad);
-    let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(path, (120 + 90 * groups.len() as u32, 400)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let x_max = groups.len() as f64;
-        let mut chart = ChartBuilder::on(&root).margin(20).build_cartesian_2d(0.0..x_max, y_min..y_max)?;
-        let width = 0.8 / colours.len().max(1) as f64;
-        for g in 1..groups.len() {
-            let x = g as f64;
-            chart.draw_series(std::iter::once(PathElement::new(vec![(x, y_min), (x, y_max)], RGBColor(200, 200, 200))))?;
-        }
-        for (g, group) in groups.iter().enumerate() {
-            for (m, value) in group.iter().enumerate() {
-                let Some(v) = value.filter(|v| v.is_finite()) else { continue };
-                let x0 = g as f64 + 0.1 + m as f64 * width;
-                chart.draw_series(std::iter::once(Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], colours[m].filled())))?;
-            }
-        }
-        chart.draw_series(std::iter::once(PathElement::new(vec![(0.0, 0.0), (x_max, 0.0)], BLACK.stroke_width(1))))?;
-        chart.plotting_area().draw(&Rectangle::new([(0.0, y_min), (x_max, y_max)], BLACK.stroke_width(1)))?;
-        root.present()?;
-        Ok(())
-    };
-    draw().map_err(|e| anyhow!("cannot draw {}: {e}", path.display()))
 }
 
 /// Metric name → value of a model's tasks, for the manifest: the primary
