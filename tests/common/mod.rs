@@ -257,9 +257,81 @@ fn strip_timings(v: &mut serde_json::Value) {
     }
 }
 
+/// A TensorBoard event file's events without their timings: per event its
+/// step and its scalars but the [`TIMINGS`] (the wall time left out), one
+/// line each. Reads the protobuf fields the writer writes.
+fn events_without_times(bytes: &[u8]) -> String {
+    fn varint(b: &[u8], at: &mut usize) -> u64 {
+        let mut v = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = b[*at];
+            *at += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte < 0x80 {
+                break;
+            }
+        }
+        v
+    }
+    /// (field number, bytes) of each field but doubles; varints as 8 bytes.
+    fn fields(b: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let (mut at, mut out) = (0, Vec::new());
+        while at < b.len() {
+            let key = varint(b, &mut at);
+            match key & 7 {
+                0 => {
+                    let v = varint(b, &mut at);
+                    out.push((key >> 3, v.to_le_bytes().to_vec()));
+                }
+                // A double: the only one is the wall time.
+                1 => at += 8,
+                5 => {
+                    out.push((key >> 3, b[at..at + 4].to_vec()));
+                    at += 4;
+                }
+                2 => {
+                    let len = varint(b, &mut at) as usize;
+                    out.push((key >> 3, b[at..at + len].to_vec()));
+                    at += len;
+                }
+                t => panic!("wire type {t} in an event"),
+            }
+        }
+        out
+    }
+    let mut events = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 12 {
+        let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+        let mut line = String::new();
+        for (field, value) in fields(&rest[12..12 + len]) {
+            match field {
+                2 => line += &format!("step {} ", u64::from_le_bytes(value.try_into().unwrap())),
+                5 => {
+                    for (_, v) in fields(&value) {
+                        let v = fields(&v);
+                        let tag = String::from_utf8(v[0].1.clone()).unwrap();
+                        if !TIMINGS.contains(&tag.as_str()) {
+                            line += &format!("{tag}={:?} ", v.get(1).map(|x| f32::from_le_bytes(x.1.clone().try_into().unwrap())));
+                        }
+                    }
+                }
+                _ => line += &format!("{field}:{value:?} "),
+            }
+        }
+        events.push(line);
+        rest = &rest[12 + len + 4..];
+    }
+    events.join("\n")
+}
+
 /// A file's contents without its timings: JSON and JSON Lines without the
-/// [`TIMINGS`] keys, text without the report card's throughput rows.
+/// [`TIMINGS`] keys (an event file without its wall times), text without the
+/// report card's throughput rows.
 fn without_timings(path: &Path) -> String {
+    if path.file_name().is_some_and(|n| n.to_string_lossy().contains("tfevents")) {
+        return events_without_times(&fs::read(path).unwrap());
+    }
     let text = fs::read_to_string(path).unwrap();
     let json = |text: &str| {
         let mut v: serde_json::Value = serde_json::from_str(text).unwrap();

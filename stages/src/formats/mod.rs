@@ -5,8 +5,10 @@
 //! * [`tokenizer`]: `tokenizer.json`, `<|endoftext|>`, batch encoding.
 //! * [`model`]: the model artifact (config, weights, tokenizer).
 //! * [`hf`]: the Hugging Face export of a model artifact.
+//! * [`events`]: TensorBoard event files of the logged metrics.
 
 pub mod docs;
+pub mod events;
 pub mod hf;
 pub mod model;
 pub mod tokenizer;

@@ -423,6 +423,11 @@ mod tests {
         // CORE: the in-context types with 100 items or more; here none.
         assert_eq!((base["hellaswag"]["in_core"].as_bool(), base["blimp"]["in_core"].as_bool()), (Some(false), Some(false)));
         assert!(results["core"]["base"].is_null());
+        // The scores as TensorBoard scalars, a tag per model, task and metric.
+        let events = fs::read(out.join(crate::formats::events::FILE)).unwrap();
+        for tag in ["base/arc_easy/acc_norm", "base/wikitext/bits_per_byte", "base/humaneval/pass@1"] {
+            assert!(events.windows(tag.len()).any(|w| w == tag.as_bytes()), "no scalar {tag} in the event file");
+        }
         assert!(base["arc_easy"]["examples_per_s"].as_f64().unwrap() > 0.0);
         // An untrained model is close to uniform over its 300 tokens.
         let token_ppl = base["wikitext"]["metrics"]["token_perplexity"].as_f64().unwrap();

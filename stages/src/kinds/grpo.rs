@@ -82,7 +82,7 @@ pub mod rewards;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -101,7 +101,7 @@ use crate::sandbox::{self, Limits, Outcome, Sandbox};
 use crate::train::finetune::{Trainable, Tuning};
 use crate::train::last_token::HeadModel;
 use crate::train::rl::{clipped_surrogate, entropy, masked_mean};
-use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update, METRICS_FILE};
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update};
 use crate::train::{self, plot, ranks, step_seed, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
@@ -478,7 +478,7 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended
     eprintln!("grpo: held-out accuracy {acc_before:.4} ± {se_before:.4} → {acc_after:.4} ± {se_after:.4}");
 
     let out = ctx.out.clone();
-    std::fs::copy(trained.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
+    trained.log.copy_to(&out)?;
     let rows = trained.log.rows()?;
     let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
     let panels = [

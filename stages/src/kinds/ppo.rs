@@ -105,7 +105,7 @@ mod rollout;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -121,7 +121,7 @@ use crate::formats::model::{save_model, ModelArtifact};
 use crate::model::Gpt;
 use crate::train::finetune::{Trainable, Tuning};
 use crate::train::last_token::HeadModel;
-use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update, METRICS_FILE};
+use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update};
 use crate::train::{self, plot, ranks, step_seed, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
@@ -374,7 +374,7 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended>
     Gpt::new(&policy_vs.root(), &config)?;
     policy_vs.copy(&tuning.vs)?;
     save_model(&out, &policy_vs, &config, &policy_dir)?;
-    std::fs::copy(trained.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
+    trained.log.copy_to(&out)?;
     let rows = trained.log.rows()?;
     let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
     let panels = [

@@ -360,7 +360,7 @@ impl Trained {
     /// Copies `metrics.jsonl` into `out` and draws `loss.png`: the training
     /// and validation loss over the steps, under `title`, the loss in `unit`.
     pub fn write(&self, out: &std::path::Path, title: &str, unit: &str) -> Result<()> {
-        std::fs::copy(self.log.path(), out.join(METRICS_FILE)).context("copying the metrics")?;
+        self.log.copy_to(out)?;
         let rows = self.log.rows()?;
         let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
         let y = format!("loss ({unit})");

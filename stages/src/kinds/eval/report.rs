@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use super::tasks::{Task, TaskScores};
+use crate::formats::events::{self, EventWriter};
 use crate::model::ModelConfig;
 use crate::train::plot::{self, COLOURS};
 
@@ -84,12 +85,25 @@ pub fn core(tasks: &[Task], scores: &[Scored]) -> Option<f64> {
     (!centered.is_empty()).then(|| centered.iter().sum::<f64>() / centered.len() as f64)
 }
 
-/// Writes `results.json`, `report.md`, `centered.png` and, with perplexity
-/// tasks, `bits_per_byte.png` into `out`; returns the JSON.
+/// Writes `results.json`, `report.md`, `centered.png`, with perplexity
+/// tasks `bits_per_byte.png`, and the scores as a TensorBoard event file
+/// (`MODEL/TASK/METRIC` at the model's training step) into `out`; returns
+/// the JSON.
 /// `scores[m][t]` is task `t` on model `m`.
 pub fn write(out: &Path, tasks: &[Task], models: &[ModelInfo], scores: &[Vec<Scored>]) -> Result<Value> {
     let results = results_json(tasks, models, scores);
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)? + "\n")?;
+    let mut events = EventWriter::create(&out.join(events::FILE))?;
+    for (model, row) in models.iter().zip(scores) {
+        let values: Vec<(String, f64)> = tasks
+            .iter()
+            .zip(row)
+            .flat_map(|(task, s)| s.outcomes.metrics.iter().map(move |(name, v)| (format!("{}/{}/{name}", model.label, task.name), *v)))
+            .chain([(format!("{}/CORE", model.label), core(tasks, row).unwrap_or(f64::NAN))])
+            .filter(|(_, v)| v.is_finite())
+            .collect();
+        events.scalars(model.steps.unwrap_or(0) as i64, &values)?;
+    }
     let series: Vec<String> = models.iter().map(|m| m.label.clone()).collect();
     let chart = |name: &str, labels: plot::Labels, pick: &dyn Fn(&TaskScores) -> Option<f64>| -> Result<Option<String>> {
         let rows: Vec<(String, Vec<Option<f64>>)> =
