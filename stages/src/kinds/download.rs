@@ -26,13 +26,18 @@
 //!   named `.gz` or `.zst` whose bytes are not is an error saying so.
 //! * `text_field`: the JSONL key or Parquet column holding the text (default
 //!   `text`).
+//! * `id_field`: the JSONL key or Parquet column holding each document's own
+//!   id (a string or a number, kept as text; unique, as FineWeb's are), as
+//!   datatrove's `id_key`: a document keeps it through `filter` and `dedup`.
+//!   Unset, ids are `SOURCE#N`.
 //! * `split` (text only): `"file"` (one document per file, the default),
 //!   `"paragraph"` (blank-line separated) or `{ lines = N }`.
 //!
 //! The `source` column is the source's `url` as written (for a glob, each
 //! matched path), never the mirror that served the bytes: the same bytes give
 //! the same output whichever copy was reachable, so dependents stay fresh.
-//! Document ids are `SOURCE#N`. Empty documents are skipped.
+//! Document ids are `SOURCE#N` unless `id_field` names them. Empty documents
+//! are skipped.
 //!
 //! HTTP (reqwest): timeouts (`timeout_secs` for connecting and between
 //! reads), up to `retries` retries with exponential backoff from
@@ -143,6 +148,9 @@ pub struct Source {
     pub format: Option<Format>,
     /// The JSONL key or Parquet column holding the text.
     pub text_field: String,
+    /// The JSONL key or Parquet column holding each document's id (kept as text); unset: `SOURCE#N`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_field: Option<String>,
     /// Text only: `"file"`, `"paragraph"` (blank-line separated) or `{ lines = N }`.
     pub split: SplitBy,
 }
@@ -156,6 +164,7 @@ impl Default for Source {
             sha256: None,
             format: None,
             text_field: "text".to_string(),
+            id_field: None,
             split: SplitBy::File,
         }
     }
@@ -264,10 +273,14 @@ struct Input {
 fn read_file(input: &Input, p: &Params, units: &Units) -> Result<(Unit, bool)> {
     let source = &p.sources[input.source];
     let digest = units::file_digest(&input.path)?;
-    let key = units::key(&json!({
+    let mut key = json!({
         "download": Download::VERSION, "label": input.label, "bytes": digest, "format": source.format_of(&input.label),
         "text_field": source.text_field, "split": source.split, "part_mb": p.part_mb,
-    }));
+    });
+    if let Some(id_field) = &source.id_field {
+        key["id_field"] = json!(id_field);
+    }
+    let key = units::key(&key);
     if let Some(unit) = units.load(&key) {
         return Ok((unit, true));
     }
@@ -280,12 +293,13 @@ fn read_file(input: &Input, p: &Params, units: &Units) -> Result<(Unit, bool)> {
     Ok((unit, false))
 }
 
-/// Documents of one file as they are parsed: ids `LABEL#N`, empty ones
-/// skipped, written a row group at a time.
+/// Documents of one file as they are parsed: ids their own or `LABEL#N`,
+/// empty ones skipped, written a row group at a time.
 struct Documents {
     label: String,
     writer: PartWriter,
     texts: Vec<String>,
+    ids: Vec<Option<String>>,
     pending: usize,
     count: u64,
     text_bytes: u64,
@@ -294,16 +308,18 @@ struct Documents {
 impl Documents {
     fn new(dir: &Path, label: &str, part_bytes: usize) -> Self {
         let writer = PartWriter::new(dir, "part-", part_bytes);
-        Documents { label: label.to_string(), writer, texts: Vec::new(), pending: 0, count: 0, text_bytes: 0 }
+        Documents { label: label.to_string(), writer, texts: Vec::new(), ids: Vec::new(), pending: 0, count: 0, text_bytes: 0 }
     }
 
-    fn push(&mut self, text: String) -> Result<()> {
+    /// Adds a document, with its own id when the source names one.
+    fn push(&mut self, text: String, id: Option<String>) -> Result<()> {
         if text.trim().is_empty() {
             return Ok(());
         }
         self.pending += text.len();
         self.text_bytes += text.len() as u64;
         self.texts.push(text);
+        self.ids.push(id);
         if self.pending >= docs::ROW_GROUP_BYTES {
             self.flush()?;
         }
@@ -314,7 +330,11 @@ impl Documents {
         let texts = std::mem::take(&mut self.texts);
         let first = self.count;
         self.count += texts.len() as u64;
-        let ids = (first..self.count).map(|n| format!("{}#{n}", self.label)).collect();
+        let ids = std::mem::take(&mut self.ids)
+            .into_iter()
+            .zip(first..)
+            .map(|(id, n)| id.unwrap_or_else(|| format!("{}#{n}", self.label)))
+            .collect();
         let sources = vec![self.label.clone(); texts.len()];
         self.writer.push(&docs::frame(ids, texts, sources)?)?;
         self.pending = 0;
@@ -588,26 +608,49 @@ fn each_line(mut input: impl BufRead, mut f: impl FnMut(usize, &str) -> Result<(
 /// Parses one file into documents, streaming.
 fn parse(path: &Path, source: &Source, name: &str, max_bytes: u64, out: &mut Documents) -> Result<()> {
     let field = &source.text_field;
+    let id_field = source.id_field.as_deref();
     match source.format_of(name) {
+        Format::Text if id_field.is_some() => bail!("`id_field` needs JSONL or Parquet, and this source is text"),
         Format::Text => split(open_stream(path, name, max_bytes)?, source.split, out),
         Format::Jsonl => each_line(open_stream(path, name, max_bytes)?, |number, line| {
             if line.trim().is_empty() {
                 return Ok(());
             }
             let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {number}: invalid JSON"))?;
+            let id = match id_field.map(|f| (f, value.get(f))) {
+                None => None,
+                Some((_, Some(serde_json::Value::String(s)))) => Some(s.clone()),
+                Some((_, Some(serde_json::Value::Number(n)))) => Some(n.to_string()),
+                Some((f, _)) => bail!("line {number}: no string or number field `{f}`; set `id_field`"),
+            };
             match value.get(field) {
-                Some(serde_json::Value::String(s)) => out.push(s.clone()),
+                Some(serde_json::Value::String(s)) => out.push(s.clone(), id),
                 _ => bail!("line {number}: no string field `{field}`; set `text_field`"),
             }
         }),
         Format::Parquet => {
-            let groups = RowGroups::open(path, Some(&[field.as_str()])).map_err(|e| anyhow!("invalid Parquet: {e:#}"))?;
+            let columns: Vec<&str> = [Some(field.as_str()), id_field].into_iter().flatten().collect();
+            let groups = RowGroups::open(path, Some(&columns)).map_err(|e| anyhow!("invalid Parquet: {e:#}"))?;
             for df in groups {
                 let df = df?;
                 let column = df.column(field).map_err(|_| anyhow!("no column `{field}`; set `text_field`"))?;
                 let column = column.str().map_err(|_| anyhow!("column `{field}` is {}, not a string", column.dtype()))?;
-                for text in column.iter() {
-                    out.push(text.unwrap_or_default().to_string())?;
+                let ids = match id_field {
+                    None => None,
+                    Some(f) => {
+                        let ids = df.column(f).map_err(|_| anyhow!("no column `{f}`; set `id_field`"))?;
+                        Some(
+                            ids.cast(&polars::prelude::DataType::String)
+                                .map_err(|e| anyhow!("column `{f}` cannot be read as text: {e}"))?,
+                        )
+                    }
+                };
+                let ids = ids.as_ref().map(|c| c.str()).transpose()?;
+                for (i, text) in column.iter().enumerate() {
+                    let id = ids.map(|ids| {
+                        ids.get(i).map(str::to_string).ok_or_else(|| anyhow!("row {i}: `{}` is null", id_field.unwrap_or_default()))
+                    });
+                    out.push(text.unwrap_or_default().to_string(), id.transpose()?)?;
                 }
             }
             Ok(())
@@ -624,28 +667,28 @@ fn split(mut input: Box<dyn BufRead>, how: SplitBy, out: &mut Documents) -> Resu
             let mut bytes = Vec::new();
             input.read_to_end(&mut bytes).context("cannot read")?;
             let text = String::from_utf8(bytes).map_err(|_| anyhow!("not UTF-8 text; set `format` if it is JSONL or Parquet"))?;
-            out.push(text.replace("\r\n", "\n"))
+            out.push(text.replace("\r\n", "\n"), None)
         }
         SplitBy::Paragraph => {
             each_line(input, |_, line| {
                 if !line.trim().is_empty() {
                     current.push(line.to_string());
                 } else if !current.is_empty() {
-                    out.push(std::mem::take(&mut current).join("\n"))?;
+                    out.push(std::mem::take(&mut current).join("\n"), None)?;
                 }
                 Ok(())
             })?;
-            out.push(current.join("\n"))
+            out.push(current.join("\n"), None)
         }
         SplitBy::Lines(n) => {
             each_line(input, |_, line| {
                 current.push(line.to_string());
                 if current.len() == n {
-                    out.push(std::mem::take(&mut current).join("\n"))?;
+                    out.push(std::mem::take(&mut current).join("\n"), None)?;
                 }
                 Ok(())
             })?;
-            out.push(current.join("\n"))
+            out.push(current.join("\n"), None)
         }
     }
 }

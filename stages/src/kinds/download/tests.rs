@@ -121,6 +121,33 @@ fn formats_compression_and_globs() {
     assert!(message.contains("raw/a.jsonl.zst") && message.contains("no string field `body`"), "{message}");
 }
 
+/// `id_field` keeps the corpus's own ids (strings or numbers, from JSONL or
+/// Parquet); a record without one is an error naming its line.
+#[test]
+fn source_ids_are_kept() {
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path().join("raw");
+    fs::create_dir(&dir).unwrap();
+    let records = "{\"id\": \"<urn:uuid:1>\", \"text\": \"one\"}\n{\"id\": 7, \"text\": \"two\"}\n";
+    fs::write(dir.join("a.jsonl"), records).unwrap();
+    fs::write(dir.join("e.jsonl"), records).unwrap();
+    let mut df = docs::frame(vec!["p-1".into(), "p-2".into()], vec!["pq one".into(), "pq two".into()], vec!["s".into(); 2]).unwrap();
+    docs::write_table(&dir.join("b.parquet"), &mut df).unwrap();
+    let with_ids = |url: &str| Source { id_field: Some("id".into()), ..source(url) };
+    let (out, r) = run(&params(vec![with_ids("raw/a.jsonl"), with_ids("raw/b.parquet"), source("raw/e.jsonl")]), project.path());
+    r.unwrap();
+    assert_eq!(column(out.path(), "id"), ["<urn:uuid:1>", "7", "p-1", "p-2", "raw/e.jsonl#0", "raw/e.jsonl#1"]);
+    assert_eq!(texts(out.path())[..2], ["one", "two"]);
+
+    fs::write(dir.join("c.jsonl"), "{\"id\": \"x\", \"text\": \"one\"}\n{\"text\": \"two\"}\n").unwrap();
+    let (_, r) = run(&params(vec![with_ids("raw/c.jsonl")]), project.path());
+    let message = format!("{:#}", r.unwrap_err());
+    assert!(message.contains("raw/c.jsonl") && message.contains("line 2: no string or number field `id`"), "{message}");
+    fs::write(dir.join("d.txt"), "text").unwrap();
+    let (_, r) = run(&params(vec![with_ids("raw/d.txt")]), project.path());
+    assert!(format!("{:#}", r.unwrap_err()).contains("`id_field` needs JSONL or Parquet"));
+}
+
 #[test]
 fn a_decompression_bomb_stops_at_max_bytes() {
     let project = tempfile::tempdir().unwrap();
