@@ -12,7 +12,7 @@ use crate::config::Pipeline;
 use crate::error::{ConfigError, StageFailed};
 use crate::plan::{self, State};
 use crate::remote::Remote;
-use crate::store::{Access, Store};
+use crate::store::{Access, Store, StoreLock};
 use crate::ui::Ui;
 
 /// The pipeline's remote, or the error saying why there is none.
@@ -29,17 +29,23 @@ fn remote_of(p: &Pipeline, verb: &str, ui: &Ui) -> Result<Remote> {
     }
 }
 
+/// The pipeline's store, held shared for `verb` as a run holds it.
+fn hold_store(p: &Pipeline, verb: &str, ui: &Ui) -> Result<(Store, StoreLock)> {
+    let store = Store::new(p.artifacts.clone());
+    store.create()?;
+    let held = store.hold(Access::Shared, &format!("llmflow {verb} -f {}", p.file.display()), true, |holders| {
+        ui.status("Waiting", &format!("for the store: {}", holders.join("; ")))
+    })?;
+    Ok((store, held))
+}
+
 /// `push [STAGE…]`: uploads the artifacts of the stages named and what they
 /// need (default: every stage) that are built here and not on the remote.
 pub fn push(file: &Path, targets: &[String], json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
     let ui = Ui::new();
     let remote = remote_of(p, "push", &ui)?;
-    let store = Store::new(p.artifacts.clone());
-    store.create()?;
-    let _held = store.hold(Access::Shared, &format!("llmflow push -f {}", p.file.display()), true, |holders| {
-        ui.status("Waiting", &format!("for the store: {}", holders.join("; ")))
-    })?;
+    let (store, _held) = hold_store(p, "push", &ui)?;
     let statuses = plan::statuses(p, dag, &store, None)?;
     let mut rows = Vec::new();
     let (mut sent, mut bytes) = (0usize, 0u64);
@@ -75,11 +81,7 @@ pub fn pull(file: &Path, targets: &[String], json: bool) -> Result<()> {
     let (p, dag) = load(file)?;
     let ui = Ui::new();
     let remote = remote_of(p, "pull", &ui)?;
-    let store = Store::new(p.artifacts.clone());
-    store.create()?;
-    let _held = store.hold(Access::Shared, &format!("llmflow pull -f {}", p.file.display()), true, |holders| {
-        ui.status("Waiting", &format!("for the store: {}", holders.join("; ")))
-    })?;
+    let (store, _held) = hold_store(p, "pull", &ui)?;
     store.register(&p.file)?;
     let statuses = plan::statuses(p, dag, &store, Some(&remote))?;
     if let Some(why) = remote.down() {

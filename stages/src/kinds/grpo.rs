@@ -102,7 +102,7 @@ use crate::train::finetune::{Trainable, Tuning};
 use crate::train::last_token::HeadModel;
 use crate::train::rl::{clipped_surrogate, entropy, masked_mean};
 use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update};
-use crate::train::{self, plot, ranks, step_seed, Hyper, Training};
+use crate::train::{self, ranks, step_seed, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Grpo;
@@ -478,9 +478,6 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended
     eprintln!("grpo: held-out accuracy {acc_before:.4} ± {se_before:.4} → {acc_after:.4} ± {se_after:.4}");
 
     let out = ctx.out.clone();
-    trained.log.copy_to(&out)?;
-    let rows = trained.log.rows()?;
-    let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
     let panels = [
         ("reward", "mean reward"),
         ("accuracy", "share of answers right"),
@@ -488,10 +485,9 @@ fn grpo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended
         ("clip_fraction", "share of ratios clipped"),
         ("completion_length", "completion length (tokens)"),
         ("entropy", "entropy (nats/token)"),
-    ]
-    .map(|(key, y)| (plot::Labels { title: key, x: "step", y }, series(key)));
-    let panels = panels.each_ref().map(|(labels, points)| (*labels, points.as_slice()));
-    plot::panels(&out.join("metrics.png"), &panels, 3)?;
+    ];
+    trained.write_panels(&out, "step", &panels)?;
+    let rows = trained.log.rows()?;
     let mut samples = String::new();
     for i in 0..p.samples.min(held_out.ids.len()) {
         let row = json!({

@@ -122,7 +122,7 @@ use crate::model::Gpt;
 use crate::train::finetune::{Trainable, Tuning};
 use crate::train::last_token::HeadModel;
 use crate::train::trainer::{self, batch_indices, Ended, Objective, Trainer, Update};
-use crate::train::{self, plot, ranks, step_seed, Hyper, Training};
+use crate::train::{self, ranks, step_seed, Hyper, Training};
 use crate::{device, Inputs, ParamError, Stage, StageCtx};
 
 pub struct Ppo;
@@ -374,9 +374,6 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended>
     Gpt::new(&policy_vs.root(), &config)?;
     policy_vs.copy(&tuning.vs)?;
     save_model(&out, &policy_vs, &config, &policy_dir)?;
-    trained.log.copy_to(&out)?;
-    let rows = trained.log.rows()?;
-    let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
     let panels = [
         ("reward", "reward model score"),
         ("kl", "KL to the SFT model (nats)"),
@@ -384,10 +381,9 @@ fn ppo(p: &Params, ctx: &mut StageCtx, stop_after: Option<u64>) -> Result<Ended>
         ("clipfrac", "share of ratios clipped"),
         ("value_loss", "value loss (squared error)"),
         ("response_length", "response length (tokens)"),
-    ]
-    .map(|(key, y)| (plot::Labels { title: key, x: "iteration", y }, series(key)));
-    let panels = panels.each_ref().map(|(labels, points)| (*labels, points.as_slice()));
-    plot::panels(&out.join("metrics.png"), &panels, 3)?;
+    ];
+    trained.write_panels(&out, "iteration", &panels)?;
+    let rows = trained.log.rows()?;
     let mut samples = String::new();
     for i in 0..p.samples.min(prompts.val.len()) {
         let row = json!({

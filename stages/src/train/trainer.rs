@@ -361,11 +361,27 @@ impl Trained {
     /// and validation loss over the steps, under `title`, the loss in `unit`.
     pub fn write(&self, out: &std::path::Path, title: &str, unit: &str) -> Result<()> {
         self.log.copy_to(out)?;
-        let rows = self.log.rows()?;
-        let series = |key: &str| -> Vec<(f64, f64)> { rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect() };
+        let series = self.series()?;
         let y = format!("loss ({unit})");
         let labels = plot::Labels { title, x: "step", y: &y };
         plot::loss_curve(&out.join("loss.png"), labels, &series("loss"), ("validation loss", &series("val_loss")))
+    }
+
+    /// Copies `metrics.jsonl` into `out` and draws `metrics.png`: a panel
+    /// per (metric, its y axis's name) against the step, named `x`.
+    pub fn write_panels(&self, out: &std::path::Path, x: &str, panels: &[(&str, &str)]) -> Result<()> {
+        self.log.copy_to(out)?;
+        let series = self.series()?;
+        let curves: Vec<(plot::Labels, Vec<(f64, f64)>)> =
+            panels.iter().map(|&(key, y)| (plot::Labels { title: key, x, y }, series(key))).collect();
+        let curves: Vec<(plot::Labels, &[(f64, f64)])> = curves.iter().map(|(labels, points)| (*labels, points.as_slice())).collect();
+        plot::panels(&out.join("metrics.png"), &curves, 3)
+    }
+
+    /// A metric against the step, from every row that logs it.
+    fn series(&self) -> Result<impl Fn(&str) -> Vec<(f64, f64)>> {
+        let rows = self.log.rows()?;
+        Ok(move |key: &str| rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?))).collect())
     }
 
     /// The loss of the last update.
